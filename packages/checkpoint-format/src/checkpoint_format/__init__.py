@@ -1,0 +1,1 @@
+"""Read, write and validate flyte-checkpoint objects (format spec v1)."""

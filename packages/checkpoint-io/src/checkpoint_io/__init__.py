@@ -1,0 +1,3 @@
+"""A File type over fsspec: streaming, retried, atomically committed object I/O."""
+
+__all__: list[str] = []
