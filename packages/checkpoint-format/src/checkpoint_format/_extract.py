@@ -1,0 +1,155 @@
+"""Restore an object into a directory: staged, verified, then published whole (spec §5, §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from ._detect import Detection, sniff
+from ._limits import Limits
+from ._reader import Member, TarReader
+
+__all__ = ["PAYLOAD_NAME", "RestoreResult", "restore"]
+
+#: CF-RAW-01: where a raw payload lands inside the target.
+PAYLOAD_NAME = "payload"
+
+_COPY_CHUNK = 4 << 20
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """What :func:`restore` found and wrote.
+
+    ``path`` is the target directory for a tarball, ``target / "payload"`` for a raw payload,
+    and ``None`` when there was no checkpoint (an empty object).
+    """
+
+    detection: Detection
+    path: Path | None
+    members: int
+    bytes: int
+    seconds: float
+    format_version: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.detection.kind
+
+
+def restore(source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits | None = None) -> RestoreResult:
+    """Classify ``source`` and restore it into ``target``, all or nothing.
+
+    ``target`` must be absent or an empty directory. A tarball is extracted under it, a raw
+    payload is written to ``target / "payload"``. Everything is first written to a staging
+    directory beside ``target`` and renamed into place only once the whole stream has been
+    read and verified; on any error the staging directory is removed and ``target`` is left
+    as it was (CF-EXTRACT-11). Rule violations raise :class:`CheckpointFormatError`
+    subclasses; I/O errors of ``source`` propagate unchanged.
+    """
+    started = time.perf_counter()
+    target = Path(target)
+    _require_empty(target)
+    detection, stream = sniff(source)
+    if detection.kind == "none":
+        return RestoreResult(detection, None, 0, 0, time.perf_counter() - started)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        if detection.kind == "tarball":
+            reader = TarReader(stream, detection.compression, limits=limits)
+            members, size = _extract_members(reader, staging)
+            version = reader.format_version
+            restored = target
+        else:
+            size = _copy_payload(stream, staging / PAYLOAD_NAME)
+            members, version = 1, None
+            restored = target / PAYLOAD_NAME
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RestoreResult(
+        detection, restored, members, size, time.perf_counter() - started, version
+    )
+
+
+def _require_empty(target: Path) -> None:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"restore target {target} exists and is not a directory")
+    if target.is_dir() and any(os.scandir(target)):
+        raise FileExistsError(f"restore target {target} is not empty; restore needs an empty directory")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    mode = target.stat().st_mode & 0o7777 if target.is_dir() else 0o755
+    os.chmod(staging, mode)
+    os.rename(staging, target)  # atomic; replaces an empty directory on POSIX
+
+
+def _copy_payload(stream: BinaryIO, dest: Path) -> int:
+    size = 0
+    fd = os.open(dest, _FILE_FLAGS, 0o644)
+    with open(fd, "wb", buffering=0) as out:
+        while chunk := stream.read(_COPY_CHUNK):
+            out.write(chunk)
+            size += len(chunk)
+    return size
+
+
+def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
+    root = str(staging)
+    made: set[str] = {""}
+    directories: list[tuple[str, Member]] = []
+    restored = 0
+    size = 0
+    for member, chunks in reader.members():
+        dest = os.path.join(root, member.name)
+        parent = member.name.rpartition("/")[0]
+        if parent not in made:
+            os.makedirs(os.path.join(root, parent), exist_ok=True)
+            while parent not in made:
+                made.add(parent)
+                parent = parent.rpartition("/")[0]
+        restored += 1
+        if member.type == "file":
+            size += _write_file(dest, member, chunks)
+        elif member.type == "dir":
+            if member.name not in made:
+                os.mkdir(dest, 0o700)
+                made.add(member.name)
+            directories.append((dest, member))
+        elif member.type == "symlink":
+            assert member.linkname is not None
+            os.symlink(member.linkname, dest)
+            os.utime(dest, ns=(member.mtime_ns, member.mtime_ns), follow_symlinks=False)
+        else:
+            assert member.linkname is not None
+            os.link(os.path.join(root, member.linkname), dest, follow_symlinks=False)
+    # CF-EXTRACT-10: directory modes and times last, deepest first, so that writing their
+    # contents neither needed nor disturbed them. A later entry for the same directory wins.
+    for dest, member in reversed(directories):
+        os.chmod(dest, member.mode)
+        os.utime(dest, ns=(member.mtime_ns, member.mtime_ns))
+    return restored, size
+
+
+def _write_file(dest: str, member: Member, chunks) -> int:
+    fd = os.open(dest, _FILE_FLAGS, 0o600)
+    written = 0
+    with open(fd, "wb", buffering=0, closefd=True) as out:
+        for chunk in chunks:
+            view = chunk
+            while view:
+                n = out.write(view)
+                view = view[n:]
+            written += len(chunk)
+        os.fchmod(fd, member.mode)
+        os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
+    return written

@@ -1,0 +1,54 @@
+"""Reader caps of spec §5.1 (CF-LIMIT-01), with their defaults and environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+__all__ = ["Limits"]
+
+_ENV_PREFIX = "CHECKPOINT_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Caps a reader enforces before trusting any declared count, size or length.
+
+    Raise a cap by passing a new value (``Limits(max_total_size=4 << 40)``) or, for the
+    defaults, through the environment: ``CHECKPOINT_MAX_MEMBERS``, ``CHECKPOINT_MAX_TOTAL_SIZE``,
+    ``CHECKPOINT_MAX_NAME_LENGTH``, ``CHECKPOINT_MAX_EXPANSION_RATIO`` and
+    ``CHECKPOINT_MAX_EXTENDED_HEADER`` (see :meth:`from_env`).
+    """
+
+    max_members: int = 1_000_000
+    max_total_size: int = 1 << 40
+    max_name_length: int = 4096
+    max_expansion_ratio: float = 1100.0
+    max_extended_header: int = 1 << 20
+    #: The expansion ratio is only judged once this many bytes have been decompressed, so
+    #: that small, highly compressible archives (an empty directory) are never refused.
+    ratio_grace_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"Limits.{field.name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Limits:
+        """Defaults, overridden by any ``CHECKPOINT_MAX_*`` variable that is set."""
+        env = os.environ if environ is None else environ
+        overrides: dict[str, int | float] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(_ENV_PREFIX + field.name.upper())
+            if raw is None or not field.name.startswith("max_"):
+                continue
+            kind = float if field.name == "max_expansion_ratio" else int
+            try:
+                overrides[field.name] = kind(raw.replace("_", ""))
+            except ValueError:
+                raise ValueError(
+                    f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        return cls(**overrides)

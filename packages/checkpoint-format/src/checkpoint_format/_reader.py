@@ -1,0 +1,571 @@
+"""The streaming tar reader: parses a tarball member by member and enforces spec §4-§6.
+
+It does no file-system I/O of its own. The extractor writes what it yields into a staging
+directory; the validator only counts and hashes. Both share every check, so a tarball the
+validator passes is one the extractor restores, and the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Literal
+
+from . import _codec
+from ._errors import (
+    CheckpointFormatError,
+    CorruptArchiveError,
+    LimitExceededError,
+    UnsafeMemberError,
+    UnsupportedFormatError,
+)
+from ._limits import Limits
+from ._tarheader import (
+    BLOCK,
+    DIRECTORY,
+    EXTENDED_TYPES,
+    GNU_LONGLINK,
+    GNU_LONGNAME,
+    HARDLINK,
+    PAX_GLOBAL,
+    PAX_LOCAL,
+    REGULAR_TYPES,
+    SYMLINK,
+    ZERO_BLOCK,
+    HeaderError,
+    is_header_block,
+    parse_header,
+    parse_pax_mtime,
+    parse_pax_records,
+)
+
+__all__ = ["FORMAT_MAJOR", "FORMAT_VERSION", "Member", "TarReader"]
+
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+VERSION_KEY = "FLYTECKPT.version"
+WRITER_KEY = "FLYTECKPT.writer"
+DIGEST_KEY = "FLYTECKPT.sha256"
+
+_READ_SIZE = 1 << 20
+_MAX_COMPONENT = 255  # CF-EXTRACT-09
+_MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
+_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_REFUSED_GLOBAL_KEYS = ("path", "linkpath", "size")
+
+MemberType = Literal["file", "dir", "symlink", "hardlink"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One restorable tar member, after extended headers and name normalisation."""
+
+    name: str
+    type: MemberType
+    size: int
+    mode: int
+    mtime_ns: int
+    linkname: str | None = None
+    sha256: str | None = None
+
+
+def _type_of(typeflag: bytes) -> MemberType | None:
+    if typeflag in REGULAR_TYPES:
+        return "file"
+    return {DIRECTORY: "dir", SYMLINK: "symlink", HARDLINK: "hardlink"}.get(typeflag)
+
+
+_TYPE_NAMES = {
+    b"3": "character device",
+    b"4": "block device",
+    b"6": "FIFO",
+    b"S": "GNU sparse file",
+    b"V": "GNU volume header",
+    b"M": "GNU multi-volume continuation",
+}
+
+
+class _Blocks:
+    """Decompressed tar bytes, pulled from the object on demand in bounded chunks."""
+
+    def __init__(self, source: BinaryIO, compression: str, limits: Limits) -> None:
+        self._source = source
+        self._decoder = _codec.Decoder(compression) if compression != _codec.NONE else None
+        self._limits = limits
+        self._chunks = self._decoded()
+        self._buf = memoryview(b"")
+        self.offset = 0  # position in the tar stream of the next unread byte
+
+    def _decoded(self) -> Iterator[memoryview]:
+        while True:
+            data = self._source.read(_READ_SIZE)
+            if not data:
+                if self._decoder is not None:
+                    self._decoder.finish()
+                return
+            if self._decoder is None:
+                yield memoryview(data)
+                continue
+            for out in self._decoder.feed(data):
+                self._check_ratio()
+                yield memoryview(out)
+
+    def _check_ratio(self) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        produced, consumed = decoder.decompressed_out, max(decoder.compressed_in, 1)
+        if (
+            produced > self._limits.ratio_grace_bytes
+            and produced / consumed > self._limits.max_expansion_ratio
+        ):
+            raise LimitExceededError(
+                "CF-LIMIT-01",
+                f"expansion ratio {produced / consumed:.0f}:1 exceeds max_expansion_ratio="
+                f"{self._limits.max_expansion_ratio:g} (raise it with "
+                "CHECKPOINT_MAX_EXPANSION_RATIO)",
+            )
+
+    def _fill(self) -> bool:
+        for chunk in self._chunks:
+            if chunk:
+                self._buf = chunk
+                return True
+        return False
+
+    def read_exact(self, size: int, what: str) -> bytes:
+        """Exactly ``size`` bytes, or CF-INTEG-01 naming what was being read."""
+        parts = []
+        needed = size
+        while needed:
+            if not self._buf and not self._fill():
+                raise CorruptArchiveError(
+                    "CF-INTEG-01",
+                    f"stream ends at tar offset {self.offset} inside {what} (truncated)",
+                )
+            piece = self._buf[:needed]
+            self._buf = self._buf[len(piece) :]
+            self.offset += len(piece)
+            needed -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
+
+    def stream(self, size: int, what: str) -> Iterator[memoryview]:
+        """``size`` bytes as a sequence of views into the decoded chunks (no copies)."""
+        remaining = size
+        while remaining:
+            if not self._buf and not self._fill():
+                raise CorruptArchiveError(
+                    "CF-INTEG-01",
+                    f"stream ends at tar offset {self.offset} inside {what} (truncated)",
+                )
+            piece = self._buf[:remaining]
+            self._buf = self._buf[len(piece) :]
+            self.offset += len(piece)
+            remaining -= len(piece)
+            yield piece
+
+    def drain_zeros(self) -> int:
+        """Consume the rest of the stream; every byte must be zero (CF-INTEG-05)."""
+        count = 0
+        while self._buf or self._fill():
+            if bytes(self._buf).strip(b"\0"):
+                raise CorruptArchiveError(
+                    "CF-INTEG-05", f"non-zero data after the end-of-archive marker at tar offset {self.offset}"
+                )
+            count += len(self._buf)
+            self.offset += len(self._buf)
+            self._buf = memoryview(b"")
+        return count
+
+
+class TarReader:
+    """Iterate the members of one tarball stream, enforcing every reader rule of the spec.
+
+    ``on_violation`` decides what a rule violation does: the extractor raises it, the validator
+    records it and reading goes on. Structural faults (truncation, bad checksums, undecodable
+    compression, an unknown major version) always raise.
+
+    Iterate :meth:`members`; for a ``file`` member the second item is an iterator of data
+    chunks to consume before asking for the next member (what is left unconsumed is skipped,
+    still hashed and verified).
+    """
+
+    def __init__(
+        self,
+        source: BinaryIO,
+        compression: str,
+        *,
+        limits: Limits | None = None,
+        on_violation: Callable[[CheckpointFormatError], None] | None = None,
+    ) -> None:
+        self.limits = limits or Limits.from_env()
+        self._blocks = _Blocks(source, compression, self.limits)
+        self._on_violation = on_violation or _raise
+        self.format_version: str | None = None
+        self.writer: str | None = None
+        self.member_count = 0
+        self.total_size = 0
+        self.digests_present = 0
+        self._kinds: dict[str, MemberType] = {}
+        self._symlinks: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def marked(self) -> bool:
+        return self.format_version is not None
+
+    def members(self) -> Iterator[tuple[Member, Iterator[memoryview]]]:
+        pax: dict[str, str] = {}
+        long_name: str | None = None
+        long_link: str | None = None
+        while True:
+            header_offset = self._blocks.offset
+            block = self._blocks.read_exact(BLOCK, "a header block (no end-of-archive marker)")
+            if block == ZERO_BLOCK:
+                self._finish_archive(pax, long_name, long_link)
+                return
+            if not is_header_block(block):
+                raise CorruptArchiveError(
+                    "CF-INTEG-02", f"header block at tar offset {header_offset} fails its checksum"
+                )
+            try:
+                raw = parse_header(block)
+            except HeaderError as exc:
+                raise CorruptArchiveError(
+                    "CF-INTEG-02", f"header at tar offset {header_offset}: {exc}"
+                ) from None
+            if raw.size < 0:
+                raise CorruptArchiveError(
+                    "CF-INTEG-02", f"header at tar offset {header_offset} has a negative size"
+                )
+            if raw.typeflag in EXTENDED_TYPES:
+                payload = self._read_extended(raw.typeflag, raw.size, header_offset)
+                if raw.typeflag == PAX_LOCAL:
+                    pax.update(self._parse_pax(payload, header_offset))
+                elif raw.typeflag == PAX_GLOBAL:
+                    self._apply_global(self._parse_pax(payload, header_offset), header_offset)
+                elif raw.typeflag == GNU_LONGNAME:
+                    long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    long_link = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            yield from self._member(raw, pax, long_name, long_link, header_offset)
+            pax, long_name, long_link = {}, None, None
+
+    # ---------------------------------------------------------------- headers
+
+    def _read_extended(self, typeflag: bytes, size: int, offset: int) -> bytes:
+        if size > self.limits.max_extended_header:
+            raise LimitExceededError(
+                "CF-LIMIT-01",
+                f"extended header ({typeflag.decode()!r}) at tar offset {offset} is {size} bytes,"
+                f" over max_extended_header={self.limits.max_extended_header}",
+            )
+        data = self._blocks.read_exact(size + (-size % BLOCK), "an extended header")
+        return data[:size]
+
+    def _parse_pax(self, payload: bytes, offset: int) -> dict[str, str]:
+        try:
+            records = parse_pax_records(payload)
+        except HeaderError as exc:
+            raise CorruptArchiveError(
+                "CF-INTEG-02", f"pax header at tar offset {offset}: {exc}"
+            ) from None
+        if any(key.startswith("GNU.sparse.") for key in records):
+            name = records.get("GNU.sparse.name") or records.get("path")
+            self._violation(
+                UnsafeMemberError("CF-EXTRACT-05", "GNU sparse files are not supported", name)
+            )
+        return records
+
+    def _apply_global(self, records: dict[str, str], offset: int) -> None:
+        for key in _REFUSED_GLOBAL_KEYS:
+            if key in records:
+                raise CorruptArchiveError(
+                    "CF-INTEG-02",
+                    f"global pax header at tar offset {offset} sets {key!r} for every member",
+                )
+        version = records.get(VERSION_KEY)
+        if version is not None:
+            match = _VERSION_RE.fullmatch(version)
+            if not match:
+                raise UnsupportedFormatError(
+                    "CF-MARK-02", f"format marker {version!r} is not MAJOR.MINOR"
+                )
+            if int(match.group(1)) != FORMAT_MAJOR:
+                raise UnsupportedFormatError(
+                    "CF-MARK-02",
+                    f"format version {version} is not readable by this v{FORMAT_VERSION} reader;"
+                    " upgrade checkpoint-format",
+                )
+            self.format_version = version
+        self.writer = records.get(WRITER_KEY, self.writer)
+
+    # ---------------------------------------------------------------- members
+
+    def _member(
+        self,
+        raw,
+        pax: dict[str, str],
+        long_name: str | None,
+        long_link: str | None,
+        offset: int,
+    ) -> Iterator[tuple[Member, Iterator[memoryview]]]:
+        raw_name = pax.get("path", long_name if long_name is not None else raw.name)
+        linkname = pax.get("linkpath", long_link if long_link is not None else raw.linkname)
+        size = raw.size
+        mtime_ns = raw.mtime * 1_000_000_000
+        try:
+            if "size" in pax:
+                if not pax["size"].isdigit():
+                    raise HeaderError(f"pax size {pax['size']!r} is not a number")
+                size = int(pax["size"])
+            if "mtime" in pax:
+                mtime_ns = parse_pax_mtime(pax["mtime"])
+        except HeaderError as exc:
+            raise CorruptArchiveError(
+                "CF-INTEG-02", f"header at tar offset {offset}: {exc}", raw_name
+            ) from None
+        kind = _type_of(raw.typeflag)
+        digest = pax.get(DIGEST_KEY)
+        # As in tarfile, only regular files and unknown types have a data region; links and
+        # directories never do, whatever their size field says.
+        data_size = size if kind in ("file", None) else 0
+        member = self._check(raw_name, kind, raw.typeflag, size, linkname, digest)
+        if member is None:  # violation recorded (validator mode): skip the data
+            for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
+                pass
+            return
+        if member.name == "":  # the target itself ("." or "./"): nothing to restore
+            for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
+                pass
+            return
+        member = dataclasses.replace(member, mode=raw.mode & 0o777, mtime_ns=mtime_ns)
+        chunks = self._data(member, data_size)
+        yield member, chunks
+        for _ in chunks:  # whatever the consumer left is still read, hashed and verified
+            pass
+
+    def _data(self, member: Member, size: int) -> Iterator[memoryview]:
+        hasher = hashlib.sha256() if member.sha256 is not None else None
+        for piece in self._blocks.stream(size, f"the data of {member.name!r}"):
+            if hasher is not None:
+                hasher.update(piece)
+            if member.type == "file":
+                yield piece
+        for _ in self._blocks.stream(-size % BLOCK, f"the padding of {member.name!r}"):
+            pass
+        if hasher is not None and hasher.hexdigest() != member.sha256:
+            self._violation(
+                CorruptArchiveError(
+                    "CF-INTEG-04",
+                    f"SHA-256 mismatch: content hashes to {hasher.hexdigest()}, header says"
+                    f" {member.sha256}",
+                    member.name,
+                )
+            )
+
+    def _check(
+        self,
+        raw_name: str,
+        kind: MemberType | None,
+        typeflag: bytes,
+        size: int,
+        linkname: str,
+        digest: str | None,
+    ) -> Member | None:
+        """Every per-member rule. Returns the member, or None when a violation was recorded."""
+        name = self._normalise(raw_name)
+        if name is None:
+            return None
+        if name == "":
+            return Member("", "dir", 0, 0, 0)
+        if kind is None:
+            label = _TYPE_NAMES.get(typeflag, f"unknown type {typeflag!r}")
+            return self._refuse(UnsafeMemberError("CF-EXTRACT-05", f"{label} members are refused", raw_name))
+        if len(linkname.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
+            return self._refuse(self._name_too_long("link target", raw_name))
+
+        self.member_count += 1
+        if self.member_count > self.limits.max_members:
+            raise LimitExceededError(
+                "CF-LIMIT-01",
+                f"more than max_members={self.limits.max_members} members (raise it with"
+                " CHECKPOINT_MAX_MEMBERS)",
+                name,
+            )
+        if kind == "file":
+            if self.total_size + size > self.limits.max_total_size:
+                raise LimitExceededError(
+                    "CF-LIMIT-01",
+                    f"total size would reach {self.total_size + size} bytes, over max_total_size="
+                    f"{self.limits.max_total_size} (raise it with CHECKPOINT_MAX_TOTAL_SIZE)",
+                    name,
+                )
+            self.total_size += size
+            if digest is not None:
+                self.digests_present += 1
+                if not _DIGEST_RE.fullmatch(digest):
+                    raise CorruptArchiveError(
+                        "CF-INTEG-02", f"{DIGEST_KEY} {digest!r} is not a lowercase hex SHA-256", name
+                    )
+            elif self.marked:
+                self._violation(
+                    CorruptArchiveError(
+                        "CF-MARK-04", f"marked v{self.format_version} tarball but no {DIGEST_KEY} record", name
+                    )
+                )
+
+        if not self._check_parents(name):
+            return None
+        previous = self._kinds.get(name)
+        if previous is not None and not (previous == "dir" and kind == "dir"):
+            return self._refuse(
+                UnsafeMemberError(
+                    "CF-EXTRACT-07", f"duplicate name (an earlier {previous} has the same name)", name
+                )
+            )
+
+        target: str | None = None
+        if kind == "symlink":
+            if not linkname or linkname.startswith("/"):
+                return self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-03", f"symbolic link target {linkname!r} is not a relative path", name
+                    )
+                )
+            if self._resolve(name.split("/")[:-1], linkname.split("/"), [0]) is None:
+                return self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-03", f"symbolic link target {linkname!r} points outside the target", name
+                    )
+                )
+            target = linkname
+            self._symlinks[name] = linkname
+        elif kind == "hardlink":
+            target = self._normalise(linkname, for_link_of=name)
+            if target is None:
+                return None
+            if self._kinds.get(target) not in ("file", "hardlink"):
+                return self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-04",
+                        f"hard link target {linkname!r} is not an earlier regular-file member",
+                        name,
+                    )
+                )
+        self._kinds[name] = kind
+        return Member(name, kind, size if kind == "file" else 0, 0, 0, target, digest)
+
+    def _normalise(self, raw_name: str, for_link_of: str | None = None) -> str | None:
+        member = for_link_of if for_link_of is not None else raw_name
+        what = "hard link target" if for_link_of is not None else "name"
+        if len(raw_name.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
+            return self._refuse(self._name_too_long(what, member))
+        if raw_name.startswith("/"):
+            return self._refuse(
+                UnsafeMemberError("CF-EXTRACT-01", f"absolute {what} {raw_name!r}", member)
+            )
+        parts = [part for part in raw_name.split("/") if part not in ("", ".")]
+        if ".." in parts:
+            return self._refuse(
+                UnsafeMemberError(
+                    "CF-EXTRACT-02", f"{what} {raw_name!r} has a '..' component", member
+                )
+            )
+        for part in parts:
+            if len(part.encode("utf-8", "surrogateescape")) > _MAX_COMPONENT:
+                return self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-09",
+                        f"a component of {raw_name!r} is longer than {_MAX_COMPONENT} bytes",
+                        member,
+                    )
+                )
+        return "/".join(parts)
+
+    def _check_parents(self, name: str) -> bool:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            kind = self._kinds.get(parent)
+            if kind is None:
+                self._kinds[parent] = "dir"  # created implicitly by the extractor
+            elif kind != "dir":
+                self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-08", f"lies below {parent!r}, which is a {kind}, not a directory", name
+                    )
+                )
+                return False
+        return True
+
+    def _resolve(self, stack: list[str], components: list[str], hops: list[int]) -> list[str] | None:
+        """Resolve a link target from ``stack``, following the archive's symlinks; None = escapes."""
+        stack = list(stack)
+        for part in components:
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not stack:
+                    return None
+                stack.pop()
+                continue
+            link = self._symlinks.get("/".join([*stack, part]))
+            if link is None:
+                stack.append(part)
+                continue
+            hops[0] += 1
+            if hops[0] > _MAX_LINK_HOPS or link.startswith("/"):
+                return None
+            resolved = self._resolve(stack, link.split("/"), hops)
+            if resolved is None:
+                return None
+            stack = resolved
+        return stack
+
+    def _finish_archive(self, pax: dict[str, str], long_name: str | None, long_link: str | None) -> None:
+        if pax or long_name is not None or long_link is not None:
+            raise CorruptArchiveError(
+                "CF-INTEG-01", "an extended header is followed by the end-of-archive marker, not a member"
+            )
+        if self._blocks.drain_zeros() < BLOCK:
+            raise CorruptArchiveError(
+                "CF-INTEG-01", "stream ends after a single zero block (end-of-archive marker truncated)"
+            )
+        # Links resolved at their own position may be redirected by links that came later.
+        for name, target in self._symlinks.items():
+            if self._resolve(name.split("/")[:-1], target.split("/"), [0]) is None:
+                self._violation(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-03",
+                        f"symbolic link target {target!r} points outside the target"
+                        " through another link",
+                        name,
+                    )
+                )
+
+    # ---------------------------------------------------------------- violations
+
+    def _name_too_long(self, what: str, member: str) -> LimitExceededError:
+        return LimitExceededError(
+            "CF-LIMIT-01",
+            f"{what} is longer than max_name_length={self.limits.max_name_length} bytes (raise"
+            " it with CHECKPOINT_MAX_NAME_LENGTH)",
+            member[:200],
+        )
+
+    def _violation(self, error: CheckpointFormatError) -> None:
+        self._on_violation(error)
+
+    def _refuse(self, error: CheckpointFormatError) -> None:
+        self._on_violation(error)
+        return None
+
+
+def _raise(error: CheckpointFormatError) -> None:
+    raise error

@@ -1,0 +1,307 @@
+"""The streaming writer: a directory in, a spec-compliant gzip tarball out (spec §3, §4).
+
+The tar stream is produced in the calling thread (walk, stat, read, hash) and cut into
+slices; each slice becomes one gzip member, compressed or stored on a thread pool, and the
+members are written to the sink in order. Nothing touches the disk but the files being read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from . import __version__
+from ._codec import codec_name, gzip_member
+from ._errors import WriteRefusedError
+from ._reader import DIGEST_KEY, FORMAT_VERSION, VERSION_KEY, WRITER_KEY
+from ._tarheader import (
+    BLOCK,
+    DIRECTORY,
+    HARDLINK,
+    PAX_GLOBAL,
+    REGULAR,
+    SYMLINK,
+    build_header,
+    format_pax_mtime,
+    padding,
+    pax_header,
+)
+
+__all__ = ["WriteStats", "write_tarball"]
+
+#: Size of the tar slices handed to the compressors, and of file reads.
+CHUNK_SIZE = 4 << 20
+_MAX_OCTAL_SIZE = 8**11 - 1  # what a 12-byte ustar size/mtime field holds
+_USTAR_NAME = 100
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+@dataclasses.dataclass
+class WriteStats:
+    """What :func:`write_tarball` wrote."""
+
+    members: int = 0
+    files: int = 0
+    file_bytes: int = 0
+    tar_bytes: int = 0
+    compressed_bytes: int = 0
+    seconds: float = 0.0
+    codec: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_bytes / self.tar_bytes if self.tar_bytes else 1.0
+
+
+def write_tarball(
+    source: str | os.PathLike[str],
+    sink: Sink | BinaryIO,
+    *,
+    level: int | str = "auto",
+    workers: int | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> WriteStats:
+    """Write the tree under ``source`` to ``sink`` as a v1 gzip tarball.
+
+    Members are ``source``'s top-level entries and their subtrees (CF-WRITE-03). ``level`` is
+    a gzip level 0-9 or ``"auto"`` (store slices that do not compress, level 1 for the rest).
+    ``workers`` compressor threads run at once (default: the CPU count). Raises
+    :class:`WriteRefusedError` for a tree that cannot be written under the spec, having then
+    written an incomplete stream to ``sink``: callers publish the object only on success.
+    """
+    root = Path(source)
+    if not root.is_dir():
+        raise NotADirectoryError(f"checkpoint source {root} is not a directory")
+    started = time.perf_counter()
+    stats = WriteStats(codec=codec_name())
+    workers = workers or os.cpu_count() or 1
+    pending: collections.deque[Future[bytes]] = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
+        try:
+            for piece in _slices(_tar_stream(root, stats, chunk_size), chunk_size):
+                stats.tar_bytes += len(piece)
+                pending.append(pool.submit(gzip_member, piece, level))
+                while len(pending) > 2 * workers:
+                    stats.compressed_bytes += _emit(sink, pending.popleft())
+            while pending:
+                stats.compressed_bytes += _emit(sink, pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _emit(sink: Sink | BinaryIO, future: Future[bytes]) -> int:
+    member = future.result()
+    sink.write(member)
+    return len(member)
+
+
+def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
+    """Group small pieces into slices of about ``chunk_size``; pass large pieces through."""
+    buffer = bytearray()
+    for piece in pieces:
+        if len(piece) >= chunk_size:
+            if buffer:
+                yield bytes(buffer)
+                buffer.clear()
+            yield piece
+            continue
+        buffer += piece
+        if len(buffer) >= chunk_size:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+# --------------------------------------------------------------------------- the tar stream
+
+
+def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[bytes]:
+    records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
+    yield pax_header(records, PAX_GLOBAL)  # CF-MARK-01
+    real_root = os.path.realpath(root)
+    inodes: dict[tuple[int, int], str] = {}
+    for name, path, st in _walk(root, ""):
+        stats.members += 1
+        mode = stat.S_IMODE(st.st_mode) & 0o777  # CF-WRITE-06: no setuid/setgid/sticky
+        if stat.S_ISDIR(st.st_mode):
+            yield _member_header(name, DIRECTORY, mode, st.st_mtime_ns)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            _check_link(name, path, target, real_root)
+            yield _member_header(name, SYMLINK, mode, st.st_mtime_ns, linkname=target)
+        elif stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in inodes:
+                yield _member_header(name, HARDLINK, mode, st.st_mtime_ns, linkname=inodes[key])
+                continue
+            if st.st_nlink > 1:
+                inodes[key] = name
+            stats.files += 1
+            stats.file_bytes += st.st_size
+            yield from _file(name, path, st, mode, chunk_size)
+        else:
+            raise WriteRefusedError(
+                "CF-WRITE-05",
+                f"{_kind(st.st_mode)} cannot be saved in a checkpoint (only files, directories"
+                " and links)",
+                name,
+            )
+    yield bytes(2 * BLOCK)  # CF-WRITE-08
+
+
+def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Depth-first pre-order, siblings sorted by UTF-8 bytes (CF-WRITE-04)."""
+    with os.scandir(directory) as scan:
+        entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
+    for entry in entries:
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WriteRefusedError(
+                "CF-WRITE-02", "name is not valid UTF-8", prefix + os.fsencode(entry.name).decode("utf-8", "replace")
+            ) from None
+        name = prefix + entry.name
+        st = entry.stat(follow_symlinks=False)
+        yield name, entry.path, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk(Path(entry.path), name + "/")
+
+
+def _check_link(name: str, path: str, target: str, real_root: str) -> None:
+    if not target or os.path.isabs(target):
+        raise WriteRefusedError(
+            "CF-WRITE-05", f"symbolic link target {target!r} is absolute; only relative links inside the"
+            " checkpoint can be saved",
+            name,
+        )
+    resolved = os.path.realpath(path)
+    if resolved != real_root and not resolved.startswith(real_root + os.sep):
+        raise WriteRefusedError(
+            "CF-WRITE-05", f"symbolic link target {target!r} resolves outside the checkpoint directory",
+            name,
+        )
+
+
+def _member_header(
+    name: str,
+    typeflag: bytes,
+    mode: int,
+    mtime_ns: int,
+    *,
+    size: int = 0,
+    linkname: str = "",
+    digest: str | None = None,
+) -> bytes:
+    """The pax extended header and ustar header of one member (CF-WRITE-02, -06, CF-MARK-04)."""
+    raw_name = name.encode("utf-8")
+    raw_link = linkname.encode("utf-8")
+    records: list[tuple[str, str]] = []
+    if len(raw_name) > _USTAR_NAME or not raw_name.isascii():
+        records.append(("path", name))
+    if len(raw_link) > _USTAR_NAME or not raw_link.isascii():
+        records.append(("linkpath", linkname))
+    records.append(("mtime", format_pax_mtime(mtime_ns)))
+    if size > _MAX_OCTAL_SIZE:
+        records.append(("size", str(size)))
+    if digest is not None:
+        records.append((DIGEST_KEY, digest))
+    header = build_header(
+        raw_name,
+        mode=mode,
+        size=size if size <= _MAX_OCTAL_SIZE else 0,
+        mtime=min(max(mtime_ns // 1_000_000_000, 0), _MAX_OCTAL_SIZE),
+        typeflag=typeflag,
+        linkname=raw_link,
+    )
+    return pax_header(records) + header
+
+
+def _file(name: str, path: str, st: os.stat_result, mode: int, chunk_size: int) -> Iterator[bytes]:
+    size = st.st_size
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb", buffering=0) as handle:
+        _check_unchanged(name, st, os.fstat(fd))
+        if size <= chunk_size:  # small file: one read, hash, emit
+            data = _read_exactly(handle, size, name)
+            digest = hashlib.sha256(data).hexdigest()
+            _check_unchanged(name, st, os.fstat(fd))
+            yield _member_header(name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest)
+            yield data + padding(size)
+            return
+        # Large file: the digest must precede the data, so hash in a first pass.
+        digest = _hash_file(handle, size, name, chunk_size)
+        handle.seek(0)
+        yield _member_header(name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest)
+        remaining = size
+        while remaining:
+            piece = _read_exactly(handle, min(chunk_size, remaining), name)
+            remaining -= len(piece)
+            yield piece
+        if handle.read(1):
+            raise _changed(name, "it grew while being saved")
+        _check_unchanged(name, st, os.fstat(fd))
+        yield padding(size)
+
+
+def _hash_file(handle, size: int, name: str, chunk_size: int) -> str:
+    hasher = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    remaining = size
+    while remaining:
+        n = handle.readinto(view[: min(chunk_size, remaining)])
+        if not n:
+            raise _changed(name, "it shrank while being saved")
+        hasher.update(view[:n])
+        remaining -= n
+    if handle.read(1):
+        raise _changed(name, "it grew while being saved")
+    return hasher.hexdigest()
+
+
+def _read_exactly(handle, size: int, name: str) -> bytes:
+    data = handle.read(size)
+    while len(data) < size:
+        more = handle.read(size - len(data))
+        if not more:
+            raise _changed(name, "it shrank while being saved")
+        data += more
+    if len(data) > size:  # pragma: no cover - read(n) never returns more than n
+        raise _changed(name, "it grew while being saved")
+    return data
+
+
+def _check_unchanged(name: str, before: os.stat_result, now: os.stat_result) -> None:
+    if (before.st_size, before.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
+        raise _changed(name, "its size or modification time changed while being saved")
+
+
+def _changed(name: str, why: str) -> WriteRefusedError:
+    return WriteRefusedError("CF-WRITE-07", f"file changed during save: {why}", name)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "an unknown file type"
