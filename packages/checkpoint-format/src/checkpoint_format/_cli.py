@@ -1,0 +1,99 @@
+"""``checkpoint-format``: inspect and validate a checkpoint object from a file or stdin.
+
+Exit status: 0 valid, 1 invalid (one line per violation), 2 usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import BinaryIO
+
+from . import __version__
+from ._validate import Report, validate
+
+EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="checkpoint-format",
+        description="Inspect and validate flyte-checkpoint objects (format spec v1).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="describe an object: kind, version, members")
+    inspect.add_argument("path", help="a checkpoint object, or - for standard input")
+    inspect.add_argument("--json", action="store_true", help="print one JSON document")
+    check = commands.add_parser("validate", help="check an object against the spec")
+    check.add_argument("path", help="a checkpoint object, or - for standard input")
+    return parser
+
+
+def _open(path: str) -> BinaryIO:
+    return sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def print_inspect(report: Report, name: str, out=sys.stdout) -> None:
+    d = report.detection
+    print(f"{name}: {d.kind}", file=out)
+    print(f"  object size:     {report.size} bytes ({_human(report.size)})", file=out)
+    print(f"  compression:     {d.compression}", file=out)
+    print(f"  decided by:      {d.reason}", file=out)
+    if d.kind == "tarball":
+        version = report.format_version or "none (legacy v1, e.g. written by upstream flyte)"
+        print(f"  format version:  {version}", file=out)
+        if report.writer:
+            print(f"  writer:          {report.writer}", file=out)
+        files = [m for m in report.members if m.type == "file"]
+        print(
+            f"  members:         {len(report.members)} ({len(files)} files,"
+            f" {_human(sum(m.size for m in files))})",
+            file=out,
+        )
+        print(f"  digests present: {report.digests_present} of {len(files)} files", file=out)
+        for m in report.members:
+            extra = f" -> {m.linkname}" if m.linkname else ""
+            print(f"    {m.type:8} {m.size:>12}  {m.name}{extra}", file=out)
+    for v in report.violations:
+        print(f"  violation: {v.message}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    name = "<stdin>" if args.path == "-" else args.path
+    try:
+        with _open(args.path) as source:
+            report = validate(source)
+    except OSError as exc:
+        print(f"checkpoint-format: cannot read {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "inspect":
+        if args.json:
+            json.dump({"object": name, **report.to_dict()}, sys.stdout, indent=2)
+            print()
+        else:
+            print_inspect(report, name)
+        return EXIT_VALID if report.valid else EXIT_INVALID
+    if report.valid:
+        print(f"{name}: valid {report.detection.kind}", end="")
+        print(f" (format {report.format_version or 'legacy v1'}, {len(report.members)} members)"
+              if report.detection.kind == "tarball" else "")
+        return EXIT_VALID
+    for v in report.violations:
+        print(f"{name}: {v.message}")
+    return EXIT_INVALID
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
