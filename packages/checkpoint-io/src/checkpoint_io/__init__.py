@@ -1,3 +1,23 @@
-"""A File type over fsspec: streaming, retried, atomically committed object I/O."""
+"""A File type over fsspec: streaming, retried, atomically committed object I/O.
 
-__all__: list[str] = []
+>>> from checkpoint_io import File
+>>> async with File(path="s3://bucket/ckpt.tar").open("wb") as f:  # doctest: +SKIP
+...     await f.write(chunk)   # published only if the block exits without an exception
+"""
+
+from ._errors import MissingBackendError, StorageRetryError
+from ._file import AsyncFile, File, SyncFile
+from ._loop import SyncInAsyncError
+from ._registry import filesystem
+from ._retry import RetryPolicy
+
+__all__ = [
+    "AsyncFile",
+    "File",
+    "MissingBackendError",
+    "RetryPolicy",
+    "StorageRetryError",
+    "SyncFile",
+    "SyncInAsyncError",
+    "filesystem",
+]

@@ -1,0 +1,95 @@
+"""The small set of hooks a storage backend provides; streaming and retries live elsewhere.
+
+Each hook makes ONE attempt at one request and raises the client's own error; the caller
+(``_stream``) wraps it in the retry policy and translates what the error means.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+__all__ = ["Backend", "Source", "Upload"]
+
+MiB = 1024 * 1024
+
+
+class Source(abc.ABC):
+    """One version of one object, opened for ranged reads.
+
+    Pinning the version (an open file descriptor, an ETag, a generation) means an object
+    overwritten while we read it yields an error, never a mix of old and new bytes.
+    """
+
+    size: int
+
+    @abc.abstractmethod
+    async def read_range(self, start: int, end: int) -> bytes:
+        """Return bytes ``[start, end)``; ``0 <= start < end <= size``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what ``open_source`` acquired."""
+
+
+class Upload(abc.ABC):
+    """One write of one object that becomes visible only in :meth:`finish`/:meth:`put_whole`.
+
+    The streaming writer calls either ``put_whole`` once (the object fits in one part), or
+    ``begin``, then ``put_part`` for parts 1..n-1, then ``finish`` with the final part; and
+    ``abort`` on any failure or cancellation. With ``ordered`` set, parts are sent one at a
+    time in order; otherwise up to the writer's concurrency are in flight together.
+    """
+
+    ordered: bool = False
+
+    async def begin(self) -> None:  # noqa: B027 - optional hook
+        """Start a multipart/resumable session (nothing visible yet)."""
+
+    @abc.abstractmethod
+    async def put_part(self, number: int, data: bytes) -> None:
+        """Send part ``number`` (1-based) of a multipart upload; not the final one."""
+
+    @abc.abstractmethod
+    async def finish(self, number: int, data: bytes, total: int) -> None:
+        """Send the final part (possibly empty) and publish the object atomically."""
+
+    @abc.abstractmethod
+    async def put_whole(self, data: bytes) -> None:
+        """Publish a small object in one request."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Discard everything sent so far; the previous object stays as it was."""
+
+
+class Backend(abc.ABC):
+    """The hooks one URI scheme provides. Instances live on the I/O loop."""
+
+    #: Default part size for streaming writes and block size for reads and downloads.
+    part_size: int = 16 * MiB
+    #: Smallest part the service accepts (except the last).
+    min_part_size: int = 1
+    #: Every part except the last must be a multiple of this many bytes.
+    part_multiple: int = 1
+    #: Most parts one multipart upload may have.
+    max_parts: int = 1_000_000
+    #: Default number of parts or ranges in flight at once.
+    concurrency: int = 4
+
+    def __init__(self, storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+
+    @abc.abstractmethod
+    async def size(self, path: str) -> int:
+        """Size of the object; raises the client's not-found error when absent."""
+
+    @abc.abstractmethod
+    async def open_source(self, path: str) -> Source:
+        """Pin the current version of the object for ranged reads."""
+
+    @abc.abstractmethod
+    def new_upload(self, path: str) -> Upload:
+        """Prepare a write to ``path``; makes no request yet."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release client sessions."""

@@ -1,0 +1,178 @@
+"""Error types, and the one place that decides what a backend's error means."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import socket
+
+__all__ = ["Fault", "MissingBackendError", "StorageRetryError", "classify"]
+
+
+class MissingBackendError(ImportError):
+    """The client library for a URI scheme is not installed; the message names the extra."""
+
+    def __init__(self, scheme: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"{scheme}:// needs the optional dependency {module!r}: "
+            f"pip install 'checkpoint-io[{extra}]'"
+        )
+        self.scheme = scheme
+        self.extra = extra
+
+
+class StorageRetryError(OSError):
+    """A transient fault persisted through every retry the policy allowed.
+
+    ``uri``, ``operation`` and ``attempts`` say what was tried; the backend's last error is
+    the ``__cause__``.
+    """
+
+    def __init__(self, uri: str, operation: str, attempts: int, elapsed: float, reason: str):
+        super().__init__(
+            errno.EIO,
+            f"{operation} of {uri} failed after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''} over {elapsed:.1f} s of transient errors; "
+            f"last: {reason}",
+        )
+        self.uri = uri
+        self.operation = operation
+        self.attempts = attempts
+        self.elapsed = elapsed
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    def __reduce__(self):  # keep it picklable across processes
+        return (
+            _rebuild_retry_error,
+            (self.uri, self.operation, self.attempts, self.elapsed, self.strerror),
+        )
+
+
+def _rebuild_retry_error(uri, operation, attempts, elapsed, message):
+    err = StorageRetryError(uri, operation, attempts, elapsed, "")
+    err.strerror = message
+    return err
+
+
+class Fault(enum.Enum):
+    MISSING = "missing"  # the object (or bucket) is not there: never retried
+    DENIED = "denied"  # credentials or policy refuse it: never retried
+    TRANSIENT = "transient"  # worth another attempt
+    FATAL = "fatal"  # anything else: raised as is
+
+
+# Class names (anywhere in the MRO) of connection-level failures in the optional client
+# libraries. Matching names keeps this module free of imports of the cloud extras.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        # aiohttp
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        # botocore
+        "HTTPClientError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        # azure-core
+        "ServiceRequestError",
+        "ServiceResponseError",
+        "IncompleteReadError",
+        # requests / urllib3 / http.client (gcsfs maps 502 to requests' ProxyError)
+        "ProxyError",
+        "ChunkedEncodingError",
+        "ReadTimeout",
+        "IncompleteRead",
+        "ProtocolError",
+        # fsspec
+        "FSTimeoutError",
+    }
+)
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServerBusy",
+        "OperationTimedOut",
+        "InternalServerError",
+    }
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "BlobNotFound",
+                            "ContainerNotFound", "ResourceNotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "AuthorizationFailure",
+                           "AuthenticationFailed", "InvalidAccessKeyId",
+                           "SignatureDoesNotMatch", "AuthorizationPermissionMismatch"})
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        err = response.get("Error") or {}
+        meta = response.get("ResponseMetadata") or {}
+        status = meta.get("HTTPStatusCode")
+        code = err.get("Code")
+        if status is None and isinstance(code, str) and code.isdigit():
+            status = int(code)
+        return status, code
+    status = getattr(exc, "status_code", None)  # azure HttpResponseError
+    code = getattr(exc, "error_code", None)
+    if status is None:
+        raw = getattr(exc, "code", None)  # gcsfs HttpError
+        if raw is None:
+            raw = getattr(exc, "status", None)  # aiohttp ClientResponseError
+        if isinstance(raw, str) and raw.isdigit():
+            raw = int(raw)
+        status = raw if isinstance(raw, int) else None
+    return status, (str(code) if code is not None else None)
+
+
+def _classify_one(exc: BaseException) -> Fault | None:
+    if isinstance(exc, FileNotFoundError):
+        return Fault.MISSING
+    if isinstance(exc, PermissionError):
+        return Fault.DENIED
+    status, code = _status_and_code(exc)
+    if code in _MISSING_CODES or status == 404:
+        return Fault.MISSING
+    if code in _DENIED_CODES or status in (401, 403):
+        return Fault.DENIED
+    if code in _TRANSIENT_CODES or status in (408, 429) or (status or 0) >= 500:
+        return Fault.TRANSIENT
+    if isinstance(exc, OSError) and str(exc).startswith("Forbidden"):  # gcsfs 403
+        return Fault.DENIED
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _TRANSIENT_CLASS_NAMES:
+        return Fault.TRANSIENT
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, socket.timeout)):
+        return Fault.TRANSIENT
+    return None
+
+
+def classify(exc: BaseException) -> Fault:
+    """Say what a backend error means, looking through its chain of causes."""
+    for link in _chain(exc):
+        fault = _classify_one(link)
+        if fault is not None:
+            return fault
+    return Fault.FATAL
