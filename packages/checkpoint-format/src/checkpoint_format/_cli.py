@@ -44,7 +44,8 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def print_inspect(report: Report, name: str, out=sys.stdout) -> None:
+def print_inspect(report: Report, name: str, out=None) -> None:
+    out = out or sys.stdout
     d = report.detection
     print(f"{name}: {d.kind}", file=out)
     print(f"  object size:     {report.size} bytes ({_human(report.size)})", file=out)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Literal
 
@@ -50,6 +52,8 @@ WRITER_KEY = "FLYTECKPT.writer"
 DIGEST_KEY = "FLYTECKPT.sha256"
 
 _READ_SIZE = 1 << 20
+_QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the writer
+_END = object()
 _MAX_COMPONENT = 255  # CF-EXTRACT-09
 _MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
 _VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
@@ -100,6 +104,44 @@ class _Blocks:
         self.offset = 0  # position in the tar stream of the next unread byte
 
     def _decoded(self) -> Iterator[memoryview]:
+        """Decoded chunks, produced on a helper thread so that reading and inflating the
+        object overlap with hashing and writing the files (both release the GIL)."""
+        chunks: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        stop = threading.Event()
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for chunk in self._decode_inline():
+                    if not put(chunk):
+                        return
+                put(_END)
+            except BaseException as exc:  # handed to the consuming thread, raised there
+                put(exc)
+
+        worker = threading.Thread(target=produce, name="checkpoint-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = chunks.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            stop.set()
+            worker.join()
+
+    def _decode_inline(self) -> Iterator[memoryview]:
         while True:
             data = self._source.read(_READ_SIZE)
             if not data:

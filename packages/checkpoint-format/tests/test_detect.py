@@ -1,0 +1,120 @@
+"""Spec §2 detection, checked clause by clause and against tarfile.is_tarfile."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import tarfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from checkpoint_format import PREFIX_SIZE, detect, sniff
+from checkpoint_format._tarheader import build_header, is_header_block
+
+
+def _tar(*, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        info = tarfile.TarInfo("model.bin")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    return buf.getvalue()
+
+
+def _kind(data: bytes) -> str:
+    return detect(data[:PREFIX_SIZE], complete=len(data) <= PREFIX_SIZE).kind
+
+
+@pytest.mark.parametrize(
+    ("label", "data", "kind", "compression"),
+    [
+        ("zero bytes", b"", "none", "none"),
+        ("plain tar", _tar(), "tarball", "none"),
+        ("v7 tar", _tar(fmt=tarfile.USTAR_FORMAT), "tarball", "none"),
+        ("gzip tar", gzip.compress(_tar(), mtime=0), "tarball", "gzip"),
+        ("bzip2 tar", bz2.compress(_tar()), "tarball", "bzip2"),
+        ("xz tar", lzma.compress(_tar()), "tarball", "xz"),
+        ("text", b"hello world\n" * 100, "raw", "none"),
+        ("512 zero bytes then data", bytes(512) + b"weights", "raw", "none"),
+        ("all zero raw", bytes(4096), "raw", "none"),
+        ("gzip of an empty archive", gzip.compress(bytes(10240), mtime=0), "tarball", "gzip"),
+        ("gzip of two zero blocks", gzip.compress(bytes(1024), mtime=0), "tarball", "gzip"),
+        ("gzip of 1 MiB of zeros", gzip.compress(bytes(1 << 20), mtime=0), "raw", "gzip"),
+        ("gzip of 512 zeros", gzip.compress(bytes(512), mtime=0), "raw", "gzip"),
+        ("gzip of text", gzip.compress(b"not a tar" * 100, mtime=0), "raw", "gzip"),
+        ("corrupt gzip", b"\x1f\x8b\x08" + os.urandom(200), "raw", "gzip"),
+        ("bzip2 of zeros past one record", bz2.compress(bytes(20480)), "raw", "bzip2"),
+    ],
+)
+def test_detection_table(label: str, data: bytes, kind: str, compression: str) -> None:
+    detection = detect(data[:PREFIX_SIZE], complete=len(data) <= PREFIX_SIZE)
+    assert (detection.kind, detection.compression) == (kind, compression), label
+    assert detection.reason.startswith(("CF-DETECT", "CF-OBJ"))
+
+
+def test_empty_archive_needs_the_whole_stream_in_the_prefix() -> None:
+    # The same bytes, but the caller says more follows: the stream has not ended.
+    data = gzip.compress(bytes(10240), mtime=0)
+    assert detect(data, complete=False).kind == "raw"
+
+
+def test_prefix_beyond_the_limit_is_ignored() -> None:
+    # A tar header that only appears after PREFIX_SIZE bytes of gzip header cannot be seen.
+    data = b"\x1f\x8b\x08\x04" + bytes(6) + (65535).to_bytes(2, "little") + bytes(65535)
+    data += gzip.compress(_tar())[10:]
+    assert _kind(data) == "raw"
+
+
+def test_sniff_replays_the_prefix() -> None:
+    payload = os.urandom(PREFIX_SIZE * 3 + 17)
+    detection, stream = sniff(io.BytesIO(payload))
+    assert detection.kind == "raw"
+    assert stream.read() == payload
+
+
+def test_sniff_reads_a_bounded_prefix() -> None:
+    class Counting(io.BytesIO):
+        high = 0
+
+        def read(self, size=-1):
+            data = super().read(size)
+            Counting.high = max(Counting.high, self.tell())
+            return data
+
+    sniff(Counting(os.urandom(10 << 20)))
+    assert Counting.high <= PREFIX_SIZE
+
+
+def test_signed_checksum_header_is_a_tar_header() -> None:
+    header = bytearray(build_header(b"x", mode=0o644, size=0, mtime=0, typeflag=b"0"))
+    header[120] = 0xFF  # a high byte: signed and unsigned sums now differ
+    signed = 256 + sum(b if b < 128 else b - 256 for i, b in enumerate(header) if not 148 <= i < 156)
+    header[148:156] = b"%06o\0 " % (signed & 0o777777) if signed >= 0 else bytes(8)
+    if signed >= 0:
+        assert is_header_block(bytes(header))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=512, max_size=2048))
+def test_random_blocks_agree_with_tarfile(data: bytes) -> None:
+    """Uncompressed classification matches tarfile.is_tarfile, except the zero-block rule."""
+    ours = _kind(data) == "tarball"
+    theirs = tarfile.is_tarfile(io.BytesIO(data))
+    if data[:512] == bytes(512):
+        assert (ours, theirs) == (False, True)  # CF-DETECT-04: v1 keeps the payload
+    else:
+        assert ours == theirs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0o7777), st.integers(0, 8**11 - 1), st.binary(max_size=99))
+def test_valid_headers_with_checksums_agree_with_tarfile(mode: int, size: int, name: bytes) -> None:
+    name = name.replace(b"\0", b"") or b"x"
+    block = build_header(name, mode=mode, size=size, mtime=0, typeflag=b"0")
+    assert is_header_block(block)
+    assert tarfile.is_tarfile(io.BytesIO(block + bytes(1024)))

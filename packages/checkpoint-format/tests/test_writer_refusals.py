@@ -1,0 +1,118 @@
+"""Trees the writer must refuse (CF-WRITE-02, -05, -07), each with a clear error."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from checkpoint_format import WriteRefusedError, write_tarball
+
+
+def _write(src: Path) -> bytes:
+    sink = io.BytesIO()
+    write_tarball(src, sink)
+    return sink.getvalue()
+
+
+def test_fifo_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(WriteRefusedError, match=r"member 'pipe': a FIFO cannot be saved .*\(CF-WRITE-05\)") as info:
+        _write(tmp_path)
+    assert (info.value.rule, info.value.member) == ("CF-WRITE-05", "pipe")
+
+
+def test_socket_is_refused(tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s.sock"))
+        with pytest.raises(WriteRefusedError, match=r"member 's.sock': a socket"):
+            _write(tmp_path)
+    finally:
+        sock.close()
+
+
+def test_absolute_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "etc").symlink_to("/etc")
+    with pytest.raises(WriteRefusedError, match=r"member 'sub/etc': symbolic link target '/etc' is absolute") as info:
+        _write(tmp_path)
+    assert info.value.rule == "CF-WRITE-05"
+
+
+def test_symlink_escaping_the_tree_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "up").symlink_to("../outside")
+    with pytest.raises(WriteRefusedError, match=r"member 'up': .*resolves outside"):
+        _write(src)
+
+
+def test_symlink_to_the_root_itself_is_allowed(tmp_path: Path) -> None:
+    (tmp_path / "self").symlink_to(".")
+    assert _write(tmp_path)
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="needs a file system that stores raw bytes")
+def test_non_utf8_name_is_refused(tmp_path: Path) -> None:
+    with open(os.path.join(os.fsencode(tmp_path), b"bad-\xff.bin"), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(WriteRefusedError, match=r"name is not valid UTF-8 \(CF-WRITE-02\)"):
+        _write(tmp_path)
+
+
+def test_file_growing_during_save_is_refused(tmp_path: Path) -> None:
+    """A trainer still writing its checkpoint must not produce a silently torn archive."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(12 << 20))
+
+    class SlowSink(io.BytesIO):
+        grown = False
+
+        def write(self, data):
+            if not SlowSink.grown and self.tell() > (5 << 20):
+                with open(big, "ab") as f:
+                    f.write(b"more")
+                SlowSink.grown = True
+            return super().write(data)
+
+    with pytest.raises(WriteRefusedError, match=r"member 'big.bin': file changed during save") as info:
+        write_tarball(tmp_path, SlowSink(), chunk_size=1 << 20, workers=1)
+    assert info.value.rule == "CF-WRITE-07"
+
+
+def test_file_replaced_between_stat_and_read_is_refused(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("first")
+    real_open = os.open
+
+    def swapping_open(path, flags, *args, **kwargs):
+        if str(path).endswith("a.txt"):
+            target.write_text("second version")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(WriteRefusedError, match="CF-WRITE-07"):
+        _write(tmp_path)
+
+
+def test_missing_source_directory(tmp_path: Path) -> None:
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        write_tarball(tmp_path / "nope", io.BytesIO())
+
+
+def test_sink_errors_propagate_and_stop_the_pool(tmp_path: Path) -> None:
+    (tmp_path / "data.bin").write_bytes(os.urandom(6 << 20))
+
+    class Broken:
+        def write(self, data):
+            raise OSError("disk full")
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="disk full"):
+        write_tarball(tmp_path, Broken(), chunk_size=1 << 20)
+    assert threading.active_count() == before
