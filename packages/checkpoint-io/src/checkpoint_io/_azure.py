@@ -79,8 +79,11 @@ class AzureBackend(Backend):
 
         from ._loop import io_loop
 
+        # adlfs always builds aio clients; binding it to our loop (rather than passing
+        # asynchronous=True, which leaves it loop-less) lets its exit-time finalizer close
+        # the client instead of failing with "Loop is not running".
         self.fs = AzureBlobFileSystem(
-            asynchronous=True, loop=io_loop(), skip_instance_cache=True, **storage_options
+            asynchronous=False, loop=io_loop(), skip_instance_cache=True, **storage_options
         )
 
     def blob(self, path: str):

