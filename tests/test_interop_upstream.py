@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from checkpoint_format import CorruptArchiveError, restore, sniff, validate, write_tarball
 
 pytestmark = pytest.mark.interop
@@ -439,7 +438,7 @@ def upstream_loaded(upstream_python, tmp_path_factory) -> dict[str, Loaded]:
         "large-tree": build_tree(root / "large-tree", large=True),
         "empty-dir": root / "empty-dir",
         "raw": random.Random(9).randbytes(200 << 10),
-        "raw-text": "not a tar, just text\n".encode() * 100,
+        "raw-text": b"not a tar, just text\n" * 100,
     }
     cases = []
     for index, (name, source) in enumerate(sources.items()):
