@@ -1,0 +1,463 @@
+"""``flyte.Checkpoint``: resume a retried task from the previous attempt's checkpoint object.
+
+Each operation is written once, as a blocking pipeline that streams between the local tree and
+the object store (``_save_blocking`` / ``_load_blocking``). The sync methods call it directly;
+the async methods run it on a worker thread, so the event loop never blocks and CPU-heavy
+compression and hashing happen off it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from checkpoint_format import CheckpointFormatError, restore, write_tarball
+from checkpoint_io import File
+
+from ._progress import Progress
+
+__all__ = [
+    "ENV_DEST",
+    "ENV_SRC",
+    "BaseCheckpoint",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointLoadError",
+    "CheckpointSaveError",
+]
+
+logger = logging.getLogger("flyte_checkpoint")
+
+#: Environment variables read by :meth:`Checkpoint.from_env` (and set by ``flyte-checkpoint run``).
+ENV_DEST = "FLYTE_CHECKPOINT_PATH"
+ENV_SRC = "FLYTE_PREV_CHECKPOINT_PATH"
+
+_CHUNK = 8 << 20
+_T = TypeVar("_T")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded. ``uri`` names the object; the cause is chained."""
+
+    def __init__(self, message: str, uri: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class CheckpointLoadError(CheckpointError):
+    """The previous checkpoint exists but could not be restored; nothing was restored."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """The checkpoint could not be saved; the object at the destination is unchanged."""
+
+
+class BaseCheckpoint(ABC):
+    """The interface of a task checkpoint helper: restore the previous attempt, save the next."""
+
+    @property
+    @abstractmethod
+    def path(self) -> pathlib.Path:
+        """Local directory holding the restored checkpoint."""
+
+    @abstractmethod
+    def prev_exists(self) -> bool:
+        """Whether the runtime provided a previous-checkpoint location (a retry or resume)."""
+
+    @abstractmethod
+    async def load(self) -> pathlib.Path | None:
+        """Restore the previous checkpoint (async)."""
+
+    @abstractmethod
+    async def save(self, data: pathlib.Path | str | bytes) -> None:
+        """Save a directory, a file or bytes as the new checkpoint (async)."""
+
+    @abstractmethod
+    def load_sync(self) -> pathlib.Path | None:
+        """Restore the previous checkpoint (blocking)."""
+
+    @abstractmethod
+    def save_sync(self, data: pathlib.Path | str | bytes) -> None:
+        """Save a directory, a file or bytes as the new checkpoint (blocking)."""
+
+
+def _location(value: str | os.PathLike[str] | None) -> str | None:
+    """A URI or local path as a string; blank, ``""`` or ``''`` mean no location."""
+    if value is None:
+        return None
+    text = os.fspath(value).strip().strip("\"'").strip()
+    return text or None
+
+
+class _Workspaces:
+    """Local workspaces live until their Checkpoint is closed or the process exits.
+
+    A path returned by ``load`` must outlive the Checkpoint object that returned it, so the
+    cleanup is tied to ``close()`` and interpreter exit, never to garbage collection.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[str] = set()
+        self._lock = threading.Lock()
+        atexit.register(self.close_all)
+
+    def create(self) -> pathlib.Path:
+        root = tempfile.mkdtemp(prefix="flyte-checkpoint-")
+        with self._lock:
+            self._open.add(root)
+        return pathlib.Path(root)
+
+    def remove(self, root: pathlib.Path) -> None:
+        with self._lock:
+            self._open.discard(str(root))
+        shutil.rmtree(root, ignore_errors=True)
+
+    def close_all(self) -> None:
+        with self._lock:
+            roots, self._open = list(self._open), set()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+_workspaces = _Workspaces()
+
+
+class Checkpoint(BaseCheckpoint):
+    """Checkpoint helper for Flyte tasks: one object per checkpoint, on any store.
+
+    ``checkpoint_dest`` is where :meth:`save` writes; ``checkpoint_src`` is the previous
+    attempt's checkpoint, if any. Both accept ``s3://``, ``gs://``, ``abfs://``/``az://``,
+    ``memory://``, ``file://`` URIs, plain local paths and :class:`pathlib.Path`.
+
+    Saving a directory streams a gzip tar of its top-level entries into the object; saving a
+    file or bytes stores them as they are. :meth:`load` restores a tarball under :attr:`path`
+    and returns :attr:`path`, or puts any other object at ``path / "payload"`` and returns
+    that; it returns ``None`` only when there is no previous checkpoint (no source, no
+    object, or an empty object). Any other failure raises :class:`CheckpointLoadError`.
+
+    Use it as a context manager, or call :meth:`close`, to remove the local workspace;
+    otherwise it is removed when the process exits.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dest: str | os.PathLike[str],
+        checkpoint_src: str | os.PathLike[str] | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        dest = _location(checkpoint_dest)
+        if dest is None:
+            raise ValueError("Checkpoint needs a destination: checkpoint_dest is empty")
+        self._dest = dest
+        self._src = _location(checkpoint_src)
+        self._storage_options = storage_options
+        self._workspace: pathlib.Path | None = None
+        self._save_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._loaded = False
+        self._loaded_result: pathlib.Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **options: Any) -> Checkpoint:
+        """Build the helper from ``FLYTE_CHECKPOINT_PATH`` and ``FLYTE_PREV_CHECKPOINT_PATH``
+        (what ``flyte-checkpoint run`` sets for each attempt)."""
+        env = os.environ if environ is None else environ
+        dest = env.get(ENV_DEST, "")
+        if not dest.strip():
+            raise ValueError(f"{ENV_DEST} is not set: no checkpoint destination for this attempt")
+        return cls(dest, env.get(ENV_SRC), **options)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def remote_destination(self) -> str:
+        """Where :meth:`save` writes."""
+        return self._dest
+
+    @property
+    def remote_source(self) -> str | None:
+        """The previous attempt's checkpoint, or ``None``."""
+        return self._src
+
+    @property
+    def path(self) -> pathlib.Path:
+        """Local directory holding the restored checkpoint (created on first use)."""
+        if self._workspace is None:
+            self._workspace = _workspaces.create()
+        path = self._workspace / "checkpoint"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def prev_exists(self) -> bool:
+        return self._src is not None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Remove the local workspace (and with it the restored files)."""
+        if self._workspace is not None:
+            _workspaces.remove(self._workspace)
+            self._workspace = None
+            self._loaded = False
+            self._loaded_result = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Checkpoint:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(checkpoint_dest={self._dest!r}, checkpoint_src={self._src!r})"
+
+    # ------------------------------------------------------------------ load
+
+    def load_sync(self) -> pathlib.Path | None:
+        return self._load_blocking(threading.Event())
+
+    async def load(self) -> pathlib.Path | None:
+        return await _in_thread(self._load_blocking)
+
+    def _file(self, uri: str) -> File:
+        file = File(path=uri)
+        if self._storage_options:
+            file = file.with_options(storage_options=self._storage_options)
+        return file
+
+    def _load_blocking(self, cancelled: threading.Event) -> pathlib.Path | None:
+        with self._load_lock:
+            if self._loaded:
+                return self._loaded_result
+            if self._src is None:
+                return None
+            uri = self._src
+            target = self.path
+            _clear(target)
+            started = time.perf_counter()
+            with contextlib.ExitStack() as stack:
+                try:
+                    remote = stack.enter_context(self._file(uri).open_sync("rb"))
+                except FileNotFoundError:
+                    logger.info("checkpoint load: no previous checkpoint at %s", uri)
+                    self._loaded, self._loaded_result = True, None
+                    return None
+                except Exception as exc:
+                    raise _load_error(uri, exc) from exc
+                progress = Progress("load", uri, total=getattr(remote, "size", None))
+                try:
+                    result = restore(_ReadStream(remote, progress, cancelled), target)
+                except Exception as exc:
+                    raise _load_error(uri, exc) from exc
+            if result.path is None:
+                logger.info("checkpoint load: %s is empty: no previous checkpoint", uri)
+                self._loaded, self._loaded_result = True, None
+                return None
+            seconds = time.perf_counter() - started
+            progress.done()
+            logger.info(
+                "checkpoint load: %s %s (%s, %d members, %s) in %.2f s (%.0f MB/s) from %s",
+                result.kind,
+                "restored",
+                result.detection.compression,
+                result.members,
+                _human(result.bytes),
+                seconds,
+                result.bytes / 1e6 / max(seconds, 1e-9),
+                uri,
+            )
+            self._loaded, self._loaded_result = True, result.path
+            return result.path
+
+    # ------------------------------------------------------------------ save
+
+    def save_sync(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
+        self._save_blocking(data, threading.Event())
+
+    async def save(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
+        await _in_thread(lambda cancelled: self._save_blocking(data, cancelled))
+
+    def _save_blocking(self, data: Any, cancelled: threading.Event) -> None:
+        source = _save_source(data)
+        uri = self._dest
+        with self._save_lock:
+            started = time.perf_counter()
+            _ensure_local_parent(uri)
+            progress = Progress("save", uri, total=_size_of(source))
+            try:
+                with self._file(uri).open_sync("wb") as remote:
+                    sink = _WriteSink(remote, progress, cancelled)
+                    if isinstance(source, pathlib.Path) and source.is_dir():
+                        stats = write_tarball(source, sink)
+                        kind, size = "tarball", stats.file_bytes
+                    elif isinstance(source, pathlib.Path):
+                        kind, size = "file", _copy_file(source, sink)
+                    else:
+                        kind, size = "bytes", _copy_bytes(source, sink)
+            except _Cancelled:
+                raise
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, CheckpointFormatError) else f"{type(exc).__name__}: {exc}"
+                raise CheckpointSaveError(
+                    f"checkpoint not saved to {uri} (the previous object is unchanged): {reason}", uri
+                ) from exc
+            seconds = time.perf_counter() - started
+            progress.done()
+            logger.info(
+                "checkpoint save: %s of %s (%s on the wire) in %.2f s (%.0f MB/s) to %s",
+                kind,
+                _human(size),
+                _human(sink.written),
+                seconds,
+                size / 1e6 / max(seconds, 1e-9),
+                uri,
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _load_error(uri: str, exc: Exception) -> CheckpointLoadError:
+    if isinstance(exc, CheckpointFormatError):
+        reason = f"cannot be restored: {exc}"
+    else:
+        reason = f"could not be read: {type(exc).__name__}: {exc}"
+    return CheckpointLoadError(
+        f"checkpoint at {uri} {reason}; nothing was restored (not treating this as"
+        " 'no checkpoint', which would restart training from scratch)",
+        uri,
+    )
+
+
+class _Cancelled(RuntimeError):
+    """Raised inside a pipeline whose awaiting task was cancelled, to abort it."""
+
+
+class _WriteSink:
+    """Adapts the object writer for the tar writer; checks for cancellation between chunks."""
+
+    def __init__(self, remote: Any, progress: Progress, cancelled: threading.Event) -> None:
+        self._remote = remote
+        self._progress = progress
+        self._cancelled = cancelled
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._cancelled.is_set():
+            raise _Cancelled("save cancelled")
+        self._remote.write(data)
+        self.written += len(data)
+        self._progress.update(len(data))
+        return len(data)
+
+
+class _ReadStream:
+    """Adapts the object reader for the restorer; checks for cancellation between reads."""
+
+    def __init__(self, remote: Any, progress: Progress, cancelled: threading.Event) -> None:
+        self._remote = remote
+        self._progress = progress
+        self._cancelled = cancelled
+
+    def read(self, size: int = -1) -> bytes:
+        if self._cancelled.is_set():
+            raise _Cancelled("load cancelled")
+        data = self._remote.read(size)
+        self._progress.update(len(data))
+        return data
+
+
+def _save_source(data: Any) -> pathlib.Path | memoryview:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).cast("B")
+    if isinstance(data, (str, os.PathLike)):
+        path = pathlib.Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint source path does not exist: {path}")
+        return path
+    raise TypeError(
+        f"save() takes a pathlib.Path, a str path or bytes, not {type(data).__name__}"
+    )
+
+
+def _size_of(source: pathlib.Path | memoryview) -> int | None:
+    if isinstance(source, memoryview):
+        return len(source)
+    return source.stat().st_size if source.is_file() else None
+
+
+def _copy_bytes(data: memoryview, sink: _WriteSink) -> int:
+    for start in range(0, len(data), _CHUNK):
+        sink.write(data[start : start + _CHUNK])
+    return len(data)
+
+
+def _copy_file(path: pathlib.Path, sink: _WriteSink) -> int:
+    size = 0
+    with open(path, "rb") as handle:
+        before = os.fstat(handle.fileno())
+        while chunk := handle.read(_CHUNK):
+            sink.write(chunk)
+            size += len(chunk)
+        after = os.fstat(handle.fileno())
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
+        raise OSError(f"{path} changed while it was being saved; not publishing a torn copy")
+    return size
+
+
+def _clear(directory: pathlib.Path) -> None:
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _ensure_local_parent(uri: str) -> None:
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = uri.removeprefix("file://")
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+async def _in_thread(work: Callable[[threading.Event], _T]) -> _T:
+    """Run a blocking pipeline on a worker thread. If the awaiting task is cancelled, tell
+    the pipeline to stop, wait until it has aborted (so nothing is published half-way), then
+    let the cancellation through."""
+    cancelled = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, work, cancelled)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancelled.set()
+        try:
+            await future
+        except BaseException:  # the pipeline's own abort error; the cancellation wins
+            pass
+        raise
