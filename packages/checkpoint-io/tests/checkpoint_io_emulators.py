@@ -311,15 +311,18 @@ class FaultProxy:
                     payload = response.read()
                     out = [(k, v) for k, v in response.getheaders()
                            if k.lower() not in _HOP_BY_HOP]
-                    self._send(response.status, out, payload)
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self._send(response.status, out, payload, length)
                 finally:
                     upstream.close()
 
-            def _send(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+            def _send(self, status: int, headers: list[tuple[str, str]], payload: bytes,
+                      length: str | None = None) -> None:
                 self.send_response(status)
                 for key, value in headers:
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
+                # A HEAD answer states the size of the body it does not send.
+                self.send_header("Content-Length", length or str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
