@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_format import write_tarball
-from checkpoint_format._cli import main
+from checkpoint_format.cli import main
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_inspect_raw_payload(tmp_path: Path, capsys) -> None:
 
 def test_console_script_reads_stdin(evil: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "checkpoint_format._cli", "validate", "-"],
+        [sys.executable, "-m", "checkpoint_format.cli", "validate", "-"],
         input=evil.read_bytes(),
         capture_output=True,
         check=False,

@@ -70,30 +70,39 @@ def print_inspect(report: Report, name: str, out=None) -> None:
         print(f"  violation: {v.message}", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    name = "<stdin>" if args.path == "-" else args.path
-    try:
-        with _open(args.path) as source:
-            report = validate(source)
-    except OSError as exc:
-        print(f"checkpoint-format: cannot read {name}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command == "inspect":
-        if args.json:
+def run(command: str, name: str, source: BinaryIO, *, as_json: bool = False) -> int:
+    """Run ``inspect`` or ``validate`` on an open stream and print the result; returns the
+    exit status. Other tools (``flyte-checkpoint inspect s3://...``) call this with a stream
+    of their own."""
+    report = validate(source)
+    if command == "inspect":
+        if as_json:
             json.dump({"object": name, **report.to_dict()}, sys.stdout, indent=2)
             print()
         else:
             print_inspect(report, name)
         return EXIT_VALID if report.valid else EXIT_INVALID
     if report.valid:
-        print(f"{name}: valid {report.detection.kind}", end="")
-        print(f" (format {report.format_version or 'legacy v1'}, {len(report.members)} members)"
-              if report.detection.kind == "tarball" else "")
+        summary = ""
+        if report.detection.kind == "tarball":
+            version = report.format_version or "legacy v1"
+            summary = f" (format {version}, {len(report.members)} members)"
+        print(f"{name}: valid {report.detection.kind}{summary}")
         return EXIT_VALID
     for v in report.violations:
         print(f"{name}: {v.message}")
     return EXIT_INVALID
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    name = "<stdin>" if args.path == "-" else args.path
+    try:
+        with _open(args.path) as source:
+            return run(args.command, name, source, as_json=getattr(args, "json", False))
+    except OSError as exc:
+        print(f"checkpoint-format: cannot read {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover
