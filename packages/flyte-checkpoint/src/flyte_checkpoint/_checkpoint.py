@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, restore, write_tarball
-from checkpoint_io import File
+from checkpoint_io import File, SyncInAsyncError
 
 from ._progress import Progress
 
@@ -231,6 +231,7 @@ class Checkpoint(BaseCheckpoint):
     # ------------------------------------------------------------------ load
 
     def load_sync(self) -> pathlib.Path | None:
+        _refuse_inside_loop("load_sync", "load")
         return self._load_blocking(threading.Event())
 
     async def load(self) -> pathlib.Path | None:
@@ -289,6 +290,7 @@ class Checkpoint(BaseCheckpoint):
     # ------------------------------------------------------------------ save
 
     def save_sync(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
+        _refuse_inside_loop("save_sync", "save")
         self._save_blocking(data, threading.Event())
 
     async def save(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
@@ -332,6 +334,17 @@ class Checkpoint(BaseCheckpoint):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _refuse_inside_loop(name: str, twin: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise SyncInAsyncError(
+        f"Checkpoint.{name}() blocks and was called from inside a running event loop; in async"
+        f" code use `await checkpoint.{twin}(...)` instead"
+    )
 
 
 def _load_error(uri: str, exc: Exception) -> CheckpointLoadError:
