@@ -69,7 +69,7 @@ class _AzureUpload(Upload):
 
 
 class AzureBackend(Backend):
-    part_size = 16 * MiB
+    part_size = 8 * MiB
     max_parts = 50_000
     concurrency = 4
 

@@ -66,7 +66,7 @@ class Backend(abc.ABC):
     """The hooks one URI scheme provides. Instances live on the I/O loop."""
 
     #: Default part size for streaming writes and block size for reads and downloads.
-    part_size: int = 16 * MiB
+    part_size: int = 8 * MiB
     #: Smallest part the service accepts (except the last).
     min_part_size: int = 1
     #: Every part except the last must be a multiple of this many bytes.

@@ -98,7 +98,7 @@ class _GCSUpload(Upload):
 
 
 class GCSBackend(Backend):
-    part_size = 16 * MiB
+    part_size = 8 * MiB
     min_part_size = 256 * 1024
     part_multiple = 256 * 1024  # resumable chunks other than the last
     concurrency = 4

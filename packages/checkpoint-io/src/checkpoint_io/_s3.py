@@ -85,7 +85,7 @@ class _S3Upload(Upload):
 
 
 class S3Backend(Backend):
-    part_size = 16 * MiB
+    part_size = 8 * MiB
     min_part_size = 5 * MiB
     max_parts = 10_000
     concurrency = 4

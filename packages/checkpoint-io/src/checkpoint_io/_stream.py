@@ -242,7 +242,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 async def download_to(transfer: Transfer, source: Source, local_path: str) -> None:
-    """Fetch ranges in parallel into a temp sibling of ``local_path``, then rename it in."""
+    """Fetch ranges in parallel into a hidden temp sibling of ``local_path``, then rename
+    it into place: the destination never shows a partial download."""
     loop = asyncio.get_running_loop()
     directory = os.path.dirname(os.path.abspath(local_path))
     os.makedirs(directory, exist_ok=True)
@@ -267,7 +268,8 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
                 await fetch(start, min(start + step, source.size))
 
         await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
-        await loop.run_in_executor(None, os.fsync, fd)
+        # No fsync: a download is a re-fetchable copy, and the rename alone guarantees that
+        # the name never shows a partial file. (Writes *to* a local store do fsync.)
         os.close(fd)
         fd = -1
         os.replace(temp, local_path)
