@@ -118,3 +118,24 @@ def test_valid_headers_with_checksums_agree_with_tarfile(mode: int, size: int, n
     block = build_header(name, mode=mode, size=size, mtime=0, typeflag=b"0")
     assert is_header_block(block)
     assert tarfile.is_tarfile(io.BytesIO(block + bytes(1024)))
+
+
+@pytest.mark.parametrize(("value", "ns"), [
+    ("1700000000", 1_700_000_000 * 10**9),
+    ("1700000000.123456789", 1_700_000_000_123_456_789),
+    ("5e-05", 50_000),  # Python's str(float) for small times (CF-MARK-05)
+    ("1.7e9", 1_700_000_000 * 10**9),
+    ("-1.5", -1_500_000_000),
+])
+def test_pax_mtime_forms(value: str, ns: int) -> None:
+    from checkpoint_format._tarheader import parse_pax_mtime
+
+    assert parse_pax_mtime(value) == ns
+
+
+@pytest.mark.parametrize("value", ["", "abc", "1.2.3", "0x10", "1e999999", "9" * 80, "nan", "inf"])
+def test_bad_pax_mtimes_are_refused(value: str) -> None:
+    from checkpoint_format._tarheader import HeaderError, parse_pax_mtime
+
+    with pytest.raises(HeaderError, match="pax mtime"):
+        parse_pax_mtime(value)

@@ -56,6 +56,7 @@ _QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the w
 _END = object()
 _MAX_COMPONENT = 255  # CF-EXTRACT-09
 _MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
+_MAX_MTIME_NS = 2**63 - 1  # what os.utime(ns=...) can set
 _VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _REFUSED_GLOBAL_KEYS = ("path", "linkpath", "size")
@@ -368,6 +369,8 @@ class TarReader:
                 size = int(pax["size"])
             if "mtime" in pax:
                 mtime_ns = parse_pax_mtime(pax["mtime"])
+            if not -_MAX_MTIME_NS <= mtime_ns <= _MAX_MTIME_NS:
+                raise HeaderError(f"modification time {mtime_ns} ns is out of range")
         except HeaderError as exc:
             raise CorruptArchiveError(
                 "CF-INTEG-02", f"header at tar offset {offset}: {exc}", raw_name

@@ -30,7 +30,7 @@ EXTENDED_TYPES = (PAX_LOCAL, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK)
 
 _CHKSUM = slice(148, 156)
 _OCTAL_BODY = re.compile(rb"[0-7]*")
-_PAX_MTIME = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_PAX_MTIME = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")  # CF-MARK-05
 
 
 class HeaderError(ValueError):
@@ -128,11 +128,17 @@ def parse_pax_records(data: bytes) -> dict[str, str]:
 
 
 def parse_pax_mtime(value: str) -> int:
-    """A pax ``mtime`` value in nanoseconds (decimal seconds, any number of fraction digits)."""
+    """A pax ``mtime`` value in nanoseconds: decimal seconds with an optional fraction and
+    exponent, as Python's tarfile writes ``str(float)`` (``1700000000.25``, ``5e-05``)."""
     if not _PAX_MTIME.fullmatch(value):
         raise HeaderError(f"pax mtime {value!r} is not a decimal number")
+    if len(value) > 64:
+        raise HeaderError(f"pax mtime {value[:20]!r}... is too long")
     try:
-        return int((Decimal(value) * 1_000_000_000).to_integral_value(rounding="ROUND_FLOOR"))
+        seconds = Decimal(value)
+        if abs(seconds) > 10**12:  # keeps the arithmetic small; the reader bounds it further
+            raise HeaderError(f"pax mtime {value!r} is out of range")
+        return int((seconds * 1_000_000_000).to_integral_value(rounding="ROUND_FLOOR"))
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
         raise HeaderError(f"pax mtime {value!r} is not a decimal number") from exc
 

@@ -132,10 +132,13 @@ def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
 
 def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[bytes]:
     records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
-    yield pax_header(records, PAX_GLOBAL)  # CF-MARK-01
     real_root = os.path.realpath(root)
     inodes: dict[tuple[int, int], str] = {}
     for name, path, st in _walk(root, ""):
+        if stats.members == 0:
+            # CF-MARK-01: the marker leads, but only in front of a member (an empty archive
+            # is the end-of-archive marker alone, which tarfile can read).
+            yield pax_header(records, PAX_GLOBAL)
         stats.members += 1
         mode = stat.S_IMODE(st.st_mode) & 0o777  # CF-WRITE-06: no setuid/setgid/sticky
         if stat.S_ISDIR(st.st_mode):
