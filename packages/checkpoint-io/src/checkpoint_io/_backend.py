@@ -30,6 +30,10 @@ class Source(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what ``open_source`` acquired."""
 
+    #: Optional fast path for downloads: a blocking ``copy_into(fd)`` that writes the whole
+    #: object into a local descriptor (local files use the kernel's copy, no user buffers).
+    copy_into = None
+
 
 class Upload(abc.ABC):
     """One write of one object that becomes visible only in :meth:`finish`/:meth:`put_whole`.

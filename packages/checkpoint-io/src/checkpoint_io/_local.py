@@ -27,6 +27,14 @@ class _LocalSource(Source):
     async def read_range(self, start: int, end: int) -> bytes:
         return await _blocking(_pread_all, self._fd, start, end)
 
+    def copy_into(self, fd: int) -> None:
+        offset = 0
+        while offset < self.size:
+            sent = os.sendfile(fd, self._fd, offset, self.size - offset)
+            if sent == 0:
+                raise OSError(f"unexpected end of file at byte {offset} (file shrank?)")
+            offset += sent
+
     async def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

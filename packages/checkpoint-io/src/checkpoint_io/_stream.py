@@ -267,7 +267,10 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
             for start in ranges:
                 await fetch(start, min(start + step, source.size))
 
-        await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
+        if source.copy_into is not None:
+            await loop.run_in_executor(None, source.copy_into, fd)
+        else:
+            await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
         # No fsync: a download is a re-fetchable copy, and the rename alone guarantees that
         # the name never shows a partial file. (Writes *to* a local store do fsync.)
         os.close(fd)
