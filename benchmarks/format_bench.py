@@ -26,12 +26,15 @@ import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import checkpoint_format
@@ -55,6 +58,7 @@ class Row:
     file_bytes: int
     object_bytes: int | None
     vs_tarfile: float | None = None
+    runs: list[float] = field(default_factory=list)
 
     @property
     def mb_per_s(self) -> float:
@@ -114,11 +118,18 @@ def codec(name: str) -> Iterator[None]:
         _codec._fast_zlib = saved
 
 
-def timed(action: Callable[[], object]) -> float:
-    os.sync()  # earlier runs' dirty pages are written back outside the timed region
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+def measure(
+    action: Callable[[], object], cleanup: Callable[[], object], repeat: int
+) -> list[float]:
+    """Wall-clock seconds of ``repeat`` runs; ``cleanup`` removes the previous run's output."""
+    times = []
+    for _ in range(repeat):
+        cleanup()
+        os.sync()  # earlier runs' dirty pages are written back outside the timed region
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def ours_write_null(src: Path) -> int:
@@ -150,43 +161,57 @@ def tarfile_extract(obj: Path, target: Path) -> None:
         tar.extractall(target, **extra)
 
 
+def _append_result(results: list, action: Callable, *args: object) -> None:
+    results.append(action(*args))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def run_workload(
-    name: str, src: Path, file_bytes: int, scratch: Path, codecs: list[str]
+    name: str, src: Path, file_bytes: int, scratch: Path, codecs: list[str], repeat: int
 ) -> list[Row]:
     rows: list[Row] = []
 
-    def out(operation: str, impl: str, codec_name: str, seconds: float, obj: int | None) -> None:
-        row = Row(name, operation, impl, codec_name, seconds, file_bytes, obj)
+    def run(operation: str, impl: str, codec_name: str, action, output: Path | None) -> Row:
+        """Time ``action``, which writes ``output`` (removed before each run) if not None."""
+        cleanup = (lambda: _remove(output)) if output is not None else (lambda: None)
+        times = measure(action, cleanup, repeat)
+        row = Row(name, operation, impl, codec_name, statistics.median(times), file_bytes, None)
+        row.runs = times
         rows.append(row)
-        line = f"  {operation:<14} {impl:<8} {codec_name:<5} {seconds:8.2f} s"
-        print(f"{line} {row.mb_per_s:8.1f} MB/s", flush=True)
+        line = f"  {operation:<14} {impl:<8} {codec_name:<5} {row.seconds:8.2f} s (median)"
+        runs = ", ".join(f"{t:.2f}" for t in times)
+        print(f"{line} {row.mb_per_s:8.1f} MB/s  runs: {runs}", flush=True)
+        return row
 
     print(f"{name}: {file_bytes / MB:,.1f} MB of file data", flush=True)
     for codec_name in codecs:
         with codec(codec_name):
-            size = 0
-
-            def null_run() -> None:
-                nonlocal size
-                size = ours_write_null(src)
-
-            out("write -> null", "ours", codec_name, timed(null_run), size)
             obj = scratch / f"{name}-ours-{codec_name}.tar.gz"
-            seconds = timed(lambda: ours_write_file(src, obj))  # noqa: B023
-            out("write -> file", "ours", codec_name, seconds, obj.stat().st_size)
             target = scratch / f"{name}-ours-{codec_name}-restored"
-            seconds = timed(lambda: ours_restore(obj, target))  # noqa: B023
-            out("restore", "ours", codec_name, seconds, obj.stat().st_size)
-            shutil.rmtree(target)
-            obj.unlink()
+            sizes: list[int] = []
+            write_null = partial(_append_result, sizes, ours_write_null, src)
+            row = run("write -> null", "ours", codec_name, write_null, None)
+            row.object_bytes = sizes[-1]
+            row = run("write -> file", "ours", codec_name, partial(ours_write_file, src, obj), obj)
+            row.object_bytes = obj.stat().st_size
+            row = run("restore", "ours", codec_name, partial(ours_restore, obj, target), target)
+            row.object_bytes = obj.stat().st_size
+            _remove(target)
+            _remove(obj)
     obj = scratch / f"{name}-tarfile.tar.gz"
-    seconds = timed(lambda: tarfile_write(src, obj))
-    out("write -> file", "tarfile", "zlib9", seconds, obj.stat().st_size)
     target = scratch / f"{name}-tarfile-restored"
-    seconds = timed(lambda: tarfile_extract(obj, target))
-    out("restore", "tarfile", "zlib9", seconds, obj.stat().st_size)
-    shutil.rmtree(target)
-    obj.unlink()
+    row = run("write -> file", "tarfile", "zlib9", partial(tarfile_write, src, obj), obj)
+    row.object_bytes = obj.stat().st_size
+    row = run("restore", "tarfile", "zlib9", partial(tarfile_extract, obj, target), target)
+    row.object_bytes = obj.stat().st_size
+    _remove(target)
+    _remove(obj)
 
     baseline = {
         "write": next(r for r in rows if r.impl == "tarfile" and r.operation.startswith("write")),
@@ -204,7 +229,7 @@ def run_workload(
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'workload':<15} {'operation':<14} {'impl':<8} {'codec':<6} {'seconds':>8}"
+        f"{'workload':<15} {'operation':<14} {'impl':<8} {'codec':<6} {'median s':>8}"
         f" {'MB/s':>9} {'object MiB':>11} {'ours/tarfile':>13}"
     )
     print()
@@ -248,11 +273,41 @@ def check_targets(rows: list[Row]) -> list[dict]:
     return checks
 
 
+def source_state() -> str:
+    """Which checkpoint-format code ran: its path, and git HEAD plus uncommitted files."""
+    package = Path(checkpoint_format.__file__).parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(package), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return str(package)
+    changed = [line[3:] for line in dirty if line.strip()]
+    return f"{package} at {head}" + (f" + uncommitted {', '.join(changed)}" if changed else "")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="incompressible file size")
     parser.add_argument("--small-files", type=int, default=20_000, help="number of 1 KiB files")
     parser.add_argument("--quick", action="store_true", help="64 MiB and 2,000 files")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
     parser.add_argument("--tmp", type=Path, help="where to generate data (default: system temp)")
     args = parser.parse_args(argv)
@@ -260,13 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         args.size_mib, args.small_files = 64, 2_000
 
     codecs = ["isal", "zlib"] if _codec._fast_zlib is not None else ["zlib"]
+    environment = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "codec_in_use": _codec.codec_name(),
+        "codecs": codecs,
+        "source": source_state(),
+        "load_average_before": load_average(),
+    }
     print(
         f"checkpoint-format {checkpoint_format.__version__}, codec in use: {_codec.codec_name()}"
         f" (runs: {', '.join(codecs)}{'' if 'isal' in codecs else '; isal not installed'})"
     )
+    print(f"source: {environment['source']}")
     print(
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, writer workers ="
-        f" CPU count; tarfile baseline: gzip level 9"
+        f" CPU count; tarfile baseline: gzip level 9; {args.repeat} runs each, median shown;"
+        f" load average {environment['load_average_before']}"
     )
 
     rows: list[Row] = []
@@ -278,24 +343,32 @@ def main(argv: list[str] | None = None) -> int:
             f"generated {args.size_mib} MiB incompressible file in"
             f" {time.perf_counter() - started:.1f} s"
         )
-        rows += run_workload("incompressible", scratch / "incompressible", size, scratch, codecs)
+        rows += run_workload(
+            "incompressible", scratch / "incompressible", size, scratch, codecs, args.repeat
+        )
         shutil.rmtree(scratch / "incompressible")
         started = time.perf_counter()
         size = make_small_files(scratch / "small-files", args.small_files)
         print(f"generated {args.small_files} small files in {time.perf_counter() - started:.1f} s")
-        rows += run_workload("small-files", scratch / "small-files", size, scratch, codecs)
+        rows += run_workload(
+            "small-files", scratch / "small-files", size, scratch, codecs, args.repeat
+        )
 
+    environment["load_average_after"] = load_average()
     print_table(rows)
+    print(
+        f"load average before {environment['load_average_before']},"
+        f" after {environment['load_average_after']} (other jobs on this host skew results)"
+    )
     checks = check_targets(rows)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    "python": platform.python_version(),
-                    "cpus": os.cpu_count(),
-                    "codecs": codecs,
+                    **environment,
                     "size_mib": args.size_mib,
                     "small_files": args.small_files,
+                    "repeat": args.repeat,
                     "rows": [{**asdict(r), "mb_per_s": r.mb_per_s} for r in rows],
                     "targets": checks,
                 },
