@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from checkpoint_format import CorruptArchiveError, restore, sniff, validate, write_tarball
+from checkpoint_format import restore, sniff, validate, write_tarball
 
 pytestmark = pytest.mark.interop
 
@@ -382,14 +382,9 @@ def test_upstream_tarball_validates_as_legacy_v1(upstream_saved, case):
     assert {m.name for m in report.members} == set(snapshot(saved.upstream_restored))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CorruptArchiveError,
-    reason="BUG: tarfile writes a pax mtime in (0, 1e-4) s as str(float), e.g. '5e-05';"
-    " _tarheader.parse_pax_mtime accepts only plain decimals, so an upstream checkpoint"
-    " holding such a file is refused as corrupt (CF-INTEG-02) though upstream restores it",
-)
 def test_upstream_tarball_with_tiny_fractional_mtime_restores(upstream_python, tmp_path):
+    """Regression for b380d75: tarfile writes str(float) pax mtimes, '5e-05' for this file,
+    which the reader used to refuse as corrupt (CF-MARK-05 now admits an exponent)."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "epoch.txt").write_bytes(b"restored from an image with clamped mtimes\n")
@@ -466,20 +461,10 @@ def upstream_loaded(upstream_python, tmp_path_factory) -> dict[str, Loaded]:
     }
 
 
-EMPTY_TREE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: write_tarball of an empty directory emits only the CF-MARK-01 pax global"
-    " header and the end-of-archive blocks; tarfile.open fails on a global header followed"
-    " by end-of-archive ('end of file header'), so upstream's is_tarfile says False and"
-    " load_sync stores our tarball as path/'payload' instead of restoring an empty tree",
-)
-
-
-@pytest.mark.parametrize(
-    "case", ["tree", "large-tree", pytest.param("empty-dir", marks=EMPTY_TREE_BUG)]
-)
+@pytest.mark.parametrize("case", ["tree", "large-tree", "empty-dir"])
 def test_upstream_loads_our_tarball(upstream_loaded, case):
+    """For the empty directory: regression for b380d75 (a marker followed directly by the
+    end-of-archive blocks made tarfile, and so upstream, read our tarball as a payload)."""
     loaded = upstream_loaded[case]
     assert loaded.returned == "path"
     assert isinstance(loaded.source, Path)
