@@ -41,6 +41,18 @@ class _S3Source(Source):
         return data
 
 
+    async def stream_range(self, start: int, end: int):
+        """One GET for ``[start, end)``, yielded in 1 MiB chunks as they arrive."""
+        extra = {"IfMatch": self._etag} if self._etag else {}
+        response = await self._b.call(
+            "get_object", Bucket=self._bucket, Key=self._key,
+            Range=f"bytes={start}-{end - 1}", **extra,
+        )
+        async with response["Body"] as body:
+            while chunk := await body.read(MiB):
+                yield chunk
+
+
 class _S3Upload(Upload):
     def __init__(self, backend: S3Backend, bucket: str, key: str) -> None:
         self._b = backend

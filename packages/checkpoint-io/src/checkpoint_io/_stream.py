@@ -269,6 +269,8 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
 
         if source.copy_into is not None:
             await loop.run_in_executor(None, source.copy_into, fd)
+        elif getattr(source, "stream_range", None) is not None:
+            await _download_segments(transfer, source, fd)
         else:
             await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
         # No fsync: a download is a re-fetchable copy, and the rename alone guarantees that
@@ -283,6 +285,36 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+async def _download_segments(transfer: Transfer, source: Source, fd: int) -> None:
+    """Fewer, longer GETs streamed straight to disk: each segment is one request whose body
+    is written as it arrives, so memory stays at one chunk per segment in flight, and a
+    retry resumes the segment where it broke off."""
+    loop = asyncio.get_running_loop()
+    segment = transfer.part_size * 32
+    starts = iter(range(0, source.size, segment))
+
+    async def fetch(start: int, end: int) -> None:
+        pos = start
+
+        async def attempt() -> None:
+            nonlocal pos
+            async for chunk in source.stream_range(pos, end):
+                if pos + len(chunk) > end:
+                    raise OSError(f"server sent more than bytes {start}-{end - 1}")
+                await loop.run_in_executor(None, _pwrite_all, fd, chunk, pos)
+                pos += len(chunk)
+            if pos != end:
+                raise ConnectionResetError(f"body ended at byte {pos} of {start}-{end - 1}")
+
+        await transfer.retried(f"download bytes {start}-{end - 1}", attempt)
+
+    async def worker() -> None:
+        for start in starts:
+            await fetch(start, min(start + segment, source.size))
+
+    await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
