@@ -488,6 +488,17 @@ def mark_vectors(v: Vectors) -> None:
         + header("sized.txt", size=0) + HELLO + padding(len(HELLO)),
         file_member("timed.txt", HELLO, records=(("mtime", "1700000000.123456789"),)),
     )
+    exponent = marked(file_member("tiny-time.txt", HELLO, records=(("mtime", "5e-05"),)),
+                      file_member("big-time.txt", HELLO, records=(("mtime", "1.7E9"),)))
+    v.add("mark", "pax-mtime-exponent.tar.gz", gz(exponent), "CF-MARK-05",
+          "pax mtime in exponent notation, as tarfile writes str(float)",
+          tarball(F("tiny-time.txt", HELLO, mtime_ns=50_000),
+                  F("big-time.txt", HELLO, mtime_ns=MTIME_NS)))
+    for key, value in (("path", "everything.txt"), ("size", "5"), ("linkpath", "x")):
+        glob = pax_header([("FLYTECKPT.version", "1.0"), (key, value)], PAX_GLOBAL)
+        v.add("mark", f"global-{key}.tar.gz", gz(glob + body + END), "CF-MARK-05",
+              f"a global header that sets {key!r} for every member is corrupt",
+              error(CORRUPT, "CF-INTEG-02", None))
     v.add("mark", "pax-applied.tar.gz", gz(applied), "CF-MARK-05",
           "pax path, linkpath, size and mtime override the ustar fields",
           tarball(D("long", mode=0o755), F("long/" + "n" * 120 + ".txt", HELLO),
@@ -818,7 +829,8 @@ def valid_vectors(v: Vectors) -> None:
     v.add("valid", "writer-multimember.tar.gz", our_writer(tree, chunk_size=512), "CF-WRITE-01",
           "the same tree as a multi-member gzip stream (512-byte slices, stored blocks)", members)
     v.add("valid", "writer-empty-dir.tar.gz", our_writer([]), "CF-MARK-01",
-          "the reference writer's output for an empty directory: marker and end marker",
+          "the reference writer's output for an empty directory: the end-of-archive marker"
+          " alone, no global header (CF-MARK-01's exception)",
           tarball())
     up_ns = MTIME_NS + 250_000_000
     upstream_tree = [
