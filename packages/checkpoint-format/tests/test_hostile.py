@@ -763,25 +763,30 @@ _FUZZ_TAR = marked(
     hardlink("h", "d/a.txt"),
     file("b.bin", bytes(range(40))),
 )
-_FUZZ_SOURCES = {"plain": _FUZZ_TAR, "gzip": gz(_FUZZ_TAR, 0)}
-
-
 @st.composite
 def _mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(_FUZZ_SOURCES[draw(st.sampled_from(sorted(_FUZZ_SOURCES)))])
+    """Mutations of the tar stream past its first block (so that it stays a tarball and the
+    mutation reaches the member parser), sent plain or gzipped; or of the gzip bytes."""
+    how_sent = draw(st.sampled_from(["plain", "gzip-of-mutated", "mutated-gzip"]))
+    data = bytearray(gz(_FUZZ_TAR, 0) if how_sent == "mutated-gzip" else _FUZZ_TAR)
+    lowest = 0 if how_sent == "mutated-gzip" else BLOCK
     for _ in range(draw(st.integers(1, 6))):
-        at = draw(st.integers(0, len(data) - 1))
-        how = draw(st.sampled_from(["byte", "bit", "zero", "cut"]))
+        at = draw(st.integers(lowest, len(data) - 1))
+        how = draw(st.sampled_from(["byte", "bit", "digit", "zero", "cut"]))
         if how == "byte":
             data[at] = draw(st.integers(0, 255))
         elif how == "bit":
             data[at] ^= 1 << draw(st.integers(0, 7))
+        elif how == "digit":  # keeps octal fields and pax lengths plausible
+            data[at] = draw(st.sampled_from(b"0178 \0/.x"))
         elif how == "zero":
             n = draw(st.integers(1, 64))
             data[at : at + n] = bytes(len(data[at : at + n]))
         else:
             del data[at:]
             break
+    if how_sent == "gzip-of-mutated":
+        return gz(bytes(data), 1)
     return bytes(data)
 
 
