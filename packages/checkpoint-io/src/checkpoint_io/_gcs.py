@@ -98,7 +98,9 @@ class _GCSUpload(Upload):
 
 
 class GCSBackend(Backend):
-    part_size = 8 * MiB
+    # Chunks of a resumable session go one at a time, so fewer, larger ones are faster
+    # (fake-gcs-server in particular re-handles the whole upload per chunk).
+    part_size = 32 * MiB
     min_part_size = 256 * 1024
     part_multiple = 256 * 1024  # resumable chunks other than the last
     concurrency = 4
