@@ -56,50 +56,7 @@ WRITER_OR_ELSEWHERE = {
 # Vectors on which the reference reader disagrees with the spec: (tests, vectors, when,
 # reason). The xfail is strict, so a fix flips it to a failure and forces the entry out.
 _ALL = ("detect", "restore", "restore-existing", "validate")
-_SMALL_GZIP_CRC = (
-    "BUG: detect() calls a small gzip tarball with a bad CRC-32/ISIZE trailer a raw payload:"
-    " the decoder raises on the trailer before handing out the decoded tar header, and"
-    " _decompressed_head treats that as 'cannot decode far enough'. restore() then publishes"
-    " the corrupt archive as 'payload' instead of raising CF-INTEG-03 (CF-DETECT-04/-05)"
-)
-KNOWN_BUGS: list[tuple[tuple[str, ...], tuple[str, ...], bool, str]] = [
-    (
-        ("restore",),
-        ("integ/truncated-mid-data.tar.gz",),
-        True,
-        "BUG: CF-INTEG-01 truncation inside a member's data leaves error.member None although"
-        " the reader knows the member (the message names it)",
-    ),
-    (
-        ("restore",),
-        ("limit/expansion-ratio.tar.bz2",),
-        True,
-        "BUG: the CF-LIMIT-01 max_expansion_ratio error has member None; the spec says a"
-        " limit error names the member",
-    ),
-    (
-        ("restore",),
-        ("extract/duplicate-dir-dir.tar.gz",),
-        True,
-        "BUG: CF-EXTRACT-07 says the later directory entry's metadata wins, but the extractor"
-        " applies directory modes in reverse archive order, so the earlier entry wins",
-    ),
-    (
-        _ALL,
-        ("integ/bad-gzip-crc.tar.gz", "integ/bad-gzip-isize.tar.gz",
-         "integ/bad-deflate-data.tar.gz"),
-        True,
-        _SMALL_GZIP_CRC,
-    ),
-    (
-        ("detect", "restore", "validate"),
-        ("detect/gzip-reserved-flags.gz",),
-        codec_name() == "isal",
-        "BUG: with the 'fast' extra, ISA-L accepts a gzip header with reserved FLG bits that"
-        " zlib (and RFC 1952) reject, so the same object is a tarball with isal and a raw"
-        " payload without it (CF-DETECT-04 depends on an optional dependency)",
-    ),
-]
+KNOWN_BUGS: list[tuple[tuple[str, ...], tuple[str, ...], bool, str]] = []
 
 
 def _known_bug(kind: str, file: str) -> tuple[bool, str] | None:

@@ -424,11 +424,6 @@ def test_dir_dir_duplicate_is_allowed(tmp_path: Path) -> None:
     assert (target / "d" / "f").read_bytes() == DATA
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CF-EXTRACT-07 'the later one's metadata wins' — _extract_members applies"
-    " directory modes/times in reversed(directories), so the EARLIER entry's mode is final",
-)
 def test_dir_dir_duplicate_later_metadata_wins(tmp_path: Path) -> None:
     target = _restore_ok(
         marked(directory("d", 0o700), file("d/f"), directory("d", 0o750)), tmp_path
@@ -516,11 +511,6 @@ def test_bzip2_bomb_over_expansion_ratio(tmp_path: Path) -> None:
     box.assert_clean(before, existing_target=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the CF-LIMIT-01 expansion-ratio error carries member=None; spec §5.1 says a"
-    " limit error names the member (here the one whose data was being inflated)",
-)
 def test_bzip2_bomb_error_names_the_member(tmp_path: Path) -> None:
     assert_refused(_BOMB, tmp_path, LimitExceededError, "CF-LIMIT-01", "zeros.bin",
                    limits=_BOMB_LIMITS)
@@ -571,13 +561,6 @@ def _decode_threads() -> int:
     return sum(t.name == "checkpoint-decode" and t.is_alive() for t in threading.enumerate())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after restore() raises mid-stream, its 'checkpoint-decode' thread lives on"
-    " forever, polling a full queue every 50 ms and holding the caller's source: the thread"
-    " references the _Blocks object whose generator would stop it, so the generator is never"
-    " closed (not even by gc); restore/TarReader never close it explicitly",
-)
 def test_no_decode_thread_outlives_a_failed_restore(tmp_path: Path) -> None:
     before = _decode_threads()
     head = marker() + header("././@PaxHeader", b"x", size=0, fields={124: b"77777777777\0"})
@@ -656,11 +639,6 @@ def test_truncation_of_a_multi_member_gzip_at_a_member_boundary(tmp_path: Path) 
         _assert_truncation_refused(b"".join(members[:keep]), tmp_path / str(keep))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a CF-INTEG-01 truncation inside a member's data has member=None although"
-    " the reader is streaming that member (its message names it)",
-)
 def test_truncation_inside_data_names_the_member(tmp_path: Path) -> None:
     tar = marked(file("big.bin", bytes(4096)))
     cut = tar.index(bytes(4096)) + 1000
@@ -674,18 +652,14 @@ def test_gzip_crc_flip_is_corrupt(tmp_path: Path) -> None:
     # Large enough that the decoder hands out the first header before it meets the trailer.
     data = bytearray(gz(marked(file("zeros.bin", bytes(5 << 20)))))
     data[-8] ^= 0x01
-    assert_refused(bytes(data), tmp_path, CorruptArchiveError, "CF-INTEG-03", None)
+    # The fault is found while the member's last data is being inflated: it is named.
+    assert_refused(bytes(data), tmp_path, CorruptArchiveError, "CF-INTEG-03", "zeros.bin")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a small gzip tarball (decoded in one call) with a bad CRC-32 is classified"
-    " as a raw payload and restored as 'payload'; detection swallows the CF-INTEG-03 error"
-    " raised before the decoded tar header is handed out",
-)
 def test_gzip_crc_flip_small_archive_is_corrupt(tmp_path: Path) -> None:
     data = bytearray(gz(marked(OK)))
     data[-8] ^= 0x01
+    # Decoded in one call: the fault is found before any member is read.
     assert_refused(bytes(data), tmp_path, CorruptArchiveError, "CF-INTEG-03", None)
 
 
@@ -734,23 +708,22 @@ _LEAKS = {
 
 @pytest.mark.parametrize(
     "data",
-    [pytest.param(d, id=k, marks=pytest.mark.xfail(strict=True, reason=r))
-     for k, (d, r) in _LEAKS.items()],
+    [pytest.param(d, id=k) for k, (d, _reason) in _LEAKS.items()],
 )
 def test_no_foreign_exception_leaks(data: bytes, tmp_path: Path) -> None:
     _assert_only_format_errors(data, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a name within max_name_length (4,096) and CF-EXTRACT-09 fails with a raw"
-    " OSError ENAMETOOLONG: the extractor opens absolute paths staging/<name>, which exceed"
-    " PATH_MAX; validate() calls the archive valid",
-)
 def test_name_near_max_name_length_restores(tmp_path: Path) -> None:
     name = "/".join(["d" * 200] * 20) + "/" + "e" * 60  # 4,080 bytes, components <= 255
     target = _restore_ok(marked(file(name, header_name="x", records=(("path", name),))), tmp_path)
-    assert (target / name).read_bytes() == DATA
+    # The absolute path is over PATH_MAX: read it relative to the target, as the extractor writes.
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as restored:
+            assert restored.read() == DATA
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- fuzz

@@ -61,9 +61,21 @@ class _Member:
         else:
             self._d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         self._pending = b""
+        self._head = b"" if compression == GZIP else None  # gzip header bytes not yet checked
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         """Feed ``data`` (may be empty to drain) and return at most ``max_length`` bytes."""
+        if self._head is not None:
+            # RFC 1952: reserved FLG bits must be zero. zlib refuses them and ISA-L does not;
+            # check here so that the optional extra never changes what is accepted.
+            self._head += data
+            if len(self._head) < 4:
+                return b""
+            if self._head[3] & 0xE0:
+                raise CorruptArchiveError(
+                    "CF-INTEG-03", "gzip member header has reserved flag bits set"
+                )
+            data, self._head = self._head, None
         if self.compression == GZIP:
             out = self._d.decompress(self._pending + data, max_length)
             self._pending = self._d.unconsumed_tail
@@ -126,6 +138,8 @@ class Decoder:
             member = self._member
             try:
                 out = member.decompress(data, OUT_CHUNK)
+            except CorruptArchiveError:
+                raise
             except Exception as exc:  # zlib.error, OSError, EOFError, LZMAError, isal's error
                 raise CorruptArchiveError(
                     "CF-INTEG-03", f"{self.compression} stream is corrupt: {exc}"

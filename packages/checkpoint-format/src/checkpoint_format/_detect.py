@@ -19,6 +19,8 @@ _DECOMPRESSED_LOOK = 10_241
 #: The largest stream CF-DETECT-04 (2) still calls an empty archive: one 10 KiB tar record.
 _EMPTY_ARCHIVE_MAX = 10_240
 _EMPTY_ARCHIVE_MIN = 2 * BLOCK
+_FEED_SMALL = 16  # until the first block has decoded
+_FEED_LARGE = 4096
 
 Kind = Literal["tarball", "raw", "none"]
 
@@ -38,10 +40,17 @@ def _decompressed_head(prefix: bytes, compression: str, complete: bool) -> tuple
     decoder = _codec.Decoder(compression)
     head = bytearray()
     try:
-        for chunk in decoder.feed(prefix):
-            head += chunk
-            if len(head) >= _DECOMPRESSED_LOOK:
-                return bytes(head[:_DECOMPRESSED_LOOK]), False
+        # Fed in small pieces so that what decodes is seen before a later fault (a bad CRC
+        # in the trailer of a tiny archive) stops the decoder: that is a corrupt tarball,
+        # to be reported as such by the reader, not a raw payload (CF-DETECT-04/-05).
+        start = 0
+        while start < len(prefix):
+            step = _FEED_SMALL if len(head) < BLOCK else _FEED_LARGE
+            for chunk in decoder.feed(prefix[start : start + step]):
+                head += chunk
+                if len(head) >= _DECOMPRESSED_LOOK:
+                    return bytes(head[:_DECOMPRESSED_LOOK]), False
+            start += step
     except CorruptArchiveError:
         return bytes(head), False
     ended = complete and decoder.at_member_boundary

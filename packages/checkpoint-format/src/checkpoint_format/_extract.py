@@ -104,44 +104,68 @@ def _copy_payload(stream: BinaryIO, dest: Path) -> int:
 
 
 def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
-    root = str(staging)
+    """Write every member under ``staging``. All paths are relative to a descriptor of the
+    staging directory, so a name as long as the limit allows never meets PATH_MAX."""
+    root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     made: set[str] = {""}
-    directories: list[tuple[str, Member]] = []
+    directories: dict[str, Member] = {}
     restored = 0
     size = 0
-    for member, chunks in reader.members():
-        dest = os.path.join(root, member.name)
-        parent = member.name.rpartition("/")[0]
-        if parent not in made:
-            os.makedirs(os.path.join(root, parent), exist_ok=True)
-            while parent not in made:
-                made.add(parent)
-                parent = parent.rpartition("/")[0]
-        restored += 1
-        if member.type == "file":
-            size += _write_file(dest, member, chunks)
-        elif member.type == "dir":
-            if member.name not in made:
-                os.mkdir(dest, 0o700)
-                made.add(member.name)
-            directories.append((dest, member))
-        elif member.type == "symlink":
-            assert member.linkname is not None
-            os.symlink(member.linkname, dest)
-            os.utime(dest, ns=(member.mtime_ns, member.mtime_ns), follow_symlinks=False)
-        else:
-            assert member.linkname is not None
-            os.link(os.path.join(root, member.linkname), dest, follow_symlinks=False)
-    # CF-EXTRACT-10: directory modes and times last, deepest first, so that writing their
-    # contents neither needed nor disturbed them. A later entry for the same directory wins.
-    for dest, member in reversed(directories):
-        os.chmod(dest, member.mode)
-        os.utime(dest, ns=(member.mtime_ns, member.mtime_ns))
+    try:
+        with reader:
+            for member, chunks in reader.members():
+                try:
+                    _make_parents(member.name, made, root)
+                    restored += 1
+                    if member.type == "file":
+                        size += _write_file(member, chunks, root)
+                    elif member.type == "dir":
+                        if member.name not in made:
+                            os.mkdir(member.name, 0o700, dir_fd=root)
+                            made.add(member.name)
+                        directories[member.name] = member  # a later entry's metadata wins
+                    elif member.type == "symlink":
+                        assert member.linkname is not None
+                        os.symlink(member.linkname, member.name, dir_fd=root)
+                        mtime = (member.mtime_ns, member.mtime_ns)
+                        os.utime(member.name, ns=mtime, dir_fd=root, follow_symlinks=False)
+                    else:
+                        assert member.linkname is not None
+                        os.link(member.linkname, member.name, src_dir_fd=root, dst_dir_fd=root,
+                                follow_symlinks=False)
+                except OSError as exc:
+                    raise _naming(exc, member.name) from None
+        # CF-EXTRACT-10: directory modes and times last, deepest first, so that writing their
+        # contents neither needed nor disturbed them.
+        for name in sorted(directories, key=lambda n: n.count("/"), reverse=True):
+            member = directories[name]
+            os.chmod(name, member.mode, dir_fd=root)
+            os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=root)
+    finally:
+        os.close(root)
     return restored, size
 
 
-def _write_file(dest: str, member: Member, chunks) -> int:
-    fd = os.open(dest, _FILE_FLAGS, 0o600)
+def _make_parents(name: str, made: set[str], root: int) -> None:
+    parent = name.rpartition("/")[0]
+    missing = []
+    while parent not in made:
+        missing.append(parent)
+        parent = parent.rpartition("/")[0]
+    for directory in reversed(missing):  # implicit parents: created 0o755 (CF-EXTRACT-10)
+        os.mkdir(directory, 0o755, dir_fd=root)
+        made.add(directory)
+
+
+def _naming(exc: OSError, member: str) -> OSError:
+    """The same OSError, saying which member was being restored."""
+    error = type(exc)(exc.errno, f"{exc.strerror} (while restoring member {member!r})")
+    error.filename = exc.filename
+    return error
+
+
+def _write_file(member: Member, chunks, root: int) -> int:
+    fd = os.open(member.name, _FILE_FLAGS, 0o600, dir_fd=root)
     written = 0
     with open(fd, "wb", buffering=0, closefd=True) as out:
         for chunk in chunks:

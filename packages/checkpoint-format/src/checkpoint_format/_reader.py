@@ -59,6 +59,7 @@ _MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
 _MAX_MTIME_NS = 2**63 - 1  # what os.utime(ns=...) can set
 _VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_DIGITS = re.compile(r"[0-9]{1,30}")
 _REFUSED_GLOBAL_KEYS = ("path", "linkpath", "size")
 
 MemberType = Literal["file", "dir", "symlink", "hardlink"]
@@ -103,6 +104,14 @@ class _Blocks:
         self._chunks = self._decoded()
         self._buf = memoryview(b"")
         self.offset = 0  # position in the tar stream of the next unread byte
+        #: The member whose data is being read, so that a fault found meanwhile (truncation,
+        #: a bad CRC, the expansion ratio) names it.
+        self.member: str | None = None
+        self.last_member: str | None = None
+
+    def close(self) -> None:
+        """Stop the decode thread and let go of the source (idempotent)."""
+        self._chunks.close()
 
     def _decoded(self) -> Iterator[memoryview]:
         """Decoded chunks, produced on a helper thread so that reading and inflating the
@@ -135,6 +144,14 @@ class _Blocks:
                 item = chunks.get()
                 if item is _END:
                     return
+                if isinstance(item, CheckpointFormatError) and item.member is None:
+                    # A fault found by the decode thread names the member being read; an
+                    # expansion judged just after a member's data names that member.
+                    culprit = self.member
+                    if culprit is None and isinstance(item, LimitExceededError):
+                        culprit = self.last_member
+                    if culprit is not None:
+                        raise type(item)(item.rule, item.detail, culprit)
                 if isinstance(item, BaseException):
                     raise item
                 yield item  # type: ignore[misc]
@@ -153,8 +170,10 @@ class _Blocks:
                 yield memoryview(data)
                 continue
             for out in self._decoder.feed(data):
-                self._check_ratio()
                 yield memoryview(out)
+                # Judged after the chunk is handed on, so that the error names the member
+                # whose data was being inflated.
+                self._check_ratio()
 
     def _check_ratio(self) -> None:
         decoder = self._decoder
@@ -187,6 +206,7 @@ class _Blocks:
                 raise CorruptArchiveError(
                     "CF-INTEG-01",
                     f"stream ends at tar offset {self.offset} inside {what} (truncated)",
+                    self.member,
                 )
             piece = self._buf[:needed]
             self._buf = self._buf[len(piece) :]
@@ -203,6 +223,7 @@ class _Blocks:
                 raise CorruptArchiveError(
                     "CF-INTEG-01",
                     f"stream ends at tar offset {self.offset} inside {what} (truncated)",
+                    self.member,
                 )
             piece = self._buf[:remaining]
             self._buf = self._buf[len(piece) :]
@@ -260,6 +281,16 @@ class TarReader:
     @property
     def marked(self) -> bool:
         return self.format_version is not None
+
+    def close(self) -> None:
+        """Stop reading: ends the decode thread and releases the source."""
+        self._blocks.close()
+
+    def __enter__(self) -> TarReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def members(self) -> Iterator[tuple[Member, Iterator[memoryview]]]:
         pax: dict[str, str] = {}
@@ -364,9 +395,11 @@ class TarReader:
         mtime_ns = raw.mtime * 1_000_000_000
         try:
             if "size" in pax:
-                if not pax["size"].isdigit():
+                if not _DIGITS.fullmatch(pax["size"]):
                     raise HeaderError(f"pax size {pax['size']!r} is not a number")
                 size = int(pax["size"])
+            if "\0" in raw_name or "\0" in linkname:
+                raise HeaderError("a name or link target holds a NUL byte")
             if "mtime" in pax:
                 mtime_ns = parse_pax_mtime(pax["mtime"])
             if not -_MAX_MTIME_NS <= mtime_ns <= _MAX_MTIME_NS:
@@ -397,13 +430,16 @@ class TarReader:
 
     def _data(self, member: Member, size: int) -> Iterator[memoryview]:
         hasher = hashlib.sha256() if member.sha256 is not None else None
-        for piece in self._blocks.stream(size, f"the data of {member.name!r}"):
+        self._blocks.member = member.name
+        for piece in self._blocks.stream(size, "member data"):
             if hasher is not None:
                 hasher.update(piece)
             if member.type == "file":
                 yield piece
-        for _ in self._blocks.stream(-size % BLOCK, f"the padding of {member.name!r}"):
+        for _ in self._blocks.stream(-size % BLOCK, "member padding"):
             pass
+        self._blocks.member = None
+        self._blocks.last_member = member.name
         if hasher is not None and hasher.hexdigest() != member.sha256:
             self._violation(
                 CorruptArchiveError(

@@ -87,8 +87,9 @@ def validate(source: BinaryIO, *, limits: Limits | None = None) -> Report:
             on_violation=lambda error: report.violations.append(Violation.from_error(error)),
         )
         try:
-            for member, _chunks in reader.members():
-                report.members.append(member)
+            with reader:
+                for member, _chunks in reader.members():
+                    report.members.append(member)
         except CheckpointFormatError as error:
             report.violations.append(Violation.from_error(error))
         report.format_version = reader.format_version
