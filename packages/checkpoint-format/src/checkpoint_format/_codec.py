@@ -25,7 +25,7 @@ XZ = "xz"
 NONE = "none"
 
 #: Largest decompressed chunk handed to the tar reader at once: bounds memory on bombs.
-OUT_CHUNK = 4 << 20
+OUT_CHUNK = 1 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 
@@ -232,7 +232,7 @@ def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
     body: list[bytes | memoryview] = (
         _stored_deflate(view) if level == 0 else [_deflate(view, level)]
     )
-    trailer = struct.pack("<II", zlib.crc32(view), len(view) & 0xFFFFFFFF)
+    trailer = struct.pack("<II", (_fast_zlib or zlib).crc32(view), len(view) & 0xFFFFFFFF)
     return b"".join([_GZIP_HEADER, *body, trailer])
 
 

@@ -53,6 +53,8 @@ DIGEST_KEY = "FLYTECKPT.sha256"
 
 _READ_SIZE = 1 << 20
 _QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the writer
+_VERIFY_DEPTH = 16  # data pieces queued for the verify thread (each a view of a chunk)
+_VERIFY_INLINE = 1 << 20  # members up to this size are hashed inline: a thread hop costs more
 _END = object()
 _MAX_COMPONENT = 255  # CF-EXTRACT-09
 _MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
@@ -245,6 +247,63 @@ class _Blocks:
         return count
 
 
+class _Verifier:
+    """Checks SHA-256 digests of large members on a thread of its own, so that hashing runs
+    beside writing the files instead of after it. Mismatches are reported, in archive
+    order, by :meth:`finish`, before anything is published."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[object] = queue.Queue(maxsize=_VERIFY_DEPTH)
+        self._thread: threading.Thread | None = None
+        self._mismatches: list[tuple[str, str, str]] = []
+        self._failure: BaseException | None = None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-verify", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._failure is not None:
+                continue  # drain after a failure so producers never block
+            try:
+                kind, hasher, value = job  # type: ignore[misc]
+                if kind == "data":
+                    hasher.update(value)
+                else:
+                    name, expected = value
+                    actual = hasher.hexdigest()
+                    if actual != expected:
+                        self._mismatches.append((name, actual, expected))
+            except BaseException as exc:  # pragma: no cover - hashlib does not fail
+                self._failure = exc
+
+    def update(self, hasher, piece: memoryview) -> None:
+        self._start()
+        self._jobs.put(("data", hasher, piece))
+
+    def end(self, hasher, name: str, expected: str) -> None:
+        self._start()
+        self._jobs.put(("end", hasher, (name, expected)))
+
+    def finish(self) -> list[tuple[str, str, str]]:
+        """Wait for every queued member; returns (member, actual, expected) mismatches."""
+        self.close()
+        if self._failure is not None:  # pragma: no cover
+            raise self._failure
+        return self._mismatches
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class TarReader:
     """Iterate the members of one tarball stream, enforcing every reader rule of the spec.
 
@@ -275,6 +334,7 @@ class TarReader:
         self.digests_present = 0
         self._kinds: dict[str, MemberType] = {}
         self._symlinks: dict[str, str] = {}
+        self._verifier = _Verifier()
 
     # ---------------------------------------------------------------- public
 
@@ -283,8 +343,9 @@ class TarReader:
         return self.format_version is not None
 
     def close(self) -> None:
-        """Stop reading: ends the decode thread and releases the source."""
+        """Stop reading: ends the decode and verify threads and releases the source."""
         self._blocks.close()
+        self._verifier.close()
 
     def __enter__(self) -> TarReader:
         return self
@@ -430,9 +491,12 @@ class TarReader:
 
     def _data(self, member: Member, size: int) -> Iterator[memoryview]:
         hasher = hashlib.sha256() if member.sha256 is not None else None
+        offload = hasher is not None and size > _VERIFY_INLINE
         self._blocks.member = member.name
         for piece in self._blocks.stream(size, "member data"):
-            if hasher is not None:
+            if offload:
+                self._verifier.update(hasher, piece)
+            elif hasher is not None:
                 hasher.update(piece)
             if member.type == "file":
                 yield piece
@@ -440,15 +504,22 @@ class TarReader:
             pass
         self._blocks.member = None
         self._blocks.last_member = member.name
-        if hasher is not None and hasher.hexdigest() != member.sha256:
-            self._violation(
-                CorruptArchiveError(
-                    "CF-INTEG-04",
-                    f"SHA-256 mismatch: content hashes to {hasher.hexdigest()}, header says"
-                    f" {member.sha256}",
-                    member.name,
-                )
+        if hasher is None:
+            return
+        assert member.sha256 is not None
+        if offload:
+            self._verifier.end(hasher, member.name, member.sha256)
+        elif hasher.hexdigest() != member.sha256:
+            self._digest_mismatch(member.name, hasher.hexdigest(), member.sha256)
+
+    def _digest_mismatch(self, name: str, actual: str, expected: str) -> None:
+        self._violation(
+            CorruptArchiveError(
+                "CF-INTEG-04",
+                f"SHA-256 mismatch: content hashes to {actual}, header says {expected}",
+                name,
             )
+        )
 
     def _check(
         self,
@@ -610,6 +681,8 @@ class TarReader:
         return stack
 
     def _finish_archive(self, pax: dict[str, str], long_name: str | None, long_link: str | None) -> None:
+        for name, actual, expected in self._verifier.finish():
+            self._digest_mismatch(name, actual, expected)
         if pax or long_name is not None or long_link is not None:
             raise CorruptArchiveError(
                 "CF-INTEG-01", "an extended header is followed by the end-of-archive marker, not a member"

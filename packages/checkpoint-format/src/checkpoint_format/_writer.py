@@ -7,11 +7,12 @@ members are written to the sink in order. Nothing touches the disk but the files
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import os
+import queue
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,27 +87,80 @@ def write_tarball(
     started = time.perf_counter()
     stats = WriteStats(codec=codec_name())
     workers = workers or os.cpu_count() or 1
-    pending: collections.deque[Future[bytes]] = collections.deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
+        emitter = _Emitter(sink, depth=2 * workers)
         try:
             for piece in _slices(_tar_stream(root, stats, chunk_size), chunk_size):
                 stats.tar_bytes += len(piece)
-                pending.append(pool.submit(gzip_member, piece, level))
-                while len(pending) > 2 * workers:
-                    stats.compressed_bytes += _emit(sink, pending.popleft())
-            while pending:
-                stats.compressed_bytes += _emit(sink, pending.popleft())
-        finally:
-            for future in pending:
-                future.cancel()
+                emitter.put(pool.submit(gzip_member, piece, level))
+            stats.compressed_bytes = emitter.finish()
+        except BaseException:
+            emitter.abort()
+            raise
     stats.seconds = time.perf_counter() - started
     return stats
 
 
-def _emit(sink: Sink | BinaryIO, future: Future[bytes]) -> int:
-    member = future.result()
-    sink.write(member)
-    return len(member)
+class _Emitter:
+    """Writes compressed members to the sink, in order, on a thread of its own: a slow sink
+    (an upload) then overlaps with reading, hashing and compressing instead of pausing them."""
+
+    def __init__(self, sink: Sink | BinaryIO, depth: int) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[Future[bytes] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._written = 0
+        self._thread = threading.Thread(target=self._run, name="checkpoint-emit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (future := self._queue.get()) is not None:
+            if self._error is not None:
+                future.cancel()
+                continue
+            try:
+                member = future.result()
+                self._sink.write(member)
+                self._written += len(member)
+            except BaseException as exc:  # handed to the producing thread
+                self._error = exc
+
+    def put(self, future: Future[bytes]) -> None:
+        while True:
+            if self._error is not None:
+                future.cancel()
+                raise self._error
+            try:
+                self._queue.put(future, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> int:
+        """Wait until everything is written; returns the bytes written."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._written
+
+    def abort(self) -> None:
+        """Stop writing: what is queued is dropped, the thread ends."""
+        if self._error is None:
+            self._error = _Aborted()
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is not None:
+                pending.cancel()
+        self._queue.put(None)
+        self._thread.join()
+
+
+class _Aborted(Exception):
+    """Marks an emitter stopped by its producer; never raised to callers."""
 
 
 def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:

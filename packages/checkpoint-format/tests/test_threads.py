@@ -1,0 +1,70 @@
+"""The reader's and writer's helper threads: digests checked off-thread, nothing left running."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from checkpoint_format import CorruptArchiveError, restore, validate, write_tarball
+
+_HELPERS = ("checkpoint-decode", "checkpoint-verify", "checkpoint-emit", "checkpoint-gzip")
+
+
+def _helper_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(_HELPERS)]
+
+
+def _marked_tar(name: str, data: bytes, digest: str) -> bytes:
+    """A marked, uncompressed tarball whose member carries the given digest."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"FLYTECKPT.version": "1.0"}) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.pax_headers = {"FLYTECKPT.sha256": digest}
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_large_member_digest_mismatch_is_caught_off_thread(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)  # above the inline-hash size: verified on the verify thread
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    blob = _marked_tar("weights.bin", data, wrong)
+    with pytest.raises(CorruptArchiveError, match=r"member 'weights.bin': SHA-256 mismatch.*\(CF-INTEG-04\)") as info:
+        restore(io.BytesIO(blob), tmp_path / "out")
+    assert (info.value.rule, info.value.member) == ("CF-INTEG-04", "weights.bin")
+    assert not (tmp_path / "out").exists()
+    report = validate(io.BytesIO(blob))
+    assert [(v.rule, v.member) for v in report.violations] == [("CF-INTEG-04", "weights.bin")]
+    assert _helper_threads() == []
+
+
+def test_large_member_with_the_right_digest_restores(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    blob = _marked_tar("weights.bin", data, hashlib.sha256(data).hexdigest())
+    restore(io.BytesIO(blob), tmp_path / "out")
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+    assert _helper_threads() == []
+
+
+def test_no_helper_thread_outlives_a_write_or_a_failed_write(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(os.urandom(9 << 20))
+    write_tarball(tmp_path / "src", io.BytesIO(), chunk_size=1 << 20)
+    assert _helper_threads() == []
+
+    class Failing(io.BytesIO):
+        def write(self, data):
+            if self.tell() > (2 << 20):
+                raise OSError("upload failed")
+            return super().write(data)
+
+    with pytest.raises(OSError, match="upload failed"):
+        write_tarball(tmp_path / "src", Failing(), chunk_size=1 << 20)
+    assert _helper_threads() == []
