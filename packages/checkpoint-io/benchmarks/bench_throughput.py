@@ -5,6 +5,8 @@ Not a test: run it by hand, and copy the table into the package README.
     python packages/checkpoint-io/benchmarks/bench_throughput.py            # 1 GiB
     python packages/checkpoint-io/benchmarks/bench_throughput.py --size-mib 5120 \
         --only stream --backends gcs                                         # 5 GiB RSS proof
+    python packages/checkpoint-io/benchmarks/bench_throughput.py --only read  # reads only:
+        # raw get_file beside sync and async streaming reads of the same object
 
 Each measurement runs in a fresh child process, so its peak RSS is its own.
 """
@@ -56,6 +58,18 @@ def child(op: str, uri: str, local: str, size: int) -> dict:
             while chunk := f.read(MiB):
                 total += len(chunk)
         assert total == size, (total, size)
+    elif op == "stream-read-async":
+        import asyncio
+
+        async def read_all() -> int:
+            total = 0
+            async with File(path=uri).open("rb") as f:
+                while chunk := await f.read(MiB):
+                    total += len(chunk)
+            return total
+
+        total = asyncio.run(read_all())
+        assert total == size, (total, size)
     else:
         raise SystemExit(f"unknown op {op}")
     seconds = time.perf_counter() - start
@@ -77,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--backends", default="local,s3,gcs,azure")
-    parser.add_argument("--only", choices=["all", "transfer", "stream"], default="all")
+    parser.add_argument("--only", choices=["all", "transfer", "stream", "read"], default="all")
     parser.add_argument("--child", nargs=4, metavar=("OP", "URI", "LOCAL", "SIZE"))
     args = parser.parse_args()
     if args.child:
@@ -120,11 +134,16 @@ def main() -> None:
             if args.only in ("all", "stream"):
                 ops += [("stream-write", f"{root}/stream.bin", ""),
                         ("stream-read", f"{root}/stream.bin", "")]
+            if args.only == "read":
+                ops += [("raw-upload", f"{root}/read.bin", str(source)),
+                        ("raw-download", f"{root}/read.bin", str(work / "raw.out")),
+                        ("stream-read", f"{root}/read.bin", ""),
+                        ("stream-read-async", f"{root}/read.bin", "")]
             for op, uri, local in ops:
                 result = measure(op, uri, local, size, env)
                 result["backend"] = kind
                 rows.append(result)
-                print(f"{kind:6} {op:14} {result['mib_s']:8.1f} MiB/s "
+                print(f"{kind:6} {op:17} {result['mib_s']:8.1f} MiB/s "
                       f"{result['seconds']:7.1f} s  peak RSS {result['peak_rss_mib']:6.0f} MiB",
                       flush=True)
                 for leftover in ("raw.out", "ours.out"):

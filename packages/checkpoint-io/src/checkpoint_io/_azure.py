@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ._backend import Backend, MiB, Source, Upload
@@ -34,6 +35,27 @@ class _AzureSource(Source):
                 f"short read: got {len(data)} of {end - start} bytes at offset {start}"
             )
         return data
+
+    async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """One GET for ``[start, end)`` pinned by ``If-Match``, yielded as it arrives.
+
+        The public ``download_blob`` reads its first 32 MiB range whole into memory, then
+        fetches 4 MiB ranges one request at a time, and retries on its own; the generated
+        operation under it is one request whose body streams.
+        """
+        from azure.storage.blob._generated.models import ModifiedAccessConditions
+
+        body = await self._blob._client.blob.download(
+            range=f"bytes={start}-{end - 1}",
+            modified_access_conditions=ModifiedAccessConditions(if_match=self._etag),
+            **_ONCE,
+        )
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            # Drops the connection if the body was not drained (as azure-core itself does).
+            body.response.internal_response.close()
 
 
 class _AzureUpload(Upload):

@@ -7,6 +7,7 @@ Each hook makes ONE attempt at one request and raises the client's own error; th
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from typing import Any
 
 __all__ = ["Backend", "Source", "Upload"]
@@ -27,8 +28,28 @@ class Source(abc.ABC):
     async def read_range(self, start: int, end: int) -> bytes:
         """Return bytes ``[start, end)``; ``0 <= start < end <= size``."""
 
+    async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``[start, end)`` in order, as they arrive, from ONE request.
+
+        Backends override this with a single long GET whose body is read incrementally;
+        the caller (``_stream``) bounds how far it reads ahead, and after a fault resumes
+        with a new call from the first byte it did not receive. A body that ends early
+        just stops; the caller notices. This fallback makes one ranged read per MiB.
+        """
+        while start < end:
+            stop = min(start + MiB, end)
+            yield await self.read_range(start, stop)
+            start = stop
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what ``open_source`` acquired."""
+
+    #: Optional fast path for streaming reads: a blocking ``read_blocking(start, end)``
+    #: returning bytes ``[start, end)`` cheaply enough to call from the reading thread
+    #: itself, with no hop through the I/O loop (local files, memory).
+    read_blocking = None
+    #: Whether ``read_blocking`` never blocks (memory), so it may run on an event loop.
+    read_blocking_is_instant = False
 
     #: Optional fast path for downloads: a blocking ``copy_into(fd)`` that writes the whole
     #: object into a local descriptor (local files use the kernel's copy, no user buffers).
@@ -79,6 +100,9 @@ class Backend(abc.ABC):
     max_parts: int = 1_000_000
     #: Default number of parts or ranges in flight at once.
     concurrency: int = 4
+    #: Block a streaming read hands out (and aligns to), and most bytes it fetches ahead.
+    read_block: int = MiB
+    read_ahead: int = 16 * MiB
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         self.storage_options = storage_options

@@ -7,7 +7,8 @@ import enum
 import errno
 import socket
 
-__all__ = ["Fault", "MissingBackendError", "StorageRetryError", "classify"]
+__all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "StorageRetryError",
+           "VersionMismatch", "classify"]
 
 
 class MissingBackendError(ImportError):
@@ -57,7 +58,37 @@ def _rebuild_retry_error(uri, operation, attempts, elapsed, message):
     return err
 
 
+class ObjectChangedError(OSError):
+    """The object was replaced or deleted while it was being read.
+
+    A reader is pinned to the version it opened (ETag, generation, inode); when a request
+    that resumes or continues the read finds another version, reading on would mix the
+    bytes of two versions, so the read fails instead. Open the object again to read the
+    new version. The backend's refusal is the ``__cause__``.
+    """
+
+    def __init__(self, uri: str, operation: str) -> None:
+        super().__init__(
+            errno.ESTALE,
+            f"{operation} of {uri}: the object was replaced or deleted while being read; "
+            "refusing to mix versions (open it again to read the new one)",
+        )
+        self.uri = uri
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    def __reduce__(self):
+        return (ObjectChangedError, (self.uri, self.operation))
+
+
+class VersionMismatch(Exception):
+    """Raised by a backend hook when the version it was pinned to is gone."""
+
+
 class Fault(enum.Enum):
+    CHANGED = "changed"  # the pinned version is gone: never retried
     MISSING = "missing"  # the object (or bucket) is not there: never retried
     DENIED = "denied"  # credentials or policy refuse it: never retried
     TRANSIENT = "transient"  # worth another attempt
@@ -110,6 +141,8 @@ _TRANSIENT_CODES = frozenset(
         "InternalServerError",
     }
 )
+# S3 and Azure answer a read whose If-Match ETag no longer matches with 412.
+_CHANGED_CODES = frozenset({"PreconditionFailed", "ConditionNotMet"})
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "BlobNotFound",
                             "ContainerNotFound", "ResourceNotFound"})
 _DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "AuthorizationFailure",
@@ -148,11 +181,15 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def _classify_one(exc: BaseException) -> Fault | None:
+    if isinstance(exc, VersionMismatch):
+        return Fault.CHANGED
     if isinstance(exc, FileNotFoundError):
         return Fault.MISSING
     if isinstance(exc, PermissionError):
         return Fault.DENIED
     status, code = _status_and_code(exc)
+    if code in _CHANGED_CODES or status == 412:
+        return Fault.CHANGED
     if code in _MISSING_CODES or status == 404:
         return Fault.MISSING
     if code in _DENIED_CODES or status in (401, 403):

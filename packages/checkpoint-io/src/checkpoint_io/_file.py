@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from ._loop import on_io_loop, run_sync, sync_twin
+from ._loop import on_io_loop, refuse_in_loop, run_sync, sync_twin
 from ._registry import backend_for, scheme_of
 from ._retry import RetryPolicy
 from ._stream import StreamReader, StreamWriter, Transfer, download_to, upload_from
@@ -184,11 +184,16 @@ class AsyncFile:
     def tell(self) -> int:
         return self._stream.tell()
 
-    async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all the rest when ``n < 0``); ``b""`` at the end."""
+    def _reader(self) -> StreamReader:
         if not isinstance(self._stream, StreamReader):
             raise io.UnsupportedOperation(f"read from {self.uri}: opened for writing")
-        stream = self._stream
+        return self._stream
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest when ``n < 0``); ``b""`` at the end."""
+        stream = self._reader()
+        if stream.direct:  # local/memory: holds no state bound to the I/O loop
+            return await stream.read(n)
         return await on_io_loop(lambda: stream.read(n))
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -235,7 +240,12 @@ class SyncFile:
         return getattr(self._afile, name)
 
     def read(self, n: int = -1) -> bytes:
-        return run_sync(lambda: self._afile.read(n), name="read")
+        stream = self._afile._reader()
+        if stream.direct:
+            # Local files and memory are read right here, in the caller's thread.
+            refuse_in_loop("read")
+            return stream.read_direct(n)
+        return run_sync(lambda: stream.read(n), name="read")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         return run_sync(lambda: self._afile.write(data), name="write")

@@ -27,6 +27,10 @@ class _LocalSource(Source):
     async def read_range(self, start: int, end: int) -> bytes:
         return await _blocking(_pread_all, self._fd, start, end)
 
+    def read_blocking(self, start: int, end: int) -> bytes:
+        # A pread from the pinned descriptor: the kernel reads ahead, no loop hop needed.
+        return _pread_all(self._fd, start, end)
+
     def copy_into(self, fd: int) -> None:
         offset = 0
         while offset < self.size:
@@ -42,7 +46,13 @@ class _LocalSource(Source):
 
 
 def _pread_all(fd: int, start: int, end: int) -> bytes:
-    chunks = []
+    first = os.pread(fd, end - start, start)
+    if len(first) == end - start:
+        return first  # the usual case: no join, no copy
+    chunks = [first]
+    start += len(first)
+    if not first:
+        raise OSError(f"unexpected end of file at byte {start} (file shrank?)")
     while start < end:
         chunk = os.pread(fd, end - start, start)
         if not chunk:

@@ -16,7 +16,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["SyncInAsyncError", "io_loop", "on_io_loop", "run_sync", "sync_twin"]
+__all__ = ["SyncInAsyncError", "io_loop", "on_io_loop", "refuse_in_loop", "run_sync",
+           "sync_twin"]
 
 T = TypeVar("T")
 
@@ -76,6 +77,16 @@ async def _call(factory: Callable[[], Awaitable[T]]) -> T:
     return await factory()
 
 
+def refuse_in_loop(name: str) -> None:
+    """Raise :class:`SyncInAsyncError` if called from inside a running event loop."""
+    if _running_loop() is not None:
+        twin = name.removesuffix("_sync")
+        raise SyncInAsyncError(
+            f"{name}() blocks and was called from inside a running event loop, where it "
+            f"would stall or deadlock the loop; use `await {twin}(...)` there instead"
+        )
+
+
 def run_sync(
     factory: Callable[[], Awaitable[T]], *, name: str, timeout: float | None = None
 ) -> T:
@@ -84,12 +95,7 @@ def run_sync(
     ``factory`` is only called once we know we are not inside a running loop, so a refused
     call never leaves an un-awaited coroutine behind.
     """
-    if _running_loop() is not None:
-        twin = name.removesuffix("_sync")
-        raise SyncInAsyncError(
-            f"{name}() blocks and was called from inside a running event loop, where it "
-            f"would stall or deadlock the loop; use `await {twin}(...)` there instead"
-        )
+    refuse_in_loop(name)
     future = asyncio.run_coroutine_threadsafe(_call(factory), io_loop())
     try:
         return future.result(timeout)

@@ -12,7 +12,14 @@ class _MemorySource(Source):
         self._data = data  # a snapshot: later overwrites do not affect this reader
         self.size = len(data)
 
+    read_blocking_is_instant = True
+
     async def read_range(self, start: int, end: int) -> bytes:
+        return self._data[start:end]
+
+    def read_blocking(self, start: int, end: int) -> bytes:
+        if start == 0 and end == self.size:
+            return self._data  # bytes are immutable: the whole snapshot needs no copy
         return self._data[start:end]
 
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ._errors import Fault, StorageRetryError, classify
+from ._errors import Fault, ObjectChangedError, StorageRetryError, classify
 
 __all__ = ["RetryPolicy", "call_with_retries"]
 
@@ -49,8 +49,10 @@ class RetryPolicy(BaseModel):
 
 
 def _translated(fault: Fault, exc: BaseException, uri: str, operation: str) -> OSError:
-    if fault is Fault.MISSING:
-        err: OSError = FileNotFoundError(errno.ENOENT, f"{operation}: no such object", uri)
+    if fault is Fault.CHANGED:
+        err: OSError = ObjectChangedError(uri, operation)
+    elif fault is Fault.MISSING:
+        err = FileNotFoundError(errno.ENOENT, f"{operation}: no such object", uri)
     else:
         err = PermissionError(errno.EACCES, f"{operation}: access denied", uri)
     err.__cause__ = exc
@@ -62,8 +64,9 @@ async def call_with_retries(
 ) -> T:
     """Run ``request()`` until it succeeds, fails for good, or the policy runs out.
 
-    A missing object and a refusal are raised at once as ``FileNotFoundError`` and
-    ``PermissionError`` (naming ``uri``); transient faults are retried and finally raised
+    A missing object, a refusal and a vanished pinned version are raised at once as
+    ``FileNotFoundError``, ``PermissionError`` and :class:`ObjectChangedError` (naming
+    ``uri``); transient faults are retried and finally raised
     as :class:`StorageRetryError`; anything else propagates unchanged.
     """
     start = time.monotonic()
@@ -77,7 +80,7 @@ async def call_with_retries(
             raise
         except Exception as exc:
             fault = classify(exc)
-            if fault in (Fault.MISSING, Fault.DENIED):
+            if fault in (Fault.CHANGED, Fault.MISSING, Fault.DENIED):
                 raise _translated(fault, exc, uri, operation) from exc
             if fault is Fault.FATAL:
                 raise

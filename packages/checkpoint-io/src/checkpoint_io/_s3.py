@@ -3,6 +3,7 @@ error; ranged GETs pinned to the ETag seen when the object was opened."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ._backend import Backend, MiB, Source, Upload
@@ -40,9 +41,9 @@ class _S3Source(Source):
             )
         return data
 
-
-    async def stream_range(self, start: int, end: int):
-        """One GET for ``[start, end)``, yielded in 1 MiB chunks as they arrive."""
+    async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """One GET for ``[start, end)``, pinned by ``If-Match``; the body is yielded as it
+        arrives (aiohttp hands out what it has, at most 1 MiB at a time)."""
         extra = {"IfMatch": self._etag} if self._etag else {}
         response = await self._b.call(
             "get_object", Bucket=self._bucket, Key=self._key,

@@ -7,11 +7,12 @@ of parts in flight, whatever the object's size.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from ._backend import Backend, Source, Upload
@@ -165,16 +166,117 @@ class StreamWriter:
             log.warning("abort of %s failed (nothing was published): %s", self._t.uri, exc)
 
 
+class _ResumableStream:
+    """Bytes ``[start, end)`` of a pinned source, handed out in blocks, read from as few
+    long requests as possible (``Source.stream_range``).
+
+    Blocks end at multiples of ``block`` counted from byte 0, so a caller reading
+    ``block`` bytes at a time gets each block whole, without a copy. Each block is one
+    retried operation: ``attempt_timeout`` bounds a stall, not the whole body, and a fault
+    drops the request and resumes with a new one from the first byte not yet received,
+    so nothing is read twice and nothing is skipped. The version stays pinned, so a
+    resumed request that finds another version fails with ``ObjectChangedError``.
+    """
+
+    def __init__(self, transfer: Transfer, source: Source, start: int, end: int,
+                 block: int) -> None:
+        self._t = transfer
+        self._source = source
+        self._end = end
+        self._block = block
+        self._received = start  # first byte not yet received from the server
+        self._pieces: list[bytes | memoryview] = []  # received, not yet handed out
+        self._held = 0
+        self._body: AsyncIterator[bytes] | None = None
+
+    @property
+    def position(self) -> int:
+        """The first byte not yet handed out."""
+        return self._received - self._held
+
+    async def next_block(self) -> bytes | None:
+        """The next block, or ``None`` at the end."""
+        first = self.position
+        if first >= self._end:
+            return None
+        size = min(self._end, (first // self._block + 1) * self._block) - first
+        return await self._t.retried(f"read bytes {first}-{first + size - 1}",
+                                     lambda: self._fill(size))
+
+    async def _fill(self, size: int) -> bytes:
+        try:
+            while self._held < size:
+                if self._body is None:
+                    self._body = aiter(self._source.stream_range(self._received, self._end))
+                try:
+                    piece = await anext(self._body)
+                except StopAsyncIteration:
+                    self._body = None
+                    raise ConnectionResetError(
+                        f"body ended at byte {self._received}, before byte {self._end}"
+                    ) from None
+                if len(piece) > self._end - self._received:
+                    raise OSError(f"server sent more than bytes {self.position}-{self._end - 1}")
+                self._pieces.append(piece)
+                self._held += len(piece)
+                self._received += len(piece)
+                if self._received == self._end:
+                    await self.close()  # all there: release the connection now
+        except BaseException:
+            await self.close()
+            raise
+        return self._take(size)
+
+    def _take(self, size: int) -> bytes:
+        pieces, taken = [], 0
+        while taken < size:
+            piece = self._pieces[0]
+            if taken + len(piece) <= size:
+                self._pieces.pop(0)
+            else:
+                view = memoryview(piece)
+                piece, self._pieces[0] = view[:size - taken], view[size - taken:]
+            pieces.append(piece)
+            taken += len(piece)
+        self._held -= size
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
+
+    async def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            await body.aclose()
+
+
 class StreamReader:
-    """Sequential reads served from a bounded window of prefetched ranges."""
+    """Sequential reads of one pinned version, with a bounded read-ahead.
+
+    Remote objects are read by one long request whose body a background task pulls into
+    a queue of blocks, never more than ``read_ahead`` bytes ahead of the reader, resuming
+    where it broke off after a transient fault (see :class:`_ResumableStream`). Sources
+    that read cheaply in the caller's thread (local files, memory) are read directly:
+    :meth:`read_direct` serves blocking callers with no hop through the I/O loop.
+    """
 
     def __init__(self, transfer: Transfer, source: Source) -> None:
         self._t = transfer
         self._source = source
         self.size = source.size
         self._pos = 0
-        self._blocks: dict[int, asyncio.Task[bytes]] = {}
         self._closed = False
+        self.direct = source.read_blocking is not None
+        self.block_size = transfer.backend.read_block
+        #: Most bytes fetched ahead of the reader; the queue never holds more.
+        self.read_ahead = max(transfer.backend.read_ahead, self.block_size)
+        self._queue: collections.deque[bytes | memoryview] = collections.deque()
+        self._queued = 0
+        #: Highest ``_queued`` seen: lets tests check the bound holds.
+        self.peak_queued = 0
+        self._producer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
 
     def tell(self) -> int:
         return self._pos
@@ -183,47 +285,102 @@ class StreamReader:
     def closed(self) -> bool:
         return self._closed
 
-    def _fetch(self, index: int) -> asyncio.Task[bytes]:
-        task = self._blocks.get(index)
-        if task is None:
-            start = index * self._t.part_size
-            end = min(start + self._t.part_size, self.size)
-            task = asyncio.ensure_future(self._t.retried(
-                f"read bytes {start}-{end - 1}", lambda: self._source.read_range(start, end)
-            ))
-            self._blocks[index] = task
-        return task
+    @property
+    def queued(self) -> int:
+        """Bytes fetched and not yet read."""
+        return self._queued
 
-    async def read(self, n: int = -1) -> bytes:
+    def _wanted(self, n: int | None) -> int:
         if self._closed:
             raise ValueError(f"read from {self._t.uri}: file is closed")
-        if n is None or n < 0:
-            n = self.size - self._pos
-        chunks: list[bytes] = []
-        block_size = self._t.part_size
-        while n > 0 and self._pos < self.size:
-            index, offset = divmod(self._pos, block_size)
-            last = (self.size - 1) // block_size
-            for ahead in range(index, min(index + self._t.concurrency, last + 1)):
-                self._fetch(ahead)
-            block = await self._blocks[index]
-            piece = block[offset:offset + n] if (offset or n < len(block)) else block
-            chunks.append(piece)
-            self._pos += len(piece)
-            n -= len(piece)
-            if offset + len(piece) == len(block):
-                del self._blocks[index]
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        remaining = self.size - self._pos
+        return remaining if n is None or n < 0 else min(n, remaining)
+
+    def read_direct(self, n: int = -1) -> bytes:
+        """``read`` for sources with ``read_blocking``, run in the calling thread."""
+        n = self._wanted(n)
+        if n <= 0:
+            return b""
+        data = self._source.read_blocking(self._pos, self._pos + n)
+        self._pos += len(data)
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.direct:
+            if self._source.read_blocking_is_instant:
+                return self.read_direct(n)
+            return await asyncio.get_running_loop().run_in_executor(None, self.read_direct, n)
+        n = self._wanted(n)
+        if n <= 0:
+            return b""
+        if self._producer is None:
+            self._producer = asyncio.ensure_future(self._produce())
+        pieces: list[bytes | memoryview] = []
+        taken = 0
+        try:
+            while taken < n:
+                while not self._queue:
+                    if self._failure is not None:
+                        raise self._failure
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                piece = self._queue[0]
+                if taken + len(piece) <= n:
+                    self._queue.popleft()
+                else:
+                    view = memoryview(piece)
+                    piece, self._queue[0] = view[:n - taken], view[n - taken:]
+                pieces.append(piece)
+                taken += len(piece)
+                self._queued -= len(piece)
+                self._room.set()
+        except BaseException:
+            # Cancelled or failed halfway: put back what was taken, so the next read
+            # starts at the same byte.
+            self._queue.extendleft(reversed(pieces))
+            self._queued += taken
+            raise
+        self._pos += taken
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]  # a whole block: handed over without a copy
+        return b"".join(pieces)
+
+    async def _produce(self) -> None:
+        stream = _ResumableStream(self._t, self._source, self._pos, self.size, self.block_size)
+        try:
+            while True:
+                while self._queued + self.block_size > self.read_ahead:
+                    self._room.clear()
+                    await self._room.wait()
+                block = await stream.next_block()
+                if block is None:
+                    return
+                self._queue.append(block)
+                self._queued += len(block)
+                self.peak_queued = max(self.peak_queued, self._queued)
+                self._arrived.set()
+        except BaseException as exc:
+            # Handed to the reader, which raises it; a reader must never wait on a
+            # producer that is gone, so even a stray cancellation becomes an error.
+            if not self._closed:
+                self._failure = exc if isinstance(exc, Exception) else ConnectionAbortedError(
+                    f"read of {self._t.uri} stopped at byte {stream.position}: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._arrived.set()
+            await stream.close()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in self._blocks.values():
-            task.cancel()
-        if self._blocks:
-            await asyncio.gather(*self._blocks.values(), return_exceptions=True)
-        self._blocks.clear()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+        self._queue.clear()
+        self._queued = 0
         await self._source.close()
 
 
@@ -269,7 +426,7 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
 
         if source.copy_into is not None:
             await loop.run_in_executor(None, source.copy_into, fd)
-        elif getattr(source, "stream_range", None) is not None:
+        elif type(source).stream_range is not Source.stream_range:
             await _download_segments(transfer, source, fd)
         else:
             await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
@@ -289,26 +446,21 @@ async def download_to(transfer: Transfer, source: Source, local_path: str) -> No
 
 async def _download_segments(transfer: Transfer, source: Source, fd: int) -> None:
     """Fewer, longer GETs streamed straight to disk: each segment is one request whose body
-    is written as it arrives, so memory stays at one chunk per segment in flight, and a
-    retry resumes the segment where it broke off."""
+    is written as it arrives, so memory stays at about one block per segment in flight,
+    and a fault resumes the segment where it broke off (see :class:`_ResumableStream`)."""
     loop = asyncio.get_running_loop()
     segment = transfer.part_size * 32
+    block = transfer.backend.read_block * 4  # fewer hops to the writing thread
     starts = iter(range(0, source.size, segment))
 
     async def fetch(start: int, end: int) -> None:
-        pos = start
-
-        async def attempt() -> None:
-            nonlocal pos
-            async for chunk in source.stream_range(pos, end):
-                if pos + len(chunk) > end:
-                    raise OSError(f"server sent more than bytes {start}-{end - 1}")
-                await loop.run_in_executor(None, _pwrite_all, fd, chunk, pos)
-                pos += len(chunk)
-            if pos != end:
-                raise ConnectionResetError(f"body ended at byte {pos} of {start}-{end - 1}")
-
-        await transfer.retried(f"download bytes {start}-{end - 1}", attempt)
+        stream = _ResumableStream(transfer, source, start, end, block)
+        try:
+            while (data := await stream.next_block()) is not None:
+                await loop.run_in_executor(None, _pwrite_all, fd, data,
+                                           stream.position - len(data))
+        finally:
+            await stream.close()
 
     async def worker() -> None:
         for start in starts:
