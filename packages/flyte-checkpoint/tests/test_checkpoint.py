@@ -351,3 +351,16 @@ def test_upstream_empty_directory_object_is_an_empty_tarball(tmp_path) -> None:
     cp = Checkpoint(str(tmp_path / "d"), str(tmp_path / "obj"))
     assert cp.load_sync() == cp.path
     assert gzip.decompress(buf.getvalue()) == bytes(10240)
+
+
+def test_one_log_line_per_save_and_load(tmp_path, caplog) -> None:
+    caplog.set_level("INFO", logger="flyte_checkpoint")
+    src = _tree(tmp_path / "src")
+    dest = str(tmp_path / "obj")
+    Checkpoint(dest).save_sync(src)
+    Checkpoint(str(tmp_path / "d"), dest).load_sync()
+    lines = [r.getMessage() for r in caplog.records if r.name == "flyte_checkpoint"]
+    assert len(lines) == 2
+    assert lines[0].startswith("checkpoint save: directory as tarball (6 members), 300.0 KB")
+    assert " MB/s) to " in lines[0] and lines[0].endswith(dest)
+    assert lines[1].startswith("checkpoint load: tarball (gzip, 6 members), 300.0 KB restored in")

@@ -273,12 +273,13 @@ class Checkpoint(BaseCheckpoint):
                 return None
             seconds = time.perf_counter() - started
             progress.done()
+            if result.kind == "tarball":
+                what = f"tarball ({result.detection.compression}, {result.members} members)"
+            else:
+                what = "raw payload"
             logger.info(
-                "checkpoint load: %s %s (%s, %d members, %s) in %.2f s (%.0f MB/s) from %s",
-                result.kind,
-                "restored",
-                result.detection.compression,
-                result.members,
+                "checkpoint load: %s, %s restored in %.2f s (%.0f MB/s) from %s",
+                what,
                 _human(result.bytes),
                 seconds,
                 result.bytes / 1e6 / max(seconds, 1e-9),
@@ -308,7 +309,7 @@ class Checkpoint(BaseCheckpoint):
                     sink = _WriteSink(remote, progress, cancelled)
                     if isinstance(source, pathlib.Path) and source.is_dir():
                         stats = write_tarball(source, sink)
-                        kind, size = "tarball", stats.file_bytes
+                        kind, size = f"directory as tarball ({stats.members} members)", stats.file_bytes
                     elif isinstance(source, pathlib.Path):
                         kind, size = "file", _copy_file(source, sink)
                     else:
@@ -323,7 +324,7 @@ class Checkpoint(BaseCheckpoint):
             seconds = time.perf_counter() - started
             progress.done()
             logger.info(
-                "checkpoint save: %s of %s (%s on the wire) in %.2f s (%.0f MB/s) to %s",
+                "checkpoint save: %s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
                 kind,
                 _human(size),
                 _human(sink.written),
