@@ -201,21 +201,12 @@ class _Blocks:
 
     def read_exact(self, size: int, what: str) -> bytes:
         """Exactly ``size`` bytes, or CF-INTEG-01 naming what was being read."""
-        parts = []
-        needed = size
-        while needed:
-            if not self._buf and not self._fill():
-                raise CorruptArchiveError(
-                    "CF-INTEG-01",
-                    f"stream ends at tar offset {self.offset} inside {what} (truncated)",
-                    self.member,
-                )
-            piece = self._buf[:needed]
-            self._buf = self._buf[len(piece) :]
-            self.offset += len(piece)
-            needed -= len(piece)
-            parts.append(piece)
-        return b"".join(parts)
+        if len(self._buf) >= size:  # the common case: a header inside the current chunk
+            piece = self._buf[:size]
+            self._buf = self._buf[size:]
+            self.offset += size
+            return bytes(piece)
+        return b"".join(self.stream(size, what))
 
     def stream(self, size: int, what: str) -> Iterator[memoryview]:
         """``size`` bytes as a sequence of views into the decoded chunks (no copies)."""
