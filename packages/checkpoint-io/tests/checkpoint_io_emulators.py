@@ -242,8 +242,9 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 
 class FaultProxy:
-    """Forwards HTTP to ``upstream``; can answer the first N requests with an error, or
-    stop dead (refusing and dropping connections) once N requests have gone through."""
+    """Forwards HTTP to ``upstream``; can answer the first N requests with an error, stop
+    dead (refusing and dropping connections) once N requests have gone through, or cut
+    the body of the next GET responses short (see :meth:`cut_next_bodies`)."""
 
     def __init__(self, upstream_port: int, flavor: str) -> None:
         self.upstream_port = upstream_port
@@ -251,6 +252,10 @@ class FaultProxy:
         self.requests = 0
         self.failures_left = 0
         self.stop_after: int | None = None
+        self.gets: list[str | None] = []  # the Range header of every GET, in order
+        self._cuts_left = 0
+        self._cut_at = 0
+        self._on_cut = None
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         proxy = self
@@ -301,6 +306,15 @@ class FaultProxy:
                 if failing:
                     self._send(*proxy.error_response())
                     return
+                cut_at = None
+                if self.command == "GET":
+                    with proxy._lock:
+                        # Azure names it x-ms-range.
+                        proxy.gets.append(self.headers.get("Range")
+                                          or self.headers.get("x-ms-range"))
+                        if proxy._cuts_left > 0:
+                            proxy._cuts_left -= 1
+                            cut_at = proxy._cut_at
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port,
                                                       timeout=120)
                 try:
@@ -312,6 +326,9 @@ class FaultProxy:
                     out = [(k, v) for k, v in response.getheaders()
                            if k.lower() not in _HOP_BY_HOP]
                     length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    if cut_at is not None and response.status < 300 and len(payload) > cut_at:
+                        self._send_cut(response.status, out, payload, cut_at)
+                        return
                     self._send(response.status, out, payload, length)
                 finally:
                     upstream.close()
@@ -326,6 +343,24 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+
+            def _send_cut(self, status: int, headers: list[tuple[str, str]], payload: bytes,
+                          cut_at: int) -> None:
+                """Promise the whole body, send ``cut_at`` bytes, then drop the connection:
+                what a client sees when a connection breaks mid-download."""
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload[:cut_at])
+                self.wfile.flush()
+                time.sleep(0.2)  # let the client take in what was sent before the drop
+                if proxy._on_cut is not None:
+                    proxy._on_cut()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
 
@@ -343,6 +378,12 @@ class FaultProxy:
     def fail_next(self, count: int) -> None:
         with self._lock:
             self.failures_left = count
+
+    def cut_next_bodies(self, count: int, after: int, on_cut=None) -> None:
+        """Cut the body of the next ``count`` successful GETs after ``after`` bytes (the
+        headers still promise all of it), calling ``on_cut()`` just before dropping."""
+        with self._lock:
+            self._cuts_left, self._cut_at, self._on_cut = count, after, on_cut
 
     def error_response(self) -> tuple[int, list[tuple[str, str]], bytes]:
         if self.flavor == "s3":

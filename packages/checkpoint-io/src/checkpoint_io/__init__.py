@@ -5,7 +5,7 @@
 ...     await f.write(chunk)   # published only if the block exits without an exception
 """
 
-from ._errors import MissingBackendError, StorageRetryError
+from ._errors import MissingBackendError, ObjectChangedError, StorageRetryError
 from ._file import AsyncFile, File, SyncFile
 from ._loop import SyncInAsyncError
 from ._registry import filesystem
@@ -15,6 +15,7 @@ __all__ = [
     "AsyncFile",
     "File",
     "MissingBackendError",
+    "ObjectChangedError",
     "RetryPolicy",
     "StorageRetryError",
     "SyncFile",

@@ -26,6 +26,7 @@ class _Options:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     part_size: int | None = None
     concurrency: int | None = None
+    read_ahead: int | None = None
 
 
 class File(BaseModel):
@@ -58,9 +59,11 @@ class File(BaseModel):
         retry: RetryPolicy | None = None,
         part_size: int | None = None,
         concurrency: int | None = None,
+        read_ahead: int | None = None,
     ) -> File:
         """A copy with client options (passed to the fsspec filesystem), a retry policy, a
-        part/block size in bytes, or a number of parts in flight."""
+        part/block size in bytes, a number of parts in flight, or the most bytes a
+        streaming read fetches ahead of the reader (default 16 MiB)."""
         changes: dict[str, Any] = {}
         if storage_options is not None:
             changes["storage_options"] = dict(storage_options)
@@ -70,6 +73,8 @@ class File(BaseModel):
             changes["part_size"] = part_size
         if concurrency is not None:
             changes["concurrency"] = concurrency
+        if read_ahead is not None:
+            changes["read_ahead"] = read_ahead
         copy = self.model_copy()
         copy._options = replace(self._options, **changes)
         return copy
@@ -78,7 +83,7 @@ class File(BaseModel):
         opts = self._options
         backend = backend_for(self.path, opts.storage_options)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,
-                        opts.concurrency)
+                        opts.concurrency, opts.read_ahead)
 
     # --- constructors --------------------------------------------------------------
 

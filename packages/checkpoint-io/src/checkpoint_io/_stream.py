@@ -33,7 +33,8 @@ class Transfer:
     """What one transfer needs: where, through which backend, how hard to try, how wide."""
 
     def __init__(self, backend: Backend, path: str, uri: str, policy: RetryPolicy,
-                 part_size: int | None, concurrency: int | None) -> None:
+                 part_size: int | None, concurrency: int | None,
+                 read_ahead: int | None = None) -> None:
         self.backend = backend
         self.path = path
         self.uri = uri
@@ -41,6 +42,7 @@ class Transfer:
         size = max(part_size or backend.part_size, backend.min_part_size)
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
         self.concurrency = max(1, concurrency or backend.concurrency)
+        self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
 
     def retried(self, operation: str, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         return call_with_retries(self.policy, self.uri, operation, request)
@@ -268,7 +270,7 @@ class StreamReader:
         self.direct = source.read_blocking is not None
         self.block_size = transfer.backend.read_block
         #: Most bytes fetched ahead of the reader; the queue never holds more.
-        self.read_ahead = max(transfer.backend.read_ahead, self.block_size)
+        self.read_ahead = transfer.read_ahead
         self._queue: collections.deque[bytes | memoryview] = collections.deque()
         self._queued = 0
         #: Highest ``_queued`` seen: lets tests check the bound holds.
