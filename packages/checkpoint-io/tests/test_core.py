@@ -12,8 +12,8 @@ import pytest
 
 import checkpoint_io
 from checkpoint_io import File, MissingBackendError, RetryPolicy, StorageRetryError
-from checkpoint_io import SyncInAsyncError, filesystem
-from checkpoint_io._errors import Fault, classify
+from checkpoint_io import ObjectChangedError, SyncInAsyncError, filesystem
+from checkpoint_io._errors import Fault, VersionMismatch, classify
 from checkpoint_io._retry import call_with_retries
 
 
@@ -119,6 +119,9 @@ class TestClassify:
         (ClientConnectionError(), Fault.TRANSIENT),
         (ValueError("bad"), Fault.FATAL),
         (_Boto("InvalidArgument", 400), Fault.FATAL),
+        (_Boto("PreconditionFailed", 412), Fault.CHANGED),  # S3 If-Match
+        (_Http(412), Fault.CHANGED),  # Azure ConditionNotMet
+        (VersionMismatch("generation 7 is gone"), Fault.CHANGED),  # GCS
     ])
     def test_meaning(self, exc, fault):
         assert classify(exc) is fault
@@ -168,6 +171,17 @@ class TestRetry:
             asyncio.run(call_with_retries(FAST, "s3://b/k", "read", request))
         assert len(calls) == 1
         assert info.value.filename == "s3://b/k"
+        assert isinstance(info.value.__cause__, _Boto)
+
+    def test_changed_version_is_never_retried_and_says_so(self):
+        request, calls = _flaky([_Boto("PreconditionFailed", 412)] * 5)
+        with pytest.raises(ObjectChangedError) as info:
+            asyncio.run(call_with_retries(FAST, "s3://b/k", "read bytes 5-9", request))
+        assert len(calls) == 1
+        assert str(info.value) == (
+            "read bytes 5-9 of s3://b/k: the object was replaced or deleted while being "
+            "read; refusing to mix versions (open it again to read the new one)")
+        assert info.value.errno == errno.ESTALE
         assert isinstance(info.value.__cause__, _Boto)
 
     def test_denied_is_never_retried(self):
