@@ -210,15 +210,15 @@ class Store:
             options = self.server.options(proxy.endpoint)
         return proxy, options
 
-    def deny_reads(self) -> None:
-        """Make the service refuse to serve object contents: a bucket policy for S3 (moto
-        enforces ``Deny`` statements on GetObject)."""
+    def deny(self, action: str) -> None:
+        """A bucket policy denying everyone ``action`` (e.g. ``s3:GetObject``) on every object:
+        moto enforces ``Deny`` statements on GetObject and PutObject (HEAD stays allowed)."""
         if self.kind != "s3":
             raise NotImplementedError(self.kind)
         policy = {
             "Version": "2012-10-17",
             "Statement": [{
-                "Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                "Effect": "Deny", "Principal": "*", "Action": action,
                 "Resource": f"arn:aws:s3:::{self.bucket}/*",
             }],
         }
@@ -310,9 +310,10 @@ def remote_store(request, e2e_emulators, tmp_path):
 
 # --------------------------------------------------------------------- memory measurement
 
-#: Runs in a fresh interpreter so that its peak RSS is its own. Reads JSON arguments on
-#: stdin, prints one JSON line. The peak is reset (``clear_refs`` 5 resets VmHWM to the
-#: current RSS) right before each operation; growth is the peak minus the RSS at that moment.
+#: One save or one load, in a fresh interpreter so that its peak RSS is its own (memory freed
+#: by a save stays in the allocator and would hide a load's peak). Reads JSON arguments on
+#: stdin, prints one JSON line. The peak is reset (``clear_refs`` 5 sets VmHWM to the
+#: current RSS) right before the operation; growth is the peak minus the RSS at that moment.
 RSS_PROBE = r"""
 import hashlib, json, os, pathlib, sys, time
 
@@ -336,37 +337,39 @@ def reset_peak():
     return status("VmRSS")
 
 
-def measure(operation):
-    before = reset_peak()
-    started = time.perf_counter()
-    value = operation()
-    seconds = time.perf_counter() - started
-    peak = status("VmHWM")
-    return value, {"rss_before": before, "peak": peak, "growth": peak - before,
-                   "seconds": seconds}
-
-
-# Warm up on a small object: imports, client sessions and thread pools are not what the
-# target is about, and would otherwise be charged to the first measured operation.
-warm = pathlib.Path(args["scratch"]) / "warm"
+# Warm up on a small object: imports, client sessions and thread pools are paid once per
+# process, not per checkpoint, and would otherwise be charged to the measured operation.
+warm = pathlib.Path(args["scratch"]) / f"warm-{os.getpid()}"
 warm.mkdir()
 (warm / "w.bin").write_bytes(os.urandom(1 << 20))
-Checkpoint(args["warm_uri"], storage_options=options).save_sync(warm)
-with Checkpoint(args["warm_uri"] + "-next", args["warm_uri"], storage_options=options) as cp:
+warm_uri = args["uri"] + f"-warm-{os.getpid()}"
+Checkpoint(warm_uri, storage_options=options).save_sync(warm)
+with Checkpoint(warm_uri + "-next", warm_uri, storage_options=options) as cp:
     cp.load_sync()
+started_rss = status("VmRSS")
 
-_, save = measure(lambda: Checkpoint(args["uri"], storage_options=options).save_sync(
-    pathlib.Path(args["source"])))
-cp = Checkpoint(args["uri"] + "-next", args["uri"], storage_options=options)
-restored, load = measure(cp.load_sync)
+if args["operation"] == "save":
+    cp = Checkpoint(args["uri"], storage_options=options)
+    operation = lambda: cp.save_sync(pathlib.Path(args["source"]))
+else:
+    cp = Checkpoint(args["uri"] + "-next", args["uri"], storage_options=options)
+    operation = cp.load_sync
 
-restored_file = pathlib.Path(restored) / args["file_name"]
-digest = hashlib.sha256()
-with open(restored_file, "rb") as f:
-    while chunk := f.read(8 << 20):
-        digest.update(chunk)
-result = {"save": save, "load": load, "sha256": digest.hexdigest(),
-          "mtime_ns": restored_file.stat().st_mtime_ns, "size": restored_file.stat().st_size}
+before = reset_peak()
+started = time.perf_counter()
+restored = operation()
+seconds = time.perf_counter() - started
+peak = status("VmHWM")
+result = {"rss_before": before, "peak": peak, "growth": peak - before, "seconds": seconds}
+
+if args["operation"] == "load":
+    restored_file = pathlib.Path(restored) / args["file_name"]
+    digest = hashlib.sha256()
+    with open(restored_file, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    st = restored_file.stat()
+    result.update(sha256=digest.hexdigest(), mtime_ns=st.st_mtime_ns, size=st.st_size)
 cp.close()
 print(json.dumps(result))
 """
