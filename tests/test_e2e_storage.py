@@ -177,6 +177,26 @@ def test_async_save_and_load(store, tmp_path) -> None:
     assert asyncio.run(main()) == _snapshot(src)
 
 
+def test_empty_directory_round_trip(store, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with store.checkpoint("attempt-1") as cp:
+        cp.save_sync(tmp_path / "empty")
+    assert store.get("attempt-1") != b""  # an empty tarball, not "no checkpoint"
+    with store.checkpoint("attempt-2", "attempt-1") as cp:
+        assert cp.load_sync() == cp.path
+        assert not any(cp.path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["run 1/ätt-2/_flytecheckpoints", "run#1/a%20b+c?d=e/ckpt"])
+def test_object_names_with_spaces_and_reserved_characters(name, store, tmp_path) -> None:
+    src = _tree(tmp_path / "src")
+    with store.checkpoint(name) as cp:
+        cp.save_sync(src)
+    assert store.names() == {name}
+    with store.checkpoint("next", name) as cp:
+        assert _snapshot(cp.load_sync()) == _snapshot(src)
+
+
 def test_cancelled_async_save_leaves_the_previous_object_intact(store, tmp_path) -> None:
     store.put("ckpt", b"previous")
     src = tmp_path / "next"
@@ -232,20 +252,40 @@ def test_zero_byte_object_means_no_checkpoint(store) -> None:
 # ------------------------------------------------- failures that must not read as "no checkpoint"
 
 
-def test_truncated_object_raises_naming_the_uri_and_restores_nothing(store, tmp_path) -> None:
+def _damage(data: bytes, how: str) -> bytes:
+    at = len(data) * 3 // 4  # past several gzip members, so files were already extracted
+    if how == "truncated":
+        return data[:at]
+    return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:]
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ("truncated", "truncated"),
+    ("bit-flipped", "CF-INTEG"),
+])
+def test_damaged_object_raises_naming_the_uri_and_restores_nothing(
+        how, expected, store, tmp_path) -> None:
+    src = _tree(tmp_path / "src")
+    (src / "weights" / "big.bin").write_bytes(os.urandom(12 * MiB))
     with store.checkpoint("attempt-1") as cp:
-        cp.save_sync(_tree(tmp_path / "src"))
+        cp.save_sync(src)
     whole = store.get("attempt-1")
-    store.put("attempt-1", whole[: len(whole) // 2])
+    store.put("attempt-1", _damage(whole, how))
+    uri = store.uri("attempt-1")
     with store.checkpoint("attempt-2", "attempt-1") as cp:
         with pytest.raises(CheckpointLoadError) as info:
             cp.load_sync()
-        uri = store.uri("attempt-1")
         assert info.value.uri == uri
         assert f"checkpoint at {uri} cannot be restored" in str(info.value)
-        assert "truncated" in str(info.value)
+        assert expected in str(info.value)
         assert not any(cp.path.iterdir())
         assert _workspace_entries(cp) == ["checkpoint"]  # no staging directory left
+
+        # Nothing of the failure is remembered: once the object is whole, the same
+        # instance restores it.
+        store.put("attempt-1", whole)
+        assert cp.load_sync() == cp.path
+        assert _snapshot(cp.path) == _snapshot(src)
 
 
 def test_hostile_tarball_is_refused_and_writes_nothing_outside(store) -> None:
