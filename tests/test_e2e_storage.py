@@ -197,6 +197,27 @@ def test_object_names_with_spaces_and_reserved_characters(name, store, tmp_path)
         assert _snapshot(cp.load_sync()) == _snapshot(src)
 
 
+def test_concurrent_saves_on_one_instance_publish_one_whole_tree(store, tmp_path) -> None:
+    trees = {}
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "data.bin").write_bytes(os.urandom(12 * MiB))
+        (root / "who").write_text(name)
+        trees[name] = root
+
+    async def main() -> None:
+        async with store.checkpoint("ckpt") as cp:
+            await asyncio.gather(cp.save(trees["a"]), cp.save(trees["b"]))
+
+    asyncio.run(main())
+    assert store.names() == {"ckpt"}
+    with store.checkpoint("next", "ckpt") as cp:
+        restored = cp.load_sync()
+        winner = (restored / "who").read_text()
+        assert _snapshot(restored) == _snapshot(trees[winner])
+
+
 def test_cancelled_async_save_leaves_the_previous_object_intact(store, tmp_path) -> None:
     store.put("ckpt", b"previous")
     src = tmp_path / "next"
