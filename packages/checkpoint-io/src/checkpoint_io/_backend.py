@@ -103,6 +103,8 @@ class Backend(abc.ABC):
     #: Block a streaming read hands out (and aligns to), and most bytes it fetches ahead.
     read_block: int = MiB
     read_ahead: int = 16 * MiB
+    #: Span of one request when a download streams segments in parallel.
+    download_segment: int = 256 * MiB
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         self.storage_options = storage_options

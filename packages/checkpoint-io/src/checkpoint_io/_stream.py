@@ -451,7 +451,7 @@ async def _download_segments(transfer: Transfer, source: Source, fd: int) -> Non
     is written as it arrives, so memory stays at about one block per segment in flight,
     and a fault resumes the segment where it broke off (see :class:`_ResumableStream`)."""
     loop = asyncio.get_running_loop()
-    segment = transfer.part_size * 32
+    segment = max(transfer.backend.download_segment, transfer.part_size)
     block = transfer.backend.read_block * 4  # fewer hops to the writing thread
     starts = iter(range(0, source.size, segment))
 
