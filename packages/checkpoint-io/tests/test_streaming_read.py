@@ -279,3 +279,16 @@ class TestRemoteStreamingRead:
         assert b"".join(parts) == data
         assert 0 < stream.peak_queued <= cap
         assert ranged_gets(proxy) == [f"bytes=0-{len(data) - 1}"]
+
+
+def test_direct_sync_read_still_refuses_to_run_inside_a_loop(tmp_path):
+    from checkpoint_io import SyncInAsyncError
+
+    (tmp_path / "x.bin").write_bytes(b"abc")
+    with File(path=str(tmp_path / "x.bin")).open_sync("rb") as f:
+        async def inside():
+            f.read(1)
+
+        with pytest.raises(SyncInAsyncError, match=r"read\(\) blocks and was called from"):
+            asyncio.run(inside())
+        assert f.read() == b"abc"
