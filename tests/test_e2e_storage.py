@@ -1,10 +1,12 @@
 """flyte.Checkpoint end to end on real storage emulators: S3 (moto), GCS (fake-gcs-server) and
 Azure Blob (Azurite), with local paths and memory:// as the baseline.
 
-One behavioural suite, parametrized over every backend: round trips, the three ways of
-"no checkpoint", the failures that must not read as "no checkpoint", all-or-nothing saves and
-loads, async, and a bounded-memory check on a 512 MiB checkpoint per remote backend.
-Objects are planted and read back with each service's own client (see storage_fixtures).
+One behavioural suite, parametrized over every backend: round trips (directories to the
+nanosecond, payloads, foreign tarballs, awkward object names), "no checkpoint" (absent or
+empty object), the failures that must not read as "no checkpoint" (damaged, hostile, denied),
+all-or-nothing saves (refused, cancelled, denied, concurrent), async, and a peak-RSS check on
+a 512 MiB checkpoint per remote backend. Objects are planted and read back with each
+service's own client (see storage_fixtures), not through checkpoint-io.
 """
 
 from __future__ import annotations
@@ -473,7 +475,7 @@ _GCS_SAVE_MEMORY = pytest.mark.xfail(
     strict=False, raises=RssTargetMissed,
     reason="checkpoint-io's GCS writer buffers 32 MiB chunks (one filling + up to 4 queued):"
     " streaming 512 MiB through File.open_sync('wb') alone grows RSS by ~200 MiB, so a GCS"
-    " save lands at 190-220 MiB, either side of the target. Only the save target may miss.",
+    " save lands at 190-235 MiB, either side of the target. Only the save target may miss.",
 )
 
 
