@@ -38,15 +38,7 @@ e2e_emulators = storage_fixtures.e2e_emulators
 store = storage_fixtures.store
 remote_store = storage_fixtures.remote_store
 
-pytestmark = [
-    pytest.mark.emulator,
-    # aiohttp warns when checkpoint-io's GCS backend sends a part (up to 32 MiB by default)
-    # as raw bytes; warnings are errors here, and the warning is raised inside the upload,
-    # failing the save. Outside -W error it is an ignored ResourceWarning. Reported to
-    # checkpoint-io; ignored narrowly so the rest of the GCS behaviour stays under test.
-    pytest.mark.filterwarnings(
-        "ignore:Sending a large body directly with raw bytes:ResourceWarning"),
-]
+pytestmark = [pytest.mark.emulator]
 
 # The product target for the extra memory a save or a load may take, whatever the size.
 RSS_TARGET = 200 * MiB
@@ -419,10 +411,6 @@ def test_unwritable_destination_raises_checkpoint_save_error(store, tmp_path, re
     if store.kind == "memory":
         pytest.skip("memory://: every destination can be written")
     if store.kind == "local":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=FileExistsError, reason=(
-            "BUG: Checkpoint._save_blocking calls _ensure_local_parent(uri) before its"
-            " try block, so a local destination whose parent cannot be created escapes as a"
-            " bare FileExistsError/NotADirectoryError/PermissionError, not CheckpointSaveError")))
         (tmp_path / "not-a-dir").write_bytes(b"")
         uri = str(tmp_path / "not-a-dir" / "ckpt")
     else:
@@ -471,16 +459,8 @@ def _measure(operation: str, store, big: dict, scratch: pathlib.Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_GCS_SAVE_MEMORY = pytest.mark.xfail(
-    strict=False, raises=RssTargetMissed,
-    reason="checkpoint-io's GCS writer buffers 32 MiB chunks (one filling + up to 4 queued):"
-    " streaming 512 MiB through File.open_sync('wb') alone grows RSS by ~200 MiB, so a GCS"
-    " save lands at 190-235 MiB, either side of the target. Only the save target may miss.",
-)
-
-
 @pytest.mark.parametrize(
-    "remote_store", ["s3", pytest.param("gcs", marks=_GCS_SAVE_MEMORY), "azure"],
+    "remote_store", ["s3", "gcs", "azure"],
     indirect=True,
 )
 def test_peak_memory_of_a_512_mib_round_trip(remote_store, big_checkpoint, tmp_path,

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload
+from ._backend import Backend, MiB, Source, Upload, streamed_body
 
 __all__ = ["AzureBackend"]
 
@@ -70,7 +70,7 @@ class _AzureUpload(Upload):
 
     async def put_part(self, number: int, data: bytes) -> None:
         block_id = self._block_id(number)
-        await self._blob.stage_block(block_id, data, length=len(data), **_ONCE)
+        await self._blob.stage_block(block_id, streamed_body(data), length=len(data), **_ONCE)
         self._blocks[number] = block_id
 
     async def finish(self, number: int, data: bytes, total: int) -> None:
@@ -82,6 +82,11 @@ class _AzureUpload(Upload):
         await self._blob.commit_block_list(blocks, **_ONCE)
 
     async def put_whole(self, data: bytes) -> None:
+        if len(data) > MiB:
+            # upload_blob reads a stream back into bytes for a single put, which aiohttp then
+            # sends whole; one staged block and a commit stream the body instead.
+            await self.finish(0, data, len(data))
+            return
         await self._blob.upload_blob(data, overwrite=True, length=len(data), **_ONCE)
 
     async def abort(self) -> None:

@@ -7,6 +7,7 @@ Each hook makes ONE attempt at one request and raises the client's own error; th
 from __future__ import annotations
 
 import abc
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -123,3 +124,10 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release client sessions."""
+
+
+def streamed_body(data: bytes) -> io.BytesIO | bytes:
+    """A request body for aiohttp-based clients (gcsfs, the Azure SDK). aiohttp sends a
+    file-like body in pieces; a large ``bytes`` body it sends whole, with a ResourceWarning
+    that strict runs turn into a failed upload. Make a new one per attempt."""
+    return io.BytesIO(data) if len(data) > MiB else data

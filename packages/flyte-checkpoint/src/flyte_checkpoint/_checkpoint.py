@@ -302,9 +302,9 @@ class Checkpoint(BaseCheckpoint):
         uri = self._dest
         with self._save_lock:
             started = time.perf_counter()
-            _ensure_local_parent(uri)
             progress = Progress("save", uri, total=_size_of(source))
             try:
+                _ensure_local_parent(uri)
                 with self._file(uri).open_sync("wb") as remote:
                     sink = _WriteSink(remote, progress, cancelled)
                     if isinstance(source, pathlib.Path) and source.is_dir():
