@@ -257,6 +257,18 @@ def test_missing_object_means_no_checkpoint(store) -> None:
         assert not any(cp.path.iterdir())
 
 
+def test_a_prefix_of_objects_is_refused_not_taken_for_no_checkpoint(store) -> None:
+    """An old flytekit-style checkpoint (a prefix of objects) must not restart training."""
+    if store.kind == "local":
+        pytest.skip("a local directory fails on open already (covered in the package tests)")
+    store.put("attempt-1/model.pt", b"weights")
+    store.put("attempt-1/optimizer.pt", b"state")
+    with store.checkpoint("attempt-2", "attempt-1") as cp:
+        with pytest.raises(CheckpointLoadError, match="is a prefix holding objects"):
+            cp.load_sync()
+        assert not any(cp.path.iterdir())
+
+
 def test_zero_byte_object_means_no_checkpoint(store) -> None:
     store.put("attempt-1", b"")
     with store.checkpoint("attempt-2", "attempt-1") as cp:

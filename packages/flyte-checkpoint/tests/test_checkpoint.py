@@ -364,3 +364,13 @@ def test_one_log_line_per_save_and_load(tmp_path, caplog) -> None:
     assert lines[0].startswith("checkpoint save: directory as tarball (6 members), 300.0 KB")
     assert " MB/s) to " in lines[0] and lines[0].endswith(dest)
     assert lines[1].startswith("checkpoint load: tarball (gzip, 6 members), 300.0 KB restored in")
+
+
+def test_a_prefix_of_objects_is_not_mistaken_for_no_checkpoint(tmp_path) -> None:
+    """Old flytekit checkpoints were prefixes holding many objects: refusing them loudly
+    beats restarting training from step 0."""
+    root = f"memory://ckpt-tests/{tmp_path.name}/old-style"
+    Checkpoint(f"{root}/model.pt").save_sync(b"weights")
+    with pytest.raises(CheckpointLoadError, match=r"is a prefix holding objects .*model\.pt"):
+        Checkpoint(str(tmp_path / "d"), root).load_sync()
+    assert Checkpoint(str(tmp_path / "d"), f"{root}-absent").load_sync() is None

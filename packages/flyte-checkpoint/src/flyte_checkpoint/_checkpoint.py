@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, restore, write_tarball
-from checkpoint_io import File, SyncInAsyncError
+from checkpoint_io import File, SyncInAsyncError, filesystem
 
 from ._progress import Progress
 
@@ -243,6 +243,16 @@ class Checkpoint(BaseCheckpoint):
             file = file.with_options(storage_options=self._storage_options)
         return file
 
+    def _objects_under(self, uri: str) -> list[str]:
+        """What an object store lists under ``uri`` taken as a prefix (one request, made
+        only when no object has that name). Local directories fail earlier, on open."""
+        if "://" not in uri or uri.startswith("file://"):
+            return []
+        try:
+            return list(filesystem(uri, self._storage_options).ls(uri, detail=False))
+        except Exception:  # nothing there, or listing not allowed: the object is just absent
+            return []
+
     def _load_blocking(self, cancelled: threading.Event) -> pathlib.Path | None:
         with self._load_lock:
             if self._loaded:
@@ -256,7 +266,16 @@ class Checkpoint(BaseCheckpoint):
             with contextlib.ExitStack() as stack:
                 try:
                     remote = stack.enter_context(self._file(uri).open_sync("rb"))
-                except FileNotFoundError:
+                except FileNotFoundError as missing:
+                    listed = self._objects_under(uri)
+                    if listed:
+                        raise CheckpointLoadError(
+                            f"checkpoint at {uri} is a prefix holding objects ({listed[0]!r},"
+                            " ...), not one checkpoint object; nothing was restored (older"
+                            " flytekit checkpoints were directories of objects: not treating"
+                            " this as 'no checkpoint', which would restart training)",
+                            uri,
+                        ) from missing
                     logger.info("checkpoint load: no previous checkpoint at %s", uri)
                     self._loaded, self._loaded_result = True, None
                     return None
