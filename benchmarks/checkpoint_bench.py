@@ -250,48 +250,58 @@ class Moto:
 # ---------------------------------------------------------------------- measuring
 
 
-class DiskWatch:
-    """Samples the bytes allocated under some directories; reports the peak growth.
+WATCHER = r"""
+import os, sys, threading, time
+roots = sys.argv[1:]
 
-    Walking the trees (not the file system's free space) keeps other processes' writes and
-    delayed allocation out of the figure.
-    """
+def used():
+    total = 0
+    stack = [r for r in roots if os.path.isdir(r)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total
+
+os.nice(19)  # sample with what the measured process leaves idle
+start = peak = used()
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("ready", flush=True)
+while not done.is_set():
+    peak = max(peak, used())
+    time.sleep(0.02)
+peak = max(peak, used())
+print(peak - start, flush=True)
+"""
+
+
+class DiskWatch:
+    """Samples the bytes of the files under some directories, from a separate low-priority
+    process (walking a 20,000-file tree in the measuring process would slow the measured
+    one), and reports the peak growth. Walking the trees rather than reading the file
+    system's free space keeps other processes' writes and delayed allocation out of it."""
 
     def __init__(self, *roots: Path) -> None:
-        self.roots = roots
-        self.start = self._used()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _used(self) -> int:
-        total = 0
-        stack = [str(r) for r in self.roots if r.exists()]
-        while stack:
-            try:
-                with os.scandir(stack.pop()) as entries:
-                    for entry in entries:
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                stack.append(entry.path)
-                            elif entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._used())
-            time.sleep(0.01)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", WATCHER, *map(str, roots)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready": the baseline is taken
 
     def growth(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak - self.start
+        out, _ = self._proc.communicate("", timeout=600)
+        return int(out.strip().splitlines()[-1])
 
 
 def run_child(python: str, args: dict, env: dict[str, str], tmp: Path, store: Path | None) -> dict:
@@ -487,7 +497,7 @@ def main() -> int:
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "flyte-checkpoint-bench")
     )
-    parser.add_argument("--warm-gib", type=float, default=4.0,
+    parser.add_argument("--warm-gib", type=float, default=16.0,
                         help="memory to touch once before measuring (see _warm_memory)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--chart", help="write a PNG chart here")
