@@ -333,6 +333,8 @@ class Checkpoint(BaseCheckpoint):
                         kind, size = "file", _copy_file(source, sink)
                     else:
                         kind, size = "bytes", _copy_bytes(source, sink)
+                    if cancelled.is_set():  # cancelled after the last write: do not commit
+                        raise _Cancelled("save cancelled")
             except _Cancelled:
                 raise
             except Exception as exc:
