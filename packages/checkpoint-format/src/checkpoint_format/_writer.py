@@ -88,7 +88,7 @@ def write_tarball(
     stats = WriteStats(codec=codec_name())
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
-        emitter = _Emitter(sink, depth=2 * workers)
+        emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
         try:
             for piece in _slices(_tar_stream(root, stats, chunk_size), chunk_size):
                 stats.tar_bytes += len(piece)
