@@ -24,6 +24,7 @@ from ._errors import (
     UnsupportedFormatError,
 )
 from ._limits import Limits
+from ._links import link_problem
 from ._tarheader import (
     BLOCK,
     DIRECTORY,
@@ -57,9 +58,8 @@ _VERIFY_DEPTH = 16  # data pieces queued for the verify thread (each a view of a
 _VERIFY_INLINE = 1 << 20  # members up to this size are hashed inline: a thread hop costs more
 _END = object()
 _MAX_COMPONENT = 255  # CF-EXTRACT-09
-_MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
 _MAX_MTIME_NS = 2**63 - 1  # what os.utime(ns=...) can set
-_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(r"[0-9]{1,30}")
 _REFUSED_GLOBAL_KEYS = ("path", "linkpath", "size")
@@ -417,10 +417,14 @@ class TarReader:
                 )
         version = records.get(VERSION_KEY)
         if version is not None:
+            if offset != 0:
+                raise CorruptArchiveError(
+                    "CF-MARK-01", f"format marker at tar offset {offset}, not at the start"
+                )
             match = _VERSION_RE.fullmatch(version)
             if not match:
                 raise UnsupportedFormatError(
-                    "CF-MARK-02", f"format marker {version!r} is not MAJOR.MINOR"
+                    "CF-MARK-02", f"format marker {version[:24]!r} is not MAJOR.MINOR"
                 )
             if int(match.group(1)) != FORMAT_MAJOR:
                 raise UnsupportedFormatError(
@@ -525,11 +529,17 @@ class TarReader:
         name = self._normalise(raw_name)
         if name is None:
             return None
-        if name == "":
-            return Member("", "dir", 0, 0, 0)
         if kind is None:
             label = _TYPE_NAMES.get(typeflag, f"unknown type {typeflag!r}")
             return self._refuse(UnsafeMemberError("CF-EXTRACT-05", f"{label} members are refused", raw_name))
+        if name == "":
+            if kind != "dir":
+                return self._refuse(
+                    UnsafeMemberError(
+                        "CF-EXTRACT-07", f"a {kind} named as the target directory itself", raw_name
+                    )
+                )
+            return Member("", "dir", 0, 0, 0)
         if len(linkname.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
             return self._refuse(self._name_too_long("link target", raw_name))
 
@@ -575,18 +585,9 @@ class TarReader:
 
         target: str | None = None
         if kind == "symlink":
-            if not linkname or linkname.startswith("/"):
-                return self._refuse(
-                    UnsafeMemberError(
-                        "CF-EXTRACT-03", f"symbolic link target {linkname!r} is not a relative path", name
-                    )
-                )
-            if self._resolve(name.split("/")[:-1], linkname.split("/"), [0]) is None:
-                return self._refuse(
-                    UnsafeMemberError(
-                        "CF-EXTRACT-03", f"symbolic link target {linkname!r} points outside the target", name
-                    )
-                )
+            problem = link_problem(name, linkname, self._symlinks)
+            if problem is not None:
+                return self._refuse(UnsafeMemberError("CF-EXTRACT-03", problem, name))
             target = linkname
             self._symlinks[name] = linkname
         elif kind == "hardlink":
@@ -647,30 +648,6 @@ class TarReader:
                 return False
         return True
 
-    def _resolve(self, stack: list[str], components: list[str], hops: list[int]) -> list[str] | None:
-        """Resolve a link target from ``stack``, following the archive's symlinks; None = escapes."""
-        stack = list(stack)
-        for part in components:
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not stack:
-                    return None
-                stack.pop()
-                continue
-            link = self._symlinks.get("/".join([*stack, part]))
-            if link is None:
-                stack.append(part)
-                continue
-            hops[0] += 1
-            if hops[0] > _MAX_LINK_HOPS or link.startswith("/"):
-                return None
-            resolved = self._resolve(stack, link.split("/"), hops)
-            if resolved is None:
-                return None
-            stack = resolved
-        return stack
-
     def _finish_archive(self, pax: dict[str, str], long_name: str | None, long_link: str | None) -> None:
         for name, actual, expected in self._verifier.finish():
             self._digest_mismatch(name, actual, expected)
@@ -684,14 +661,10 @@ class TarReader:
             )
         # Links resolved at their own position may be redirected by links that came later.
         for name, target in self._symlinks.items():
-            if self._resolve(name.split("/")[:-1], target.split("/"), [0]) is None:
+            problem = link_problem(name, target, self._symlinks)
+            if problem is not None:
                 self._violation(
-                    UnsafeMemberError(
-                        "CF-EXTRACT-03",
-                        f"symbolic link target {target!r} points outside the target"
-                        " through another link",
-                        name,
-                    )
+                    UnsafeMemberError("CF-EXTRACT-03", f"{problem} (through a later link)", name)
                 )
 
     # ---------------------------------------------------------------- violations

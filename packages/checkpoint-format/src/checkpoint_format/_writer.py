@@ -22,6 +22,7 @@ from typing import BinaryIO, Protocol
 from . import __version__
 from ._codec import codec_name, gzip_member
 from ._errors import WriteRefusedError
+from ._links import link_problem
 from ._reader import DIGEST_KEY, FORMAT_VERSION, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
     BLOCK,
@@ -186,8 +187,8 @@ def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
 
 def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[bytes]:
     records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
-    real_root = os.path.realpath(root)
     inodes: dict[tuple[int, int], str] = {}
+    links: dict[str, str] = {}
     for name, path, st in _walk(root, ""):
         if stats.members == 0:
             # CF-MARK-01: the marker leads, but only in front of a member (an empty archive
@@ -199,7 +200,8 @@ def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[byte
             yield _member_header(name, DIRECTORY, mode, st.st_mtime_ns)
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(path)
-            _check_link(name, path, target, real_root)
+            links[name] = target
+            _check_link(name, target, links)
             yield _member_header(name, SYMLINK, mode, st.st_mtime_ns, linkname=target)
         elif stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
@@ -218,6 +220,8 @@ def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[byte
                 " and links)",
                 name,
             )
+    for name, target in links.items():  # a later link can redirect an earlier one
+        _check_link(name, target, links)
     yield bytes(2 * BLOCK)  # CF-WRITE-08
 
 
@@ -239,17 +243,13 @@ def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, str, os.stat_resu
             yield from _walk(Path(entry.path), name + "/")
 
 
-def _check_link(name: str, path: str, target: str, real_root: str) -> None:
-    if not target or os.path.isabs(target):
+def _check_link(name: str, target: str, links: dict[str, str]) -> None:
+    """CF-WRITE-05: refuse what a reader would refuse under CF-EXTRACT-03, judged the same way."""
+    problem = link_problem(name, target, links)
+    if problem is not None:
         raise WriteRefusedError(
-            "CF-WRITE-05", f"symbolic link target {target!r} is absolute; only relative links inside the"
-            " checkpoint can be saved",
-            name,
-        )
-    resolved = os.path.realpath(path)
-    if resolved != real_root and not resolved.startswith(real_root + os.sep):
-        raise WriteRefusedError(
-            "CF-WRITE-05", f"symbolic link target {target!r} resolves outside the checkpoint directory",
+            "CF-WRITE-05", f"{problem}; only relative links that stay inside the checkpoint"
+            " can be saved",
             name,
         )
 
