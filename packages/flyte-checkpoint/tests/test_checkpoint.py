@@ -374,3 +374,60 @@ def test_a_prefix_of_objects_is_not_mistaken_for_no_checkpoint(tmp_path) -> None
     with pytest.raises(CheckpointLoadError, match=r"is a prefix holding objects .*model\.pt"):
         Checkpoint(str(tmp_path / "d"), root).load_sync()
     assert Checkpoint(str(tmp_path / "d"), f"{root}-absent").load_sync() is None
+
+
+def test_path_is_one_directory_whichever_thread_asks_first(tmp_path) -> None:
+    cp = Checkpoint(str(tmp_path / "d"))
+    seen: set[pathlib.Path] = set()
+    barrier = threading.Barrier(8)
+
+    def ask() -> None:
+        barrier.wait()
+        seen.add(cp.path)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 1
+    cp.close()
+
+
+def test_close_removes_read_only_restored_directories(tmp_path) -> None:
+    src = tmp_path / "src"
+    (src / "ro").mkdir(parents=True)
+    (src / "ro" / "w.bin").write_bytes(b"w")
+    os.chmod(src / "ro", 0o555)
+    dest = str(tmp_path / "obj")
+    Checkpoint(dest).save_sync(src)
+    cp = Checkpoint(str(tmp_path / "d"), dest)
+    restored = cp.load_sync()
+    assert os.stat(restored / "ro").st_mode & 0o777 == 0o555
+    workspace = restored.parent
+    cp.close()
+    assert not workspace.exists()
+
+
+def test_a_second_cancel_still_waits_for_the_abort(tmp_path) -> None:
+    dest = tmp_path / "obj"
+    Checkpoint(str(dest)).save_sync(b"previous")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"shard{i}.bin").write_bytes(os.urandom(16 << 20))
+
+    async def main() -> None:
+        task = asyncio.create_task(Checkpoint(str(dest)).save(src))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pipeline = ("checkpoint-gzip", "checkpoint-emit", "checkpoint-decode", "checkpoint-verify")
+        workers = [t.name for t in threading.enumerate() if t.name.startswith(pipeline)]
+        assert workers == []  # the pipeline had finished aborting before the caller went on
+
+    asyncio.run(main())
+    assert dest.read_bytes() == b"previous"

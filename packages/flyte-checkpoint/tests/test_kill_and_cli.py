@@ -126,3 +126,25 @@ def test_latest_checkpoint(tmp_path) -> None:
     )
     assert by_epoch == pathlib.Path(tmp_path / "epoch=10.ckpt")
     assert latest_checkpoint(tmp_path, "**/nothing") is None
+
+
+def test_run_skips_attempts_that_saved_nothing(tmp_path, capsys) -> None:
+    script = tmp_path / "task.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, flyte
+            cp = flyte.Checkpoint.from_env()
+            attempt = int(os.environ["FLYTE_ATTEMPT"])
+            prev = cp.load_sync()
+            print("loaded", prev.read_bytes() if prev else None, flush=True)
+            if attempt == 1:
+                cp.save_sync(b"step-40")
+            sys.exit(0 if attempt == 3 else 1)   # attempt 2 dies before saving
+            """
+        )
+    )
+    assert main(["run", "--retries", "3", "--store", str(tmp_path / "s"), "--", sys.executable, str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "attempt 2: saved no checkpoint; the next attempt resumes from" in out
+    assert "attempt 3: resume from" in out and "attempt-1/_flytecheckpoints" in out.split("attempt 3: resume from")[1].splitlines()[0]

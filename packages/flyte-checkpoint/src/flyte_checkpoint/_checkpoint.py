@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -121,13 +122,34 @@ class _Workspaces:
     def remove(self, root: pathlib.Path) -> None:
         with self._lock:
             self._open.discard(str(root))
-        shutil.rmtree(root, ignore_errors=True)
+        _remove_tree(root)
 
     def close_all(self) -> None:
         with self._lock:
             roots, self._open = list(self._open), set()
         for root in roots:
-            shutil.rmtree(root, ignore_errors=True)
+            _remove_tree(pathlib.Path(root))
+
+
+def _remove_tree(root: pathlib.Path) -> None:
+    """Remove a restored tree, including read-only directories it restored faithfully."""
+
+    def make_writable_and_retry(function, path, _exc_info) -> None:
+        parent = os.path.dirname(path)
+        try:
+            os.chmod(parent, os.stat(parent).st_mode | 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o700)
+            function(path)
+        except OSError as exc:
+            logger.warning("checkpoint workspace: cannot remove %s: %s", path, exc)
+
+    if not root.exists():
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(root, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(root, onerror=make_writable_and_retry)
 
 
 _workspaces = _Workspaces()
@@ -164,6 +186,7 @@ class Checkpoint(BaseCheckpoint):
         self._src = _location(checkpoint_src)
         self._storage_options = storage_options
         self._workspace: pathlib.Path | None = None
+        self._workspace_lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._loaded = False
@@ -194,9 +217,10 @@ class Checkpoint(BaseCheckpoint):
     @property
     def path(self) -> pathlib.Path:
         """Local directory holding the restored checkpoint (created on first use)."""
-        if self._workspace is None:
-            self._workspace = _workspaces.create()
-        path = self._workspace / "checkpoint"
+        with self._workspace_lock:
+            if self._workspace is None:
+                self._workspace = _workspaces.create()
+            path = self._workspace / "checkpoint"
         path.mkdir(exist_ok=True)
         return path
 
@@ -206,12 +230,14 @@ class Checkpoint(BaseCheckpoint):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Remove the local workspace (and with it the restored files)."""
-        if self._workspace is not None:
-            _workspaces.remove(self._workspace)
-            self._workspace = None
-            self._loaded = False
-            self._loaded_result = None
+        """Remove the local workspace (and with it the restored files). Waits for a load in
+        progress, so that no load can cache a path that close() has removed."""
+        with self._load_lock, self._workspace_lock:
+            if self._workspace is not None:
+                _workspaces.remove(self._workspace)
+                self._workspace = None
+                self._loaded = False
+                self._loaded_result = None
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -491,8 +517,11 @@ async def _in_thread(work: Callable[[threading.Event], _T]) -> _T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         cancelled.set()
-        try:
-            await future
-        except BaseException:  # the pipeline's own abort error; the cancellation wins
-            pass
+        while not future.done():  # a second cancel must not let the caller go on early
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:  # the pipeline's own abort error; the cancellation wins
+                break
         raise

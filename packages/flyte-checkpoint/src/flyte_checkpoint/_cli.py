@@ -74,7 +74,12 @@ def run_attempts(
             echo(f"attempt {number}: succeeded in {attempt.seconds:.1f} s")
             break
         echo(f"attempt {number}: failed with exit status {returncode} after {attempt.seconds:.1f} s")
-        previous = destination
+        # The next attempt resumes from the newest checkpoint there is: an attempt that died
+        # before saving must not hide its predecessor's (that would restart from scratch).
+        if File(path=destination).exists_sync():
+            previous = destination
+        elif previous:
+            echo(f"attempt {number}: saved no checkpoint; the next attempt resumes from {previous}")
     return attempts
 
 
