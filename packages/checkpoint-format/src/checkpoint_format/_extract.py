@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,11 +75,29 @@ def restore(source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits 
             restored = target / PAYLOAD_NAME
         _publish(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(staging)
         raise
     return RestoreResult(
         detection, restored, members, size, time.perf_counter() - started, version
     )
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove a staging directory, even one whose directory modes were already restored
+    read-only (the last step before publishing)."""
+
+    def make_writable_and_retry(function, path, _exc) -> None:
+        parent = os.path.dirname(path)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, os.stat(parent).st_mode | 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o700)
+            function(path)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(staging, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(staging, onerror=make_writable_and_retry)
 
 
 def _require_empty(target: Path) -> None:
