@@ -1,8 +1,8 @@
 """``flyte-checkpoint``: a local retry runner, the demo, and remote inspect/validate.
 
 ``run`` plays the platform's part: every attempt of a command gets a fresh checkpoint
-destination and the previous attempt's destination as its source, in the environment
-variables ``FLYTE_CHECKPOINT_PATH`` and ``FLYTE_PREV_CHECKPOINT_PATH`` (plus ``FLYTE_ATTEMPT``),
+destination and, as its source, the destination of the newest earlier attempt that saved a
+checkpoint, in the environment variables ``FLYTE_CHECKPOINT_PATH`` and ``FLYTE_PREV_CHECKPOINT_PATH`` (plus ``FLYTE_ATTEMPT``),
 which ``flyte.Checkpoint.from_env()`` reads.
 """
 
