@@ -30,16 +30,16 @@ _EMULATORS = Path(__file__).resolve().parents[1] / "packages" / "checkpoint-io" 
 if str(_EMULATORS) not in sys.path:
     sys.path.insert(0, str(_EMULATORS))
 
-from checkpoint_io._loop import run_sync  # noqa: E402
-from checkpoint_io._registry import close_backends  # noqa: E402
-from checkpoint_io_emulators import (  # noqa: E402
+from checkpoint_io._loop import run_sync
+from checkpoint_io._registry import close_backends
+from checkpoint_io_emulators import (
     INSTALL_HINT,
     Azurite,
     EmulatorMissing,
     FakeGCS,
     MotoS3,
 )
-from flyte_checkpoint import Checkpoint  # noqa: E402
+from flyte_checkpoint import Checkpoint
 
 MiB = 1 << 20
 REMOTE = ("s3", "gcs", "azure")

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from flyte_checkpoint import Checkpoint, CheckpointLoadError
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"

@@ -51,7 +51,6 @@ from checkpoint_format._tarheader import (
     build_header,
     padding,
     pax_header,
-    pax_record,
 )
 
 HERE = Path(__file__).resolve().parent

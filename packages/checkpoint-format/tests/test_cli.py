@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from checkpoint_format import write_tarball
 from checkpoint_format.cli import main
 

@@ -10,11 +10,10 @@ import os
 import tarfile
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from checkpoint_format import PREFIX_SIZE, detect, sniff
 from checkpoint_format._tarheader import build_header, is_header_block
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _tar(*, fmt: int = tarfile.PAX_FORMAT) -> bytes:

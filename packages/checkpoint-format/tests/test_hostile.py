@@ -23,9 +23,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from checkpoint_format import (
     CheckpointFormatError,
     CorruptArchiveError,
@@ -35,6 +32,8 @@ from checkpoint_format import (
     restore,
     validate,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 BLOCK = 512
 END = bytes(2 * BLOCK)
@@ -118,7 +117,7 @@ def sha(data: bytes) -> str:
 
 def file(
     name: str, data: bytes = DATA, *, mode: int = 0o644, header_name: str | None = None,
-    records: tuple = (), digest: str | None | bool = True, typeflag: bytes = b"0",
+    records: tuple = (), digest: str | bool | None = True, typeflag: bytes = b"0",
 ) -> bytes:
     recs = list(records)
     if digest is True:

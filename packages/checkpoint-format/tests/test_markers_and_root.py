@@ -6,8 +6,12 @@ import io
 from pathlib import Path
 
 import pytest
-
-from checkpoint_format import CorruptArchiveError, UnsafeMemberError, UnsupportedFormatError, restore
+from checkpoint_format import (
+    CorruptArchiveError,
+    UnsafeMemberError,
+    UnsupportedFormatError,
+    restore,
+)
 from checkpoint_format._tarheader import PAX_GLOBAL, build_header, pax_header
 
 END = bytes(1024)

@@ -9,10 +9,9 @@ import stat
 import tarfile
 from pathlib import Path
 
+from checkpoint_format import restore, validate, write_tarball
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from checkpoint_format import restore, validate, write_tarball
 
 _NAME = st.text(
     alphabet=st.characters(

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from checkpoint_format import CorruptArchiveError, restore, validate, write_tarball
 
 _HELPERS = ("checkpoint-decode", "checkpoint-verify", "checkpoint-emit", "checkpoint-gzip")

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from checkpoint_format import WriteRefusedError, write_tarball
 
 

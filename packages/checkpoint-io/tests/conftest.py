@@ -15,7 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoint_io_emulators import (  # noqa: E402
+from checkpoint_io import File
+from checkpoint_io._loop import run_sync
+from checkpoint_io._registry import close_backends
+from checkpoint_io_emulators import (
     INSTALL_HINT,
     Azurite,
     EmulatorMissing,
@@ -23,10 +26,6 @@ from checkpoint_io_emulators import (  # noqa: E402
     FaultProxy,
     MotoS3,
 )
-
-from checkpoint_io import File  # noqa: E402
-from checkpoint_io._loop import run_sync  # noqa: E402
-from checkpoint_io._registry import close_backends  # noqa: E402
 
 MiB = 1024 * 1024
 REMOTE = ("s3", "gcs", "azure")

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from checkpoint_io import File
 
 pytestmark = pytest.mark.filterwarnings("error")

@@ -8,11 +8,17 @@ import errno
 import importlib.util
 import json
 
-import pytest
-
 import checkpoint_io
-from checkpoint_io import File, MissingBackendError, RetryPolicy, StorageRetryError
-from checkpoint_io import ObjectChangedError, SyncInAsyncError, filesystem
+import pytest
+from checkpoint_io import (
+    File,
+    MissingBackendError,
+    ObjectChangedError,
+    RetryPolicy,
+    StorageRetryError,
+    SyncInAsyncError,
+    filesystem,
+)
 from checkpoint_io._errors import Fault, VersionMismatch, classify
 from checkpoint_io._retry import call_with_retries
 

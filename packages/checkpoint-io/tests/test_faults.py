@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import pytest
-
 from checkpoint_io import File, RetryPolicy, StorageRetryError
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=20, attempt_timeout=10)

@@ -7,7 +7,6 @@ import asyncio
 import os
 
 import pytest
-
 from checkpoint_io import File, ObjectChangedError, RetryPolicy
 from checkpoint_io._backend import Source
 from checkpoint_io._memory import MemoryBackend

@@ -11,9 +11,8 @@ import pathlib
 import tarfile
 import threading
 
-import pytest
-
 import flyte
+import pytest
 from checkpoint_io import SyncInAsyncError
 from flyte_checkpoint import Checkpoint, CheckpointLoadError, CheckpointSaveError
 

@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import pytest
-
 from flyte_checkpoint import Checkpoint
 from flyte_checkpoint._cli import main
 

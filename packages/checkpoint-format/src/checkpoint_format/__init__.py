@@ -11,8 +11,8 @@ same format.
 
 __version__ = "0.1.0"
 
-from ._detect import PREFIX_SIZE, Detection, detect, sniff  # noqa: E402
-from ._errors import (  # noqa: E402
+from ._detect import PREFIX_SIZE, Detection, detect, sniff
+from ._errors import (
     CheckpointFormatError,
     CorruptArchiveError,
     LimitExceededError,
@@ -20,11 +20,11 @@ from ._errors import (  # noqa: E402
     UnsupportedFormatError,
     WriteRefusedError,
 )
-from ._extract import PAYLOAD_NAME, RestoreResult, restore  # noqa: E402
-from ._limits import Limits  # noqa: E402
-from ._reader import FORMAT_VERSION, Member  # noqa: E402
-from ._validate import Report, Violation, validate  # noqa: E402
-from ._writer import WriteStats, write_tarball  # noqa: E402
+from ._extract import PAYLOAD_NAME, RestoreResult, restore
+from ._limits import Limits
+from ._reader import FORMAT_VERSION, Member
+from ._validate import Report, Violation, validate
+from ._writer import WriteStats, write_tarball
 
 __all__ = [
     "FORMAT_VERSION",

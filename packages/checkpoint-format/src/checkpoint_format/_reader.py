@@ -29,7 +29,6 @@ from ._tarheader import (
     BLOCK,
     DIRECTORY,
     EXTENDED_TYPES,
-    GNU_LONGLINK,
     GNU_LONGNAME,
     HARDLINK,
     PAX_GLOBAL,

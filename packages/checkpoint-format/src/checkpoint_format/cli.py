@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _open(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
 
 
 def _human(size: int) -> str:

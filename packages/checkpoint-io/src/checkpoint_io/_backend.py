@@ -42,7 +42,7 @@ class Source(abc.ABC):
             yield await self.read_range(start, stop)
             start = stop
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release what ``open_source`` acquired."""
 
     #: Optional fast path for streaming reads: a blocking ``read_blocking(start, end)``
@@ -68,7 +68,7 @@ class Upload(abc.ABC):
 
     ordered: bool = False
 
-    async def begin(self) -> None:  # noqa: B027 - optional hook
+    async def begin(self) -> None:
         """Start a multipart/resumable session (nothing visible yet)."""
 
     @abc.abstractmethod
@@ -122,7 +122,7 @@ class Backend(abc.ABC):
     def new_upload(self, path: str) -> Upload:
         """Prepare a write to ``path``; makes no request yet."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release client sessions."""
 
 

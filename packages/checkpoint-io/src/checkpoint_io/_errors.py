@@ -115,7 +115,6 @@ _TRANSIENT_CLASS_NAMES = frozenset(
         # azure-core
         "ServiceRequestError",
         "ServiceResponseError",
-        "IncompleteReadError",
         # requests / urllib3 / http.client (gcsfs maps 502 to requests' ProxyError)
         "ProxyError",
         "ChunkedEncodingError",

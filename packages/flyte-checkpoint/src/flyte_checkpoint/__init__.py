@@ -5,7 +5,7 @@ The implementation lives here; the ``flyte`` package is a thin facade over it.
 
 __version__ = "0.1.0"
 
-from ._checkpoint import (  # noqa: E402
+from ._checkpoint import (
     ENV_DEST,
     ENV_SRC,
     BaseCheckpoint,
@@ -14,7 +14,7 @@ from ._checkpoint import (  # noqa: E402
     CheckpointLoadError,
     CheckpointSaveError,
 )
-from ._latest import latest_checkpoint  # noqa: E402
+from ._latest import latest_checkpoint
 
 __all__ = [
     "ENV_DEST",
