@@ -284,13 +284,19 @@ def test_sync_methods_refuse_to_run_inside_a_loop(tmp_path) -> None:
     asyncio.run(main())
 
 
-def test_cancelled_save_keeps_the_previous_object(tmp_path) -> None:
+def _previous_and_a_large_tree(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A destination holding b"previous", and a tree big enough to cancel mid-save."""
     dest = tmp_path / "obj"
     Checkpoint(str(dest)).save_sync(b"previous")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
         (src / f"shard{i}.bin").write_bytes(os.urandom(16 << 20))
+    return dest, src
+
+
+def test_cancelled_save_keeps_the_previous_object(tmp_path) -> None:
+    dest, src = _previous_and_a_large_tree(tmp_path)
 
     async def main() -> None:
         task = asyncio.create_task(Checkpoint(str(dest)).save(src))
@@ -409,12 +415,7 @@ def test_close_removes_read_only_restored_directories(tmp_path) -> None:
 
 
 def test_a_second_cancel_still_waits_for_the_abort(tmp_path) -> None:
-    dest = tmp_path / "obj"
-    Checkpoint(str(dest)).save_sync(b"previous")
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"shard{i}.bin").write_bytes(os.urandom(16 << 20))
+    dest, src = _previous_and_a_large_tree(tmp_path)
 
     async def main() -> None:
         task = asyncio.create_task(Checkpoint(str(dest)).save(src))

@@ -20,7 +20,7 @@ from ._errors import (
     UnsupportedFormatError,
     WriteRefusedError,
 )
-from ._extract import PAYLOAD_NAME, RestoreResult, restore
+from ._extract import PAYLOAD_NAME, RestoreResult, remove_tree, restore
 from ._limits import Limits
 from ._reader import FORMAT_VERSION, Member
 from ._validate import Report, Violation, validate
@@ -45,6 +45,7 @@ __all__ = [
     "WriteStats",
     "__version__",
     "detect",
+    "remove_tree",
     "restore",
     "sniff",
     "validate",

@@ -16,7 +16,7 @@ from ._detect import Detection, sniff
 from ._limits import Limits
 from ._reader import Member, TarReader
 
-__all__ = ["PAYLOAD_NAME", "RestoreResult", "restore"]
+__all__ = ["PAYLOAD_NAME", "RestoreResult", "remove_tree", "restore"]
 
 #: CF-RAW-01: where a raw payload lands inside the target.
 PAYLOAD_NAME = "payload"
@@ -75,16 +75,17 @@ def restore(source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits 
             restored = target / PAYLOAD_NAME
         _publish(staging, target)
     except BaseException:
-        _remove_staging(staging)
+        remove_tree(staging)
         raise
     return RestoreResult(
         detection, restored, members, size, time.perf_counter() - started, version
     )
 
 
-def _remove_staging(staging: Path) -> None:
-    """Remove a staging directory, even one whose directory modes were already restored
-    read-only (the last step before publishing)."""
+def remove_tree(root: str | os.PathLike[str]) -> None:
+    """Remove a tree that :func:`restore` wrote (or was writing), including the read-only
+    directories it restores faithfully, which ``shutil.rmtree`` alone cannot empty as a
+    normal user. What still cannot be removed is left in place; a missing tree is fine."""
 
     def make_writable_and_retry(function, path, _exc) -> None:
         parent = os.path.dirname(path)
@@ -94,10 +95,12 @@ def _remove_staging(staging: Path) -> None:
                 os.chmod(path, os.stat(path).st_mode | 0o700)
             function(path)
 
+    if not os.path.lexists(root):
+        return
     if sys.version_info >= (3, 12):
-        shutil.rmtree(staging, onexc=make_writable_and_retry)
+        shutil.rmtree(root, onexc=make_writable_and_retry)
     else:
-        shutil.rmtree(staging, onerror=make_writable_and_retry)
+        shutil.rmtree(root, onerror=make_writable_and_retry)
 
 
 def _require_empty(target: Path) -> None:

@@ -14,8 +14,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from checkpoint_format import CheckpointFormatError, restore, write_tarball
+from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
 from checkpoint_io import File, SyncInAsyncError, filesystem
 
 from ._progress import Progress
@@ -122,34 +120,13 @@ class _Workspaces:
     def remove(self, root: pathlib.Path) -> None:
         with self._lock:
             self._open.discard(str(root))
-        _remove_tree(root)
+        remove_tree(root)
 
     def close_all(self) -> None:
         with self._lock:
             roots, self._open = list(self._open), set()
         for root in roots:
-            _remove_tree(pathlib.Path(root))
-
-
-def _remove_tree(root: pathlib.Path) -> None:
-    """Remove a restored tree, including read-only directories it restored faithfully."""
-
-    def make_writable_and_retry(function, path, _exc_info) -> None:
-        parent = os.path.dirname(path)
-        try:
-            os.chmod(parent, os.stat(parent).st_mode | 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode | 0o700)
-            function(path)
-        except OSError as exc:
-            logger.warning("checkpoint workspace: cannot remove %s: %s", path, exc)
-
-    if not root.exists():
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(root, onexc=make_writable_and_retry)
-    else:
-        shutil.rmtree(root, onerror=make_writable_and_retry)
+            remove_tree(root)
 
 
 _workspaces = _Workspaces()
@@ -486,7 +463,7 @@ def _copy_file(path: pathlib.Path, sink: _WriteSink) -> int:
 def _clear(directory: pathlib.Path) -> None:
     for child in directory.iterdir():
         if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
+            remove_tree(child)
         else:
             child.unlink()
 
