@@ -13,7 +13,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from . import _codec
 from ._errors import (
@@ -23,6 +23,7 @@ from ._errors import (
     UnsafeMemberError,
     UnsupportedFormatError,
 )
+from ._digest import PLAIN_KEY, TREE_KEY, TreeHasher
 from ._limits import Limits
 from ._links import link_problem
 from ._tarheader import (
@@ -49,7 +50,7 @@ FORMAT_VERSION = "1.0"
 FORMAT_MAJOR = 1
 VERSION_KEY = "FLYTECKPT.version"
 WRITER_KEY = "FLYTECKPT.writer"
-DIGEST_KEY = "FLYTECKPT.sha256"
+DIGEST_KEY = PLAIN_KEY
 
 _READ_SIZE = 1 << 20
 _QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the writer
@@ -76,7 +77,10 @@ class Member:
     mode: int
     mtime_ns: int
     linkname: str | None = None
+    #: The expected digest (hex), and which record carried it: ``FLYTECKPT.sha256`` (plain
+    #: SHA-256) or ``FLYTECKPT.sha256-pieces`` (SHA-256 of the 4 MiB pieces' SHA-256s).
     sha256: str | None = None
+    digest_key: str | None = None
 
 
 def _type_of(typeflag: bytes) -> MemberType | None:
@@ -464,11 +468,18 @@ class TarReader:
                 "CF-INTEG-02", f"header at tar offset {offset}: {exc}", raw_name
             ) from None
         kind = _type_of(raw.typeflag)
-        digest = pax.get(DIGEST_KEY)
+        digest = pax.get(PLAIN_KEY)
+        digest_key = PLAIN_KEY if digest is not None else None
+        if TREE_KEY in pax:
+            if digest is not None:
+                raise CorruptArchiveError(
+                    "CF-INTEG-02", f"both {PLAIN_KEY} and {TREE_KEY} records", raw_name
+                )
+            digest, digest_key = pax[TREE_KEY], TREE_KEY
         # As in tarfile, only regular files and unknown types have a data region; links and
         # directories never do, whatever their size field says.
         data_size = size if kind in ("file", None) else 0
-        member = self._check(raw_name, kind, raw.typeflag, size, linkname, digest)
+        member = self._check(raw_name, kind, raw.typeflag, size, linkname, digest, digest_key)
         if member is None:  # violation recorded (validator mode): skip the data
             for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
                 pass
@@ -484,7 +495,11 @@ class TarReader:
             pass
 
     def _data(self, member: Member, size: int) -> Iterator[memoryview]:
-        hasher = hashlib.sha256() if member.sha256 is not None else None
+        hasher: Any = None
+        if member.digest_key == PLAIN_KEY:
+            hasher = hashlib.sha256()
+        elif member.digest_key == TREE_KEY:
+            hasher = TreeHasher()
         offload = hasher is not None and size > _VERIFY_INLINE
         self._blocks.member = member.name
         for piece in self._blocks.stream(size, "member data"):
@@ -523,6 +538,7 @@ class TarReader:
         size: int,
         linkname: str,
         digest: str | None,
+        digest_key: str | None = None,
     ) -> Member | None:
         """Every per-member rule. Returns the member, or None when a violation was recorded."""
         name = self._normalise(raw_name)
@@ -563,12 +579,13 @@ class TarReader:
                 self.digests_present += 1
                 if not _DIGEST_RE.fullmatch(digest):
                     raise CorruptArchiveError(
-                        "CF-INTEG-02", f"{DIGEST_KEY} {digest!r} is not a lowercase hex SHA-256", name
+                        "CF-INTEG-02", f"{digest_key} {digest!r} is not a lowercase hex SHA-256", name
                     )
             elif self.marked:
                 self._violation(
                     CorruptArchiveError(
-                        "CF-MARK-04", f"marked v{self.format_version} tarball but no {DIGEST_KEY} record", name
+                        "CF-MARK-04", f"marked v{self.format_version} tarball but no {PLAIN_KEY} or {TREE_KEY}"
+                        " record", name
                     )
                 )
 
@@ -602,7 +619,9 @@ class TarReader:
                     )
                 )
         self._kinds[name] = kind
-        return Member(name, kind, size if kind == "file" else 0, 0, 0, target, digest)
+        if kind != "file":
+            digest = digest_key = None
+        return Member(name, kind, size if kind == "file" else 0, 0, 0, target, digest, digest_key)
 
     def _normalise(self, raw_name: str, for_link_of: str | None = None) -> str | None:
         member = for_link_of if for_link_of is not None else raw_name

@@ -7,6 +7,7 @@ members are written to the sink in order. Nothing touches the disk but the files
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -23,7 +24,8 @@ from . import __version__
 from ._codec import codec_name, gzip_member
 from ._errors import WriteRefusedError
 from ._links import link_problem
-from ._reader import DIGEST_KEY, FORMAT_VERSION, VERSION_KEY, WRITER_KEY
+from ._digest import PIECE, PLAIN_KEY, TREE_KEY, piece_digest
+from ._reader import FORMAT_VERSION, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
     BLOCK,
     DIRECTORY,
@@ -43,6 +45,7 @@ __all__ = ["WriteStats", "write_tarball"]
 CHUNK_SIZE = 4 << 20
 _MAX_OCTAL_SIZE = 8**11 - 1  # what a 12-byte ustar size/mtime field holds
 _USTAR_NAME = 100
+_PIECES_IN_FLIGHT = 4  # pieces being hashed at once: bounds the memory of the first pass
 
 
 class Sink(Protocol):
@@ -91,7 +94,7 @@ def write_tarball(
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
         emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
         try:
-            for piece in _slices(_tar_stream(root, stats, chunk_size), chunk_size):
+            for piece in _slices(_tar_stream(root, stats, chunk_size, pool), chunk_size):
                 stats.tar_bytes += len(piece)
                 emitter.put(pool.submit(gzip_member, piece, level))
             stats.compressed_bytes = emitter.finish()
@@ -185,7 +188,9 @@ def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
 # --------------------------------------------------------------------------- the tar stream
 
 
-def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[bytes]:
+def _tar_stream(
+    root: Path, stats: WriteStats, chunk_size: int, pool: ThreadPoolExecutor
+) -> Iterator[bytes]:
     records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
     inodes: dict[tuple[int, int], str] = {}
     links: dict[str, str] = {}
@@ -212,7 +217,7 @@ def _tar_stream(root: Path, stats: WriteStats, chunk_size: int) -> Iterator[byte
                 inodes[key] = name
             stats.files += 1
             stats.file_bytes += st.st_size
-            yield from _file(name, path, st, mode, chunk_size)
+            yield from _file(name, path, st, mode, chunk_size, pool)
         else:
             raise WriteRefusedError(
                 "CF-WRITE-05",
@@ -263,6 +268,7 @@ def _member_header(
     size: int = 0,
     linkname: str = "",
     digest: str | None = None,
+    digest_key: str = PLAIN_KEY,
 ) -> bytes:
     """The pax extended header and ustar header of one member (CF-WRITE-02, -06, CF-MARK-04)."""
     raw_name = name.encode("utf-8")
@@ -276,7 +282,7 @@ def _member_header(
     if size > _MAX_OCTAL_SIZE:
         records.append(("size", str(size)))
     if digest is not None:
-        records.append((DIGEST_KEY, digest))
+        records.append((digest_key, digest))
     header = build_header(
         raw_name,
         mode=mode,
@@ -288,22 +294,30 @@ def _member_header(
     return pax_header(records) + header
 
 
-def _file(name: str, path: str, st: os.stat_result, mode: int, chunk_size: int) -> Iterator[bytes]:
+def _file(
+    name: str, path: str, st: os.stat_result, mode: int, chunk_size: int, pool: ThreadPoolExecutor
+) -> Iterator[bytes]:
     size = st.st_size
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
     with open(fd, "rb", buffering=0) as handle:
         _check_unchanged(name, st, os.fstat(fd))
-        if size <= chunk_size:  # small file: one read, hash, emit
+        if size <= min(chunk_size, PIECE):  # small file: one read, hash, emit
             data = _read_exactly(handle, size, name)
             digest = hashlib.sha256(data).hexdigest()
             _check_unchanged(name, st, os.fstat(fd))
             yield _member_header(name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest)
             yield data + padding(size)
             return
-        # Large file: the digest must precede the data, so hash in a first pass.
-        digest = _hash_file(handle, size, name, chunk_size)
+        # Large file: the digest must precede the data, so hash in a first pass. Past one
+        # piece, the piecewise digest lets every core take part (CF-MARK-04).
+        if size > PIECE:
+            digest, key = _piecewise_digest(handle, size, name, pool), TREE_KEY
+        else:
+            digest, key = _hash_file(handle, size, name, chunk_size), PLAIN_KEY
         handle.seek(0)
-        yield _member_header(name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest)
+        yield _member_header(
+            name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest, digest_key=key
+        )
         remaining = size
         while remaining:
             piece = _read_exactly(handle, min(chunk_size, remaining), name)
@@ -313,6 +327,24 @@ def _file(name: str, path: str, st: os.stat_result, mode: int, chunk_size: int) 
             raise _changed(name, "it grew while being saved")
         _check_unchanged(name, st, os.fstat(fd))
         yield padding(size)
+
+
+def _piecewise_digest(handle, size: int, name: str, pool: ThreadPoolExecutor) -> str:
+    """SHA-256 over the SHA-256s of the file's 4 MiB pieces, hashed on the pool."""
+    outer = hashlib.sha256()
+    pending: collections.deque[Future[bytes]] = collections.deque()
+    remaining = size
+    while remaining:
+        piece = _read_exactly(handle, min(PIECE, remaining), name)
+        remaining -= len(piece)
+        pending.append(pool.submit(piece_digest, piece))
+        while len(pending) > _PIECES_IN_FLIGHT:
+            outer.update(pending.popleft().result())
+    while pending:
+        outer.update(pending.popleft().result())
+    if handle.read(1):
+        raise _changed(name, "it grew while being saved")
+    return outer.hexdigest()
 
 
 def _hash_file(handle, size: int, name: str, chunk_size: int) -> str:
