@@ -50,7 +50,6 @@ FORMAT_VERSION = "1.0"
 FORMAT_MAJOR = 1
 VERSION_KEY = "FLYTECKPT.version"
 WRITER_KEY = "FLYTECKPT.writer"
-DIGEST_KEY = PLAIN_KEY
 
 _READ_SIZE = 1 << 20
 _QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the writer
