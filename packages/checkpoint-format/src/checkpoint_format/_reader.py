@@ -478,16 +478,16 @@ class TarReader:
         # As in tarfile, only regular files and unknown types have a data region; links and
         # directories never do, whatever their size field says.
         data_size = size if kind in ("file", None) else 0
-        member = self._check(raw_name, kind, raw.typeflag, size, linkname, digest, digest_key)
-        if member is None:  # violation recorded (validator mode): skip the data
+        member = self._check(
+            raw_name, kind, raw.typeflag, size, linkname, digest, digest_key,
+            raw.mode & 0o777, mtime_ns,
+        )
+        if member is None or member.name == "":
+            # A violation recorded (validator mode), or the target itself ("." or "./"):
+            # nothing to restore, the data is skipped.
             for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
                 pass
             return
-        if member.name == "":  # the target itself ("." or "./"): nothing to restore
-            for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
-                pass
-            return
-        member = dataclasses.replace(member, mode=raw.mode & 0o777, mtime_ns=mtime_ns)
         chunks = self._data(member, data_size)
         yield member, chunks
         for _ in chunks:  # whatever the consumer left is still read, hashed and verified
@@ -537,7 +537,9 @@ class TarReader:
         size: int,
         linkname: str,
         digest: str | None,
-        digest_key: str | None = None,
+        digest_key: str | None,
+        mode: int,
+        mtime_ns: int,
     ) -> Member | None:
         """Every per-member rule. Returns the member, or None when a violation was recorded."""
         name = self._normalise(raw_name)
@@ -620,7 +622,9 @@ class TarReader:
         self._kinds[name] = kind
         if kind != "file":
             digest = digest_key = None
-        return Member(name, kind, size if kind == "file" else 0, 0, 0, target, digest, digest_key)
+        return Member(
+            name, kind, size if kind == "file" else 0, mode, mtime_ns, target, digest, digest_key
+        )
 
     def _normalise(self, raw_name: str, for_link_of: str | None = None) -> str | None:
         member = for_link_of if for_link_of is not None else raw_name
