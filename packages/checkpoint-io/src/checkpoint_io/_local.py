@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import functools
+import mmap
 import os
 from typing import Any
 
@@ -62,6 +65,69 @@ def _pread_all(fd: int, start: int, end: int) -> bytes:
     return b"".join(chunks)
 
 
+class _DirectWriter:
+    """Sequential writes of a large object, bypassing the page cache where it can.
+
+    Whole blocks go through ``O_DIRECT``, copied into one reused page-aligned buffer: the
+    device reads them straight from it, no kernel copy, no page cache to fill (and evict
+    the training job's own pages), so the CPU is left to compression and hashing. On a VM
+    whose page cache is cold this is several times faster than a buffered write. The
+    unaligned tail, and everything on a file system that refuses ``O_DIRECT`` (tmpfs,
+    some network mounts), is written the ordinary way.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._direct = False
+        self._buffer: mmap.mmap | None = None
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
+                self._direct = True
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        if self._direct and offset % self.ALIGN == 0:
+            whole = len(view) - len(view) % self.ALIGN
+            if whole and self._write_direct(view[:whole], offset):
+                view, offset = view[whole:], offset + whole
+            if view:
+                self._stop_direct()  # the unaligned tail: the object's last bytes
+        _pwrite_all(self.fd, view, offset)
+
+    def _write_direct(self, view: memoryview, offset: int) -> bool:
+        if self._buffer is None or len(self._buffer) < len(view):
+            self.close()
+            self._buffer = mmap.mmap(-1, len(view))  # page-aligned, as O_DIRECT needs
+        with memoryview(self._buffer) as aligned:
+            aligned[: len(view)] = view
+            try:
+                _pwrite_all(self.fd, aligned[: len(view)], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._stop_direct()  # accepted at open, refused at write: buffered it is
+                return False
+        return True
+
+    def _stop_direct(self) -> None:
+        if self._direct:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self._direct = False
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            # A failed write's traceback may still hold a view of the buffer; the mapping
+            # then goes when that does.
+            with contextlib.suppress(BufferError):
+                self._buffer.close()
+            self._buffer = None
+
+
 class _LocalUpload(Upload):
     ordered = True
 
@@ -70,6 +136,7 @@ class _LocalUpload(Upload):
         self._temp: str | None = None
         self._fd = -1
         self._offset = 0
+        self._writer: _DirectWriter | None = None
 
     def _open_temp(self) -> None:
         directory = os.path.dirname(self._path)
@@ -82,13 +149,20 @@ class _LocalUpload(Upload):
             await _blocking(self._open_temp)
 
     async def put_part(self, number: int, data: bytes) -> None:
-        await _blocking(_pwrite_all, self._fd, data, self._offset)
+        # Parts come only for objects larger than one part: worth bypassing the page cache.
+        if self._writer is None:
+            self._writer = _DirectWriter(self._fd)
+        await _blocking(self._writer.pwrite, data, self._offset)
         self._offset += len(data)
 
     async def finish(self, number: int, data: bytes, total: int) -> None:
         await self.begin()
         if data:
-            await self.put_part(number, data)
+            if self._writer is not None:
+                await self.put_part(number, data)
+            else:  # a single-part object: small, an ordinary write
+                await _blocking(_pwrite_all, self._fd, data, self._offset)
+                self._offset += len(data)
         await _blocking(self._publish)
 
     async def put_whole(self, data: bytes) -> None:
@@ -96,6 +170,7 @@ class _LocalUpload(Upload):
 
     def _publish(self) -> None:
         # Data on disk before the name points at it, and the rename itself made durable.
+        self._release_writer()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -103,7 +178,13 @@ class _LocalUpload(Upload):
         self._temp = None
         _fsync_dir(os.path.dirname(self._path))
 
+    def _release_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     async def abort(self) -> None:
+        self._release_writer()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

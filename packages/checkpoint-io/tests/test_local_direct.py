@@ -1,0 +1,113 @@
+"""Large local writes bypass the page cache with O_DIRECT, and fall back where it is refused."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import pytest
+from checkpoint_io import File, _local
+from checkpoint_io._local import _DirectWriter
+
+BLOCK = _DirectWriter.ALIGN
+
+
+def _data(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 31 + seed) % 251 for i in range(size))
+
+
+def _open(path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+def test_whole_blocks_go_direct_and_the_tail_does_not(tmp_path):
+    path = tmp_path / "obj"
+    fd = _open(path)
+    writer = _DirectWriter(fd)
+    try:
+        first, second = _data(3 * BLOCK), _data(2 * BLOCK + 123, seed=1)
+        writer.pwrite(first, 0)
+        assert writer._direct
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        writer.pwrite(second, len(first))
+        assert not writer._direct  # the unaligned tail was written buffered
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        writer.close()
+        os.close(fd)
+    assert path.read_bytes() == first + second
+
+
+def test_a_write_refused_with_einval_is_redone_buffered(tmp_path, monkeypatch):
+    real = _local._pwrite_all
+    refused = []
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(_local, "_pwrite_all", refuse_direct)
+    path = tmp_path / "obj"
+    fd = _open(path)
+    writer = _DirectWriter(fd)
+    try:
+        data = _data(4 * BLOCK, seed=2)
+        writer.pwrite(data[: 2 * BLOCK], 0)
+        writer.pwrite(data[2 * BLOCK :], 2 * BLOCK)
+    finally:
+        writer.close()
+        os.close(fd)
+    assert refused == [0]  # refused once, then never tried again
+    assert path.read_bytes() == data
+
+
+def test_other_write_errors_propagate(tmp_path, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_local, "_pwrite_all", full)
+    fd = _open(tmp_path / "obj")
+    writer = _DirectWriter(fd)
+    try:
+        with pytest.raises(OSError) as caught:
+            writer.pwrite(_data(BLOCK), 0)
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def test_a_file_system_without_o_direct_is_written_buffered(tmp_path, monkeypatch):
+    real = fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(_local.fcntl, "fcntl", no_direct)
+    path = tmp_path / "obj"
+    fd = _open(path)
+    writer = _DirectWriter(fd)
+    try:
+        assert not writer._direct
+        data = _data(3 * BLOCK + 5, seed=3)
+        writer.pwrite(data, 0)
+    finally:
+        writer.close()
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [0, 1, BLOCK, 64 * 1024, 64 * 1024 + 1, 3 * 64 * 1024 + 4097])
+def test_file_round_trip_across_part_and_block_edges(tmp_path, size):
+    file = File(path=str(tmp_path / "store" / "obj.bin")).with_options(part_size=64 * 1024)
+    data = _data(size, seed=size % 7)
+    with file.open_sync("wb") as out:
+        for start in range(0, size, 10_000):
+            out.write(data[start : start + 10_000])
+    assert (tmp_path / "store" / "obj.bin").read_bytes() == data
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["obj.bin"]  # no temp left
