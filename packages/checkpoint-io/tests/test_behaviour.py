@@ -252,3 +252,30 @@ class TestTransfers:
 
         got = run(go())
         assert got is None or got == old
+
+
+_CLIENT_PROCESS = r"""
+import sys
+from checkpoint_io import File
+file = File(path=sys.argv[1])
+with file.open_sync("wb") as f:
+    f.write(b"x" * 1000)
+with file.open_sync("rb") as f:
+    assert f.read() == b"x" * 1000
+print("done")
+"""
+
+
+def test_a_process_using_a_remote_store_exits_without_unclosed_session_warnings(remote_store):
+    # Client sessions are closed at exit, while the I/O loop still runs; aiohttp used to
+    # print "Unclosed client session" at the end of every such process.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLIENT_PROCESS, remote_store.uri("exit.bin")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert "Unclosed" not in proc.stderr, proc.stderr
