@@ -60,6 +60,29 @@ def test_facade_exports_the_api() -> None:
     assert flyte.io.File.__name__ == "File"
 
 
+def test_an_unsupported_scheme_fails_at_construction(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unsupported scheme ftp://"):
+        Checkpoint("ftp://host/ckpt")
+    with pytest.raises(ValueError, match="unsupported scheme ftp://"):
+        Checkpoint(tmp_path / "dest", "ftp://host/prev")
+
+
+@pytest.mark.parametrize("which", ["dest", "src"])
+def test_a_missing_client_library_fails_at_construction(which, tmp_path, monkeypatch) -> None:
+    # At task start, naming the extra to install, instead of at the first save an hour later.
+    import importlib.util
+
+    from checkpoint_io import MissingBackendError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a)
+    )
+    args = ("gs://bucket/ckpt",) if which == "dest" else (tmp_path / "dest", "gs://bucket/prev")
+    with pytest.raises(MissingBackendError, match=r"checkpoint-io\[gcs\]"):
+        Checkpoint(*args)
+
+
 @pytest.mark.parametrize("blank", [None, "", "   ", '""', "''", ' " " '])
 def test_blank_source_means_none(blank, tmp_path) -> None:
     cp = Checkpoint(str(tmp_path / "dest"), blank)

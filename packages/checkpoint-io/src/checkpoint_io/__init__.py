@@ -8,7 +8,7 @@
 from ._errors import MissingBackendError, ObjectChangedError, StorageRetryError
 from ._file import AsyncFile, File, SyncFile
 from ._loop import SyncInAsyncError
-from ._registry import filesystem
+from ._registry import filesystem, require_backend
 from ._retry import RetryPolicy
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "SyncFile",
     "SyncInAsyncError",
     "filesystem",
+    "require_backend",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 from ._backend import Backend
 from ._loop import on_new_loop
 
-__all__ = ["backend_for", "close_backends", "filesystem", "scheme_of"]
+__all__ = ["backend_for", "close_backends", "filesystem", "require_backend", "scheme_of"]
 
 # scheme -> (backend module, class, fsspec protocol, pip extra or None, client module)
 _SCHEMES: dict[str, tuple[str, str, str, str | None, str | None]] = {
@@ -47,6 +47,18 @@ def _require_client(scheme: str) -> None:
         from ._errors import MissingBackendError
 
         raise MissingBackendError(scheme, extra, client)
+
+
+def require_backend(uri: str) -> None:
+    """Fail now if ``uri`` cannot be served: an unsupported scheme raises ``ValueError``, a
+    missing client library :class:`MissingBackendError` naming the pip extra. Otherwise the
+    client library is imported, so that the first transfer does not pay for it. No I/O."""
+    scheme = scheme_of(uri)
+    _require_client(scheme)
+    module_name, _, _, _, client = _SCHEMES[scheme]
+    importlib.import_module(f"checkpoint_io.{module_name}")
+    if client is not None:
+        importlib.import_module(client)
 
 
 def _options_key(options: dict[str, Any]) -> str:

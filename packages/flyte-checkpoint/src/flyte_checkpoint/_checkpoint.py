@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
-from checkpoint_io import File, SyncInAsyncError, filesystem
+from checkpoint_io import File, SyncInAsyncError, filesystem, require_backend
 
 from ._progress import Progress
 
@@ -147,6 +147,10 @@ class Checkpoint(BaseCheckpoint):
 
     Use it as a context manager, or call :meth:`close`, to remove the local workspace;
     otherwise it is removed when the process exits.
+
+    A location that cannot be served fails here, at task start, not at the first save an
+    hour later: an unsupported scheme raises ``ValueError``, a missing client library
+    :class:`checkpoint_io.MissingBackendError` naming the pip extra to install.
     """
 
     def __init__(
@@ -161,6 +165,9 @@ class Checkpoint(BaseCheckpoint):
             raise ValueError("Checkpoint needs a destination: checkpoint_dest is empty")
         self._dest = dest
         self._src = _location(checkpoint_src)
+        for uri in (self._dest, self._src):
+            if uri is not None:
+                require_backend(uri)  # and import the client now, not inside the first save
         self._storage_options = storage_options
         self._workspace: pathlib.Path | None = None
         self._workspace_lock = threading.Lock()
