@@ -97,8 +97,9 @@ class Backend(abc.ABC):
     min_part_size: int = 1
     #: Every part except the last must be a multiple of this many bytes.
     part_multiple: int = 1
-    #: Most parts one multipart upload may have.
+    #: Most parts one multipart upload may have, and the largest part.
     max_parts: int = 1_000_000
+    max_part_size: int = 4000 * MiB
     #: Default number of parts or ranges in flight at once.
     concurrency: int = 4
     #: Block a streaming read hands out (and aligns to), and most bytes it fetches ahead.

@@ -98,9 +98,13 @@ class _S3Upload(Upload):
 
 
 class S3Backend(Backend):
-    part_size = 8 * MiB
+    # 5 MiB parts, 4 in flight (as rclone does): each part in flight is held twice (ours,
+    # and the copy aiohttp makes of botocore's BytesIO), so this keeps a save near 100 MiB
+    # of buffers. Parts grow past the first 1,000 (see StreamWriter._part_size).
+    part_size = 5 * MiB
     min_part_size = 5 * MiB
     max_parts = 10_000
+    max_part_size = 5 * 1024 * MiB
     concurrency = 4
 
     def __init__(self, storage_options: dict[str, Any]) -> None:

@@ -77,15 +77,14 @@ class StreamWriter:
             raise ValueError(f"write to {self._t.uri}: file is already {self._state}")
         view = memoryview(data).cast("B")
         size = view.nbytes
-        part_size = self._t.part_size
         try:
             while view.nbytes:
-                if len(self._buffer) == part_size:
+                if len(self._buffer) == self._part_size():
                     # A full part is only sent once more data arrives, so the final part
                     # handed to finish() is never empty unless the object is.
                     part, self._buffer = bytes(self._buffer), bytearray()
                     await self._send(part)
-                room = part_size - len(self._buffer)
+                room = self._part_size() - len(self._buffer)
                 self._buffer += view[:room]
                 view = view[room:]
         except BaseException:
@@ -93,6 +92,15 @@ class StreamWriter:
             raise
         self._written += size
         return size
+
+    def _part_size(self) -> int:
+        """The size of the part being filled. It doubles after every tenth of the backend's
+        part limit, so that a stream of unknown length never runs out of parts: on S3
+        (10,000 parts, 5 MiB to start) the first 4.9 GiB go in 5 MiB parts, memory stays
+        small for the usual checkpoint, and the limit is about 5 TiB instead of 48 GiB."""
+        backend = self._t.backend
+        doublings = min(self._parts_sent // max(1, backend.max_parts // 10), 9)
+        return max(self._t.part_size, min(self._t.part_size << doublings, backend.max_part_size))
 
     async def _send(self, part: bytes) -> None:
         self._raise_failure()
@@ -104,7 +112,7 @@ class StreamWriter:
             self._parts_sent += 1
             if self._parts_sent >= self._t.backend.max_parts:
                 raise OSError(f"write to {self._t.uri}: more than {self._t.backend.max_parts}"
-                              f" parts of {self._t.part_size} bytes; raise part_size")
+                              f" parts (the last of {len(part)} bytes); raise part_size")
         except BaseException:
             self._slots.release()
             raise
