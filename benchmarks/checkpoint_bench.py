@@ -101,6 +101,8 @@ class Row:
     peak_rss: int
     rss_growth: int
     temp_disk: int
+    #: CPU seconds the storage server (moto) used during the operation, on the same cores.
+    server_cpu: float = 0.0
 
     @property
     def mbps(self) -> float:
@@ -259,7 +261,10 @@ import os, sys, threading, time
 roots = sys.argv[1:]
 
 def used():
+    # Counted once per inode: a tree renamed while it is being walked (a restore publishing
+    # its staging directory) would otherwise be counted under both names.
     total = 0
+    seen = set()
     stack = [r for r in roots if os.path.isdir(r)]
     while stack:
         try:
@@ -268,7 +273,8 @@ def used():
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
+                        elif entry.is_file(follow_symlinks=False) and entry.inode() not in seen:
+                            seen.add(entry.inode())
                             total += entry.stat(follow_symlinks=False).st_size
                     except FileNotFoundError:
                         continue
@@ -308,11 +314,26 @@ class DiskWatch:
         return int(out.strip().splitlines()[-1])
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(
-    python: str, args: dict, env: dict[str, str], tmp: Path, store: Path | None, trash: Path
+    python: str,
+    args: dict,
+    env: dict[str, str],
+    tmp: Path,
+    store: Path | None,
+    trash: Path,
+    server_pid: int | None = None,
 ) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     watch = DiskWatch(tmp, *([store] if store else []))
+    server_before = _cpu_seconds(server_pid)
     proc = subprocess.run(
         [python, "-c", CHILD, json.dumps(args)],
         env={**os.environ, **env, "TMPDIR": str(tmp), "FLYTE_CHECKPOINT_PROGRESS": "off"},
@@ -321,10 +342,12 @@ def run_child(
         check=False,
     )
     growth = watch.growth()
+    server_cpu = _cpu_seconds(server_pid) - server_before
     if proc.returncode != 0:
         raise RuntimeError(f"{python} {args['op']} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["temp_disk"] = max(0, growth - result["artifact"])
+    result["server_cpu"] = server_cpu
     _discard(tmp, result["files"], trash)
     return result
 
@@ -383,7 +406,10 @@ def bench(args: argparse.Namespace) -> list[Row]:
                         local_store = work / "store" / impl / str(wi) if store == "file" else None
                         if local_store is not None and op == "save":
                             shutil.rmtree(local_store, ignore_errors=True)
-                        r = run_child(python, child_args, env, work / "tmp", local_store, trash)
+                        r = run_child(
+                            python, child_args, env, work / "tmp", local_store, trash,
+                            moto.proc.pid if (store == "s3" and moto) else None,
+                        )
                         row = Row(
                             name,
                             store,
@@ -394,11 +420,13 @@ def bench(args: argparse.Namespace) -> list[Row]:
                             r["peak_rss"],
                             r["peak_rss"] - r["base_rss"],
                             r["temp_disk"],
+                            r["server_cpu"],
                         )
                         print(
                             f"  {store:4} {name:22} {op:4} {impl:8} {row.seconds:7.2f} s"
                             f" {row.mbps:8.1f} MB/s  rss {row.peak_rss / MiB:6.0f} MiB"
-                            f"  tmp {row.temp_disk / MiB:6.0f} MiB",
+                            f"  tmp {row.temp_disk / MiB:6.0f} MiB"
+                            + (f"  server cpu {row.server_cpu:5.1f} s" if row.server_cpu else ""),
                             flush=True,
                         )
                         best[impl] = _better(best.get(impl), row)
@@ -427,8 +455,8 @@ def table(rows: list[Row]) -> str:
     by = {(r.workload, r.store, r.op, r.impl): r for r in rows}
     lines = [
         "| store | workload | op | upstream s | ours s | upstream MB/s | ours MB/s | speed-up |"
-        " RSS upstream | RSS ours | tmp disk upstream | tmp disk ours |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " RSS upstream | RSS ours | tmp disk upstream | tmp disk ours | server CPU s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seen = []
     for r in rows:
@@ -444,6 +472,7 @@ def table(rows: list[Row]) -> str:
             f" {up.mbps:.0f} | {us.mbps:.0f} | **{up.seconds / us.seconds:.1f}x** |"
             f" {up.peak_rss / MiB:.0f} MiB | {us.peak_rss / MiB:.0f} MiB |"
             f" {up.temp_disk / MiB:.0f} MiB | {us.temp_disk / MiB:.0f} MiB |"
+            + (f" {up.server_cpu:.1f} / {us.server_cpu:.1f} |" if r.store == "s3" else " - |")
         )
     return "\n".join(lines)
 
