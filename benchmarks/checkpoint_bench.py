@@ -71,12 +71,14 @@ else:
 open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
 base = status("VmRSS")
 started = time.perf_counter()
+cpu = os.times()
 if args["op"] == "save":
     cp.save_sync(payload)
     result = None
 else:
     result = cp.load_sync()
 seconds = time.perf_counter() - started
+cpu_user, cpu_sys = os.times().user - cpu.user, os.times().system - cpu.system
 peak = status("VmHWM")
 if args["op"] == "save":
     local = args["dest"].removeprefix("file://")
@@ -85,7 +87,7 @@ if args["op"] == "save":
 else:
     artifact, files = tree_size(result) if result is not None else (0, 0)
 print(json.dumps({"seconds": seconds, "peak_rss": peak, "base_rss": base, "artifact": artifact,
-                  "files": files}))
+                  "files": files, "cpu_user": cpu_user, "cpu_sys": cpu_sys}))
 sys.stdout.flush()
 """
 
@@ -385,9 +387,15 @@ def bench(args: argparse.Namespace) -> list[Row]:
             for wi, (name, (data, as_bytes, size)) in enumerate(workloads.items()):
                 for op in ("save", "load"):
                     best: dict[str, Row] = {}
-                    # Interleaved (upstream, ours, upstream, ours, ...) so that drift in the
-                    # machine's speed falls on both; each keeps its fastest run.
-                    for _, (impl, python) in itertools.product(range(args.repeat), impls.items()):
+                    # Interleaved as upstream, ours, ours, upstream, ... so that drift in the
+                    # machine's speed falls on both (file creation here slows down run after
+                    # run, see _discard); each keeps its fastest run. Upstream goes first,
+                    # so a drift favours it, never us.
+                    order = [
+                        list(impls.items())[:: 1 if rnd % 2 == 0 else -1]
+                        for rnd in range(args.repeat)
+                    ]
+                    for impl, python in itertools.chain.from_iterable(order):
                         base = (
                             f"file://{work}/store/{impl}/{wi}"
                             if store == "file"
@@ -426,6 +434,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
                             f"  {store:4} {name:22} {op:4} {impl:8} {row.seconds:7.2f} s"
                             f" {row.mbps:8.1f} MB/s  rss {row.peak_rss / MiB:6.0f} MiB"
                             f"  tmp {row.temp_disk / MiB:6.0f} MiB"
+                            f"  cpu user {r['cpu_user']:5.2f} s sys {r['cpu_sys']:5.2f} s"
                             + (f"  server cpu {row.server_cpu:5.1f} s" if row.server_cpu else ""),
                             flush=True,
                         )
