@@ -403,7 +403,7 @@ class TarReader:
             raise CorruptArchiveError(
                 "CF-INTEG-02", f"pax header at tar offset {offset}: {exc}"
             ) from None
-        if any(key.startswith("GNU.sparse.") for key in records):
+        if b"GNU.sparse." in payload and any(key.startswith("GNU.sparse.") for key in records):
             name = records.get("GNU.sparse.name") or records.get("path")
             self._violation(
                 UnsafeMemberError("CF-EXTRACT-05", "GNU sparse files are not supported", name)
@@ -629,7 +629,8 @@ class TarReader:
     def _normalise(self, raw_name: str, for_link_of: str | None = None) -> str | None:
         member = for_link_of if for_link_of is not None else raw_name
         what = "hard link target" if for_link_of is not None else "name"
-        if len(raw_name.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
+        encoded_length = len(raw_name.encode("utf-8", "surrogateescape"))
+        if encoded_length > self.limits.max_name_length:
             return self._refuse(self._name_too_long(what, member))
         if raw_name.startswith("/"):
             return self._refuse(
@@ -642,7 +643,7 @@ class TarReader:
                     "CF-EXTRACT-02", f"{what} {raw_name!r} has a '..' component", member
                 )
             )
-        for part in parts:
+        for part in parts if encoded_length > _MAX_COMPONENT else ():  # else none can be
             if len(part.encode("utf-8", "surrogateescape")) > _MAX_COMPONENT:
                 return self._refuse(
                     UnsafeMemberError(
