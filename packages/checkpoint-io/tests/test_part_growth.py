@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from checkpoint_io import File
 from checkpoint_io._memory import MemoryBackend
-from checkpoint_io._stream import StreamWriter, Transfer
 from checkpoint_io._retry import RetryPolicy
+from checkpoint_io._stream import StreamWriter, Transfer
 
 KiB = 1024
 
