@@ -163,3 +163,32 @@ def test_empty_directory_round_trips(tmp_path: Path) -> None:
     assert tarfile.is_tarfile(io.BytesIO(blob.getvalue()))
     with tarfile.open(fileobj=io.BytesIO(blob.getvalue())) as tar:
         assert tar.getmembers() == []
+
+
+def test_modes_are_exact_under_a_default_acl(tmp_path: Path) -> None:
+    """A default ACL on the directory masks a new file's mode instead of the umask; the
+    restored mode must still be the member's (CF-EXTRACT-10)."""
+    import struct
+
+    import pytest
+
+    # user::rwx group::r-x other::--- as the kernel's xattr encoding (setfacl -d -m o::-).
+    entries = ((0x01, 7), (0x04, 5), (0x20, 0))
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries
+    )
+    try:
+        os.setxattr(tmp_path, "system.posix_acl_default", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs here: {exc}")
+    source = tmp_path / "src"
+    source.mkdir()
+    for name, mode in (("public.txt", 0o644), ("script.sh", 0o755)):
+        (source / name).write_bytes(b"abc")
+        os.chmod(source / name, mode)
+    buffer = io.BytesIO()
+    write_tarball(source, buffer)
+    buffer.seek(0)
+    restore(buffer, tmp_path / "target")
+    assert stat.S_IMODE(os.stat(tmp_path / "target" / "public.txt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "target" / "script.sh").st_mode) == 0o755

@@ -134,7 +134,6 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
     directories: dict[str, Member] = {}
     restored = 0
     size = 0
-    umask = _umask()
     try:
         with reader:
             for member, chunks in reader.members():
@@ -142,7 +141,7 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
                     _make_parents(member.name, made, root)
                     restored += 1
                     if member.type == "file":
-                        size += _write_file(member, chunks, root, umask)
+                        size += _write_file(member, chunks, root)
                     elif member.type == "dir":
                         if member.name not in made:
                             os.mkdir(member.name, 0o700, dir_fd=root)
@@ -188,12 +187,11 @@ def _naming(exc: OSError, member: str) -> OSError:
     return error
 
 
-def _write_file(member: Member, chunks, root: int, umask: int | None) -> int:
-    # Created with its final mode when the umask leaves it whole: one fchmod less per file,
-    # which counts when a checkpoint holds tens of thousands of small files. Nobody else can
-    # open it meanwhile: the staging directory is private until it is published.
-    exact = umask is not None and member.mode & umask == 0
-    fd = os.open(member.name, _FILE_FLAGS, member.mode if exact else 0o600, dir_fd=root)
+def _write_file(member: Member, chunks, root: int) -> int:
+    # Created private, its mode set once the content is in place. (Creating it with its
+    # final mode and skipping the fchmod is not exact: a default ACL on the directory, or
+    # another thread's umask, would narrow it.)
+    fd = os.open(member.name, _FILE_FLAGS, 0o600, dir_fd=root)
     written = 0
     try:
         for chunk in chunks:
@@ -201,22 +199,8 @@ def _write_file(member: Member, chunks, root: int, umask: int | None) -> int:
             while view:
                 view = view[os.write(fd, view) :]
             written += len(chunk)
-        if not exact:
-            os.fchmod(fd, member.mode)
+        os.fchmod(fd, member.mode)
         os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
     finally:
         os.close(fd)
     return written
-
-
-def _umask() -> int | None:
-    """The process umask, read without changing it (``os.umask`` sets it, which races with
-    other threads creating files). None where ``/proc`` does not say (then chmod always)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
