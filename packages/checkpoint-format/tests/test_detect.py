@@ -146,3 +146,17 @@ def test_bad_pax_mtimes_are_refused(value: str) -> None:
 
     with pytest.raises(HeaderError, match="pax mtime"):
         parse_pax_mtime(value)
+
+
+def test_pax_mtimes_do_not_depend_on_the_callers_decimal_context() -> None:
+    import decimal
+
+    from checkpoint_format._tarheader import parse_pax_mtime
+
+    values = ["1.700000000123456789e9", "-1e-999999999", "5e-05", "1e-9999999"]
+    expected = [parse_pax_mtime(v) for v in values]
+    assert expected[:2] == [1_700_000_000_123_456_789, -1]
+    with decimal.localcontext() as ctx:
+        ctx.prec = 12
+        ctx.traps[decimal.Underflow] = True
+        assert [parse_pax_mtime(v) for v in values] == expected

@@ -111,3 +111,52 @@ def test_file_round_trip_across_part_and_block_edges(tmp_path, size):
             out.write(data[start : start + 10_000])
     assert (tmp_path / "store" / "obj.bin").read_bytes() == data
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["obj.bin"]  # no temp left
+
+
+def test_a_write_that_outlives_its_attempt_is_harmless(tmp_path, monkeypatch):
+    # Found in review: a part write stalled past attempt_timeout kept running after the
+    # retry, and wrote from the shared aligned buffer, which by then held a later part.
+    import threading
+    import time
+
+    from checkpoint_io import RetryPolicy
+
+    real = os.pwrite
+    calls = []
+    lock = threading.Lock()
+
+    def stall_the_first(fd, data, offset):
+        with lock:
+            calls.append(offset)
+            first = len(calls) == 1
+        time.sleep(0.4 if first else 0.05)  # the rest of the upload outlasts the stall
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", stall_the_first)
+    part = 64 * 1024
+    data = b"".join(bytes([i]) * part for i in range(20))  # part i is all byte i
+    file = File(path=str(tmp_path / "obj.bin")).with_options(
+        part_size=part, retry=RetryPolicy(attempt_timeout=0.2, base_delay=0.0, max_delay=0.0)
+    )
+    with file.open_sync("wb") as out:
+        out.write(data)
+    time.sleep(0.5)  # let the stalled write finish, whenever it does
+    assert (tmp_path / "obj.bin").read_bytes() == data
+    assert len(calls) > 20  # the stalled part was written twice
+
+
+def test_finish_retried_after_a_late_publish_does_not_write_the_tail_twice(tmp_path):
+    from checkpoint_io._loop import run_sync
+
+    upload = _local._LocalUpload(str(tmp_path / "obj.bin"))
+    head, tail = _data(3 * BLOCK, seed=4), _data(100, seed=5)
+
+    async def go():
+        await upload.begin()
+        await upload.put_part(1, head)
+        await upload.finish(2, tail, len(head) + len(tail))
+        await upload.finish(2, tail, len(head) + len(tail))  # as a retry would
+
+    run_sync(go, name="upload")
+    assert (tmp_path / "obj.bin").read_bytes() == head + tail
+    assert [p.name for p in tmp_path.iterdir()] == ["obj.bin"]

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import struct
 import zlib
-from decimal import Decimal, InvalidOperation, Overflow
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, InvalidOperation, Overflow
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -32,6 +32,10 @@ EXTENDED_TYPES = (PAX_LOCAL, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK)
 _CHKSUM = slice(148, 156)
 _OCTAL_BODY = re.compile(rb"[0-7]*")
 # A pax mtime of whole seconds and up to nine fraction digits: exact in integers.
+# The general path's arithmetic, independent of the calling thread's decimal context: the
+# values have at most 64 characters, so 80 digits are exact, and the widest exponents mean
+# that a tiny value floors like any other instead of underflowing to zero.
+_DECIMAL = Context(prec=80, Emin=MIN_EMIN, Emax=MAX_EMAX, traps=[InvalidOperation, Overflow])
 _PLAIN_PAX_MTIME = re.compile(r"(-?)([0-9]{1,12})(?:\.([0-9]{0,9}))?")
 _PAX_MTIME = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")  # CF-MARK-05
 
@@ -160,9 +164,10 @@ def parse_pax_mtime(value: str) -> int:
         raise HeaderError(f"pax mtime {value[:20]!r}... is too long")
     try:
         seconds = Decimal(value)
-        if abs(seconds) > 10**12:  # keeps the arithmetic small; the reader bounds it further
+        if _DECIMAL.abs(seconds).compare(Decimal(10**12)) > 0:  # the reader bounds it further
             raise HeaderError(f"pax mtime {value!r} is out of range")
-        return int((seconds * 1_000_000_000).to_integral_value(rounding="ROUND_FLOOR"))
+        nanoseconds = _DECIMAL.multiply(seconds, Decimal(1_000_000_000))
+        return int(nanoseconds.to_integral_value(rounding="ROUND_FLOOR", context=_DECIMAL))
     except Overflow:  # an exponent past the decimal context ("1e9999999")
         raise HeaderError(f"pax mtime {value[:20]!r} is out of range") from None
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals

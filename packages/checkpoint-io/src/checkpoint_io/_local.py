@@ -9,6 +9,7 @@ import fcntl
 import functools
 import mmap
 import os
+import threading
 from typing import Any
 
 from ._backend import Backend, MiB, Source, Upload
@@ -129,53 +130,80 @@ class _DirectWriter:
 
 
 class _LocalUpload(Upload):
+    """A temp sibling, written at fixed offsets, fsynced and renamed into place.
+
+    Each step runs on an executor thread, and a step that outlives its attempt timeout keeps
+    running while the retry goes ahead. So every step holds ``_lock``, which also guards
+    the shared aligned buffer; writes go to offsets fixed by the data itself, so a late
+    write repeats the same bytes at the same place; and closing the descriptor waits for
+    late writes and turns later ones into errors, never into writes to a reused number.
+    """
+
     ordered = True
 
     def __init__(self, path: str) -> None:
         self._path = path
         self._temp: str | None = None
         self._fd = -1
-        self._offset = 0
+        self._offset = 0  # where the next part goes (advanced once a part is written)
         self._writer: _DirectWriter | None = None
+        self._lock = threading.Lock()
+        self._state = "new"  # -> "open" -> "published" | "aborted"
 
     def _open_temp(self) -> None:
-        directory = os.path.dirname(self._path)
-        os.makedirs(directory, exist_ok=True)
-        self._temp = _temp_sibling(self._path)
-        self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with self._lock:
+            if self._state != "new":
+                return
+            directory = os.path.dirname(self._path)
+            os.makedirs(directory, exist_ok=True)
+            self._temp = _temp_sibling(self._path)
+            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._state = "open"
+
+    def _write(self, data: bytes, offset: int, direct: bool) -> None:
+        with self._lock:
+            if self._state != "open":
+                raise OSError(f"write to {self._path} after the upload was {self._state}")
+            if direct and self._writer is None:
+                self._writer = _DirectWriter(self._fd)
+            if self._writer is not None:
+                self._writer.pwrite(data, offset)
+            else:
+                _pwrite_all(self._fd, data, offset)
 
     async def begin(self) -> None:
-        if self._fd < 0:
-            await _blocking(self._open_temp)
+        await _blocking(self._open_temp)
 
     async def put_part(self, number: int, data: bytes) -> None:
         # Parts come only for objects larger than one part: worth bypassing the page cache.
-        if self._writer is None:
-            self._writer = _DirectWriter(self._fd)
-        await _blocking(self._writer.pwrite, data, self._offset)
+        await _blocking(self._write, data, self._offset, True)
         self._offset += len(data)
 
     async def finish(self, number: int, data: bytes, total: int) -> None:
+        if self._state == "published":  # a retry of a finish whose publish ran late
+            return
         await self.begin()
-        if data:
-            if self._writer is not None:
-                await self.put_part(number, data)
-            else:  # a single-part object: small, an ordinary write
-                await _blocking(_pwrite_all, self._fd, data, self._offset)
-                self._offset += len(data)
+        if data:  # at its final place whatever happened before: a retry writes it again there
+            await _blocking(self._write, data, total - len(data), number > 1)
         await _blocking(self._publish)
 
     async def put_whole(self, data: bytes) -> None:
         await self.finish(1, data, len(data))
 
     def _publish(self) -> None:
-        # Data on disk before the name points at it, and the rename itself made durable.
-        self._release_writer()
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self._temp, self._path)
-        self._temp = None
+        with self._lock:
+            if self._state == "published":  # a retry after a publish that ran late
+                return
+            if self._state != "open":
+                raise OSError(f"publish of {self._path} after the upload was {self._state}")
+            # Data on disk before the name points at it, and the rename itself made durable.
+            self._release_writer()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._temp, self._path)
+            self._temp = None
+            self._state = "published"
         _fsync_dir(os.path.dirname(self._path))
 
     def _release_writer(self) -> None:
@@ -183,15 +211,22 @@ class _LocalUpload(Upload):
             self._writer.close()
             self._writer = None
 
+    def _discard(self) -> None:
+        with self._lock:
+            if self._state == "published":
+                return
+            self._state = "aborted"
+            self._release_writer()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._temp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._temp)
+                self._temp = None
+
     async def abort(self) -> None:
-        self._release_writer()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._temp)
-            self._temp = None
+        await _blocking(self._discard)
 
 
 class LocalBackend(Backend):

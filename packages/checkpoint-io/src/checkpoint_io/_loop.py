@@ -67,9 +67,8 @@ def _close_clients_at_exit() -> None:
         return
     from ._registry import close_backends
 
-    future = asyncio.run_coroutine_threadsafe(close_backends(), state[1])
     with contextlib.suppress(Exception):  # best effort: the process is ending either way
-        future.result(timeout=5)
+        asyncio.run_coroutine_threadsafe(close_backends(), state[1]).result(timeout=5)
 
 
 atexit.register(_close_clients_at_exit)

@@ -85,8 +85,14 @@ async def close_backends() -> None:
     """Close every cached client session (they are recreated on next use)."""
     backends = list(_cache.values())
     _cache.clear()
-    for backend in backends:
-        await backend.close()
+    failures = []
+    for backend in backends:  # every one, even after a failure
+        try:
+            await backend.close()
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None, **kwargs: Any):
