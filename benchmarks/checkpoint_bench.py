@@ -105,6 +105,9 @@ class Row:
     temp_disk: int
     #: CPU seconds the storage server (moto) used during the operation, on the same cores.
     server_cpu: float = 0.0
+    #: CPU seconds of the measured process itself during the operation (all its threads).
+    cpu_user: float = 0.0
+    cpu_sys: float = 0.0
 
     @property
     def mbps(self) -> float:
@@ -429,12 +432,14 @@ def bench(args: argparse.Namespace) -> list[Row]:
                             r["peak_rss"] - r["base_rss"],
                             r["temp_disk"],
                             r["server_cpu"],
+                            r["cpu_user"],
+                            r["cpu_sys"],
                         )
                         print(
                             f"  {store:4} {name:22} {op:4} {impl:8} {row.seconds:7.2f} s"
                             f" {row.mbps:8.1f} MB/s  rss {row.peak_rss / MiB:6.0f} MiB"
                             f"  tmp {row.temp_disk / MiB:6.0f} MiB"
-                            f"  cpu user {r['cpu_user']:5.2f} s sys {r['cpu_sys']:5.2f} s"
+                            f"  cpu user {row.cpu_user:5.2f} s sys {row.cpu_sys:5.2f} s"
                             + (f"  server cpu {row.server_cpu:5.1f} s" if row.server_cpu else ""),
                             flush=True,
                         )
