@@ -160,3 +160,20 @@ def test_finish_retried_after_a_late_publish_does_not_write_the_tail_twice(tmp_p
     run_sync(go, name="upload")
     assert (tmp_path / "obj.bin").read_bytes() == head + tail
     assert [p.name for p in tmp_path.iterdir()] == ["obj.bin"]
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
+def test_direct_writes_can_be_turned_off(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(_DirectWriter.ENV, value)
+    path = tmp_path / "obj"
+    fd = _open(path)
+    writer = _DirectWriter(fd)
+    try:
+        assert not writer._direct
+        data = _data(2 * BLOCK, seed=6)
+        writer.pwrite(data, 0)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        writer.close()
+        os.close(fd)
+    assert path.read_bytes() == data
