@@ -31,11 +31,11 @@ EXTENDED_TYPES = (PAX_LOCAL, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK)
 
 _CHKSUM = slice(148, 156)
 _OCTAL_BODY = re.compile(rb"[0-7]*")
-# A pax mtime of whole seconds and up to nine fraction digits: exact in integers.
 # The general path's arithmetic, independent of the calling thread's decimal context: the
 # values have at most 64 characters, so 80 digits are exact, and the widest exponents mean
 # that a tiny value floors like any other instead of underflowing to zero.
 _DECIMAL = Context(prec=80, Emin=MIN_EMIN, Emax=MAX_EMAX, traps=[InvalidOperation, Overflow])
+# A pax mtime of whole seconds and up to nine fraction digits: exact in integers.
 _PLAIN_PAX_MTIME = re.compile(r"(-?)([0-9]{1,12})(?:\.([0-9]{0,9}))?")
 _PAX_MTIME = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")  # CF-MARK-05
 

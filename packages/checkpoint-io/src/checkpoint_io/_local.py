@@ -176,7 +176,8 @@ class _LocalUpload(Upload):
                 _pwrite_all(self._fd, data, offset)
 
     async def begin(self) -> None:
-        await _blocking(self._open_temp)
+        if self._state == "new":  # checked again under the lock
+            await _blocking(self._open_temp)
 
     async def put_part(self, number: int, data: bytes) -> None:
         # Parts come only for objects larger than one part: worth bypassing the page cache.
