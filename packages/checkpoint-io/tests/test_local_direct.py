@@ -39,14 +39,15 @@ def test_whole_blocks_go_direct_and_the_tail_does_not(tmp_path):
     assert path.read_bytes() == first + second
 
 
-def test_a_write_refused_with_einval_is_redone_buffered(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP])
+def test_a_write_refused_at_write_time_is_redone_buffered(tmp_path, monkeypatch, code):
     real = _local._pwrite_all
     refused = []
 
     def refuse_direct(fd, data, offset):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(code, os.strerror(code))
         real(fd, data, offset)
 
     monkeypatch.setattr(_local, "_pwrite_all", refuse_direct)

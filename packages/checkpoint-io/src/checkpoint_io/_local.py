@@ -112,7 +112,7 @@ class _DirectWriter:
             try:
                 _pwrite_all(self.fd, aligned[: len(view)], offset)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
                 self._stop_direct()  # accepted at open, refused at write: buffered it is
                 return False
