@@ -178,3 +178,96 @@ def test_direct_writes_can_be_turned_off(tmp_path, monkeypatch, value):
         writer.close()
         os.close(fd)
     assert path.read_bytes() == data
+
+
+def _quick_retries(**kwargs):
+    from checkpoint_io import RetryPolicy
+
+    return RetryPolicy(attempt_timeout=0.2, base_delay=0.0, max_delay=0.0, **kwargs)
+
+
+def test_a_publish_that_outlives_its_attempt_is_awaited_not_failed(tmp_path, monkeypatch):
+    # Found in review: the retry of a finish whose fsync ran late failed the commit,
+    # although the object was then published whole.
+    import time
+
+    real = os.fsync
+    calls = []
+
+    def slow_first_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_first_fsync)
+    part = 64 * 1024
+    data = _data(3 * part + 100, seed=7)
+    file = File(path=str(tmp_path / "obj.bin")).with_options(
+        part_size=part, retry=_quick_retries()
+    )
+    with file.open_sync("wb") as out:
+        out.write(data)
+    assert (tmp_path / "obj.bin").read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["obj.bin"]
+    assert len(calls) == 2  # the file once (by the attempt that ran late), then its directory
+
+
+def test_retries_go_ahead_beside_a_stalled_write(tmp_path, monkeypatch):
+    # Found in review: retries used to queue behind the stalled write on a lock, filling
+    # the executor (an unrelated write then waited for the stall) and failing the upload.
+    import threading
+    import time
+
+    real = os.pwrite
+    release = threading.Event()
+    calls = []
+
+    def stall_the_first(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            release.wait(10)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", stall_the_first)
+    part = 64 * 1024
+    data = _data(3 * part + 100, seed=8)
+    file = File(path=str(tmp_path / "obj.bin")).with_options(
+        part_size=part, retry=_quick_retries()
+    )
+    started = time.monotonic()
+    with file.open_sync("wb") as out:
+        out.write(data)
+    other = File(path=str(tmp_path / "other.bin"))
+    with other.open_sync("wb") as out:
+        out.write(b"small")
+    elapsed = time.monotonic() - started
+    release.set()
+    time.sleep(0.2)  # the stalled write lands late, with the same bytes at the same place
+    assert elapsed < 5
+    assert (tmp_path / "obj.bin").read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obj.bin", "other.bin"]
+
+
+def test_abort_removes_the_temp_file_even_when_close_fails(tmp_path, monkeypatch):
+    from checkpoint_io._loop import run_sync
+
+    upload = _local._LocalUpload(str(tmp_path / "obj.bin"))
+
+    async def go():
+        await upload.begin()
+        await upload.put_part(1, _data(2 * BLOCK))
+        real_close = os.close
+
+        def failing_close(fd):
+            real_close(fd)
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")  # a deferred write error
+
+        monkeypatch.setattr(os, "close", failing_close)
+        try:
+            await upload.abort()
+        finally:
+            monkeypatch.setattr(os, "close", real_close)
+
+    run_sync(go, name="upload")
+    assert list(tmp_path.iterdir()) == []

@@ -67,14 +67,17 @@ def _pread_all(fd: int, start: int, end: int) -> bytes:
 
 
 class _DirectWriter:
-    """Sequential writes of a large object, bypassing the page cache where it can.
+    """Writes of a large object, bypassing the page cache where it can.
 
-    Whole blocks go through ``O_DIRECT``, copied into one reused page-aligned buffer: the
-    device reads them straight from it, no kernel copy, no page cache to fill (and evict
-    the training job's own pages), so the CPU is left to compression and hashing. On a VM
-    whose page cache is cold this is several times faster than a buffered write. The
-    unaligned tail, and everything on a file system that refuses ``O_DIRECT`` (tmpfs,
-    some network mounts), is written the ordinary way.
+    Whole blocks go through ``O_DIRECT``, copied into a page-aligned buffer: the device
+    reads them straight from it, no kernel copy, no page cache to fill (and evict the
+    training job's own pages), so the CPU is left to compression and hashing. On a VM whose
+    page cache is cold this is several times faster than a buffered write. The unaligned
+    tail, and everything on a file system that refuses ``O_DIRECT`` (tmpfs, some network
+    mounts), is written the ordinary way.
+
+    Writes may overlap (a retry beside a write that outlived its attempt): each holds an
+    aligned buffer of its own while it writes; one is kept for reuse.
     """
 
     ALIGN = 4096
@@ -85,7 +88,8 @@ class _DirectWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._direct = False
-        self._buffer: mmap.mmap | None = None
+        self._lock = threading.Lock()  # guards _direct and _spare
+        self._spare: mmap.mmap | None = None
         flag = getattr(os, "O_DIRECT", 0)
         wanted = os.environ.get(self.ENV, "on").strip().lower() not in ("0", "off", "false", "no")
         if flag and wanted:
@@ -93,54 +97,73 @@ class _DirectWriter:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
                 self._direct = True
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes, offset: int, fd: int | None = None) -> None:
+        """Write ``data`` at ``offset`` through ``fd`` (a descriptor of the same open file,
+        whose flags it shares; by default the one given at construction)."""
+        fd = self.fd if fd is None else fd
         view = memoryview(data).cast("B")
         if self._direct and offset % self.ALIGN == 0:
             whole = len(view) - len(view) % self.ALIGN
-            if whole and self._write_direct(view[:whole], offset):
+            if whole and self._write_direct(fd, view[:whole], offset):
                 view, offset = view[whole:], offset + whole
             if view:
-                self._stop_direct()  # the unaligned tail: the object's last bytes
-        _pwrite_all(self.fd, view, offset)
+                self._stop_direct(fd)  # the unaligned tail: the object's last bytes
+        _pwrite_all(fd, view, offset)
 
-    def _write_direct(self, view: memoryview, offset: int) -> bool:
-        if self._buffer is None or len(self._buffer) < len(view):
-            self.close()
-            self._buffer = mmap.mmap(-1, len(view))  # page-aligned, as O_DIRECT needs
-        with memoryview(self._buffer) as aligned:
-            aligned[: len(view)] = view
-            try:
-                _pwrite_all(self.fd, aligned[: len(view)], offset)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                self._stop_direct()  # accepted at open, refused at write: buffered it is
-                return False
-        return True
+    def _write_direct(self, fd: int, view: memoryview, offset: int) -> bool:
+        with self._lock:
+            buffer, self._spare = self._spare, None
+        if buffer is None or len(buffer) < len(view):
+            _unmap(buffer)
+            buffer = mmap.mmap(-1, len(view))  # page-aligned, as O_DIRECT needs
+        try:
+            with memoryview(buffer) as aligned:
+                aligned[: len(view)] = view
+                try:
+                    _pwrite_all(fd, aligned[: len(view)], offset)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._stop_direct(fd)  # accepted at open, refused at write: buffered it is
+                    return False
+            return True
+        finally:
+            with self._lock:
+                if self._spare is None:
+                    self._spare, buffer = buffer, None
+            _unmap(buffer)
 
-    def _stop_direct(self) -> None:
-        if self._direct:
-            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    def _stop_direct(self, fd: int) -> None:
+        with self._lock:
+            if not self._direct:
+                return
             self._direct = False
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
 
     def close(self) -> None:
-        if self._buffer is not None:
-            # A failed write's traceback may still hold a view of the buffer; the mapping
-            # then goes when that does.
-            with contextlib.suppress(BufferError):
-                self._buffer.close()
-            self._buffer = None
+        with self._lock:
+            spare, self._spare = self._spare, None
+        _unmap(spare)
+
+
+def _unmap(buffer: mmap.mmap | None) -> None:
+    if buffer is not None:
+        # A failed write's traceback may still hold a view of the buffer; the mapping then
+        # goes when that does.
+        with contextlib.suppress(BufferError):
+            buffer.close()
 
 
 class _LocalUpload(Upload):
     """A temp sibling, written at fixed offsets, fsynced and renamed into place.
 
     Each step runs on an executor thread, and a step that outlives its attempt timeout keeps
-    running while the retry goes ahead. So every step holds ``_lock``, which also guards
-    the shared aligned buffer; writes go to offsets fixed by the data itself, so a late
-    write repeats the same bytes at the same place; and closing the descriptor waits for
-    late writes and turns later ones into errors, never into writes to a reused number.
+    running while the retry goes ahead. So a write goes through a descriptor of its own
+    (closing the upload's never leaves a late write aimed at a reused number), to an offset
+    fixed by the data (a late write repeats the same bytes at the same place, even after
+    the rename), and ``_lock`` is only ever held for bookkeeping, never across I/O that can
+    stall: a retry never queues behind a stalled write, and abort never waits.
     """
 
     ordered = True
@@ -153,30 +176,43 @@ class _LocalUpload(Upload):
         self._writer: _DirectWriter | None = None
         self._lock = threading.Lock()
         self._state = "new"  # -> "open" -> "published" | "aborted"
+        self._sync = "no"  # -> "running" -> "done" | "failed": the fsync before the rename
+        self._publishing: asyncio.Future[None] | None = None
 
     def _open_temp(self) -> None:
+        directory = os.path.dirname(self._path)
+        os.makedirs(directory, exist_ok=True)
+        temp = _temp_sibling(self._path)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with self._lock:
-            if self._state != "new":
+            if self._state == "new":
+                self._temp, self._fd, self._state = temp, fd, "open"
                 return
-            directory = os.path.dirname(self._path)
-            os.makedirs(directory, exist_ok=True)
-            self._temp = _temp_sibling(self._path)
-            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            self._state = "open"
+        os.close(fd)  # a late first attempt: the retry's file is the one in use
+        os.unlink(temp)
 
     def _write(self, data: bytes, offset: int, direct: bool) -> None:
         with self._lock:
+            if self._state == "published" or self._sync != "no":
+                # A retried finish whose publish ran late: every byte was written before
+                # the publish began.
+                return
             if self._state != "open":
                 raise OSError(f"write to {self._path} after the upload was {self._state}")
+            fd = os.dup(self._fd)
             if direct and self._writer is None:
-                self._writer = _DirectWriter(self._fd)
-            if self._writer is not None:
-                self._writer.pwrite(data, offset)
+                self._writer = _DirectWriter(fd)
+            writer = self._writer
+        try:
+            if writer is not None:
+                writer.pwrite(data, offset, fd)
             else:
-                _pwrite_all(self._fd, data, offset)
+                _pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
 
     async def begin(self) -> None:
-        if self._state == "new":  # checked again under the lock
+        if self._state == "new":
             await _blocking(self._open_temp)
 
     async def put_part(self, number: int, data: bytes) -> None:
@@ -190,48 +226,74 @@ class _LocalUpload(Upload):
         await self.begin()
         if data:  # at its final place whatever happened before: a retry writes it again there
             await _blocking(self._write, data, total - len(data), number > 1)
-        await _blocking(self._publish)
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.get_running_loop().run_in_executor(None, self._publish)
+            # Retrieved here, so that a failure nobody awaits any more is not reported.
+            self._publishing.add_done_callback(lambda job: job.cancelled() or job.exception())
+        # A retry after a timeout waits for the publish still running (an fsync can be long),
+        # holding no thread, instead of starting another.
+        await asyncio.shield(self._publishing)
 
     async def put_whole(self, data: bytes) -> None:
         await self.finish(1, data, len(data))
 
     def _publish(self) -> None:
+        # Data on disk before the name points at it, and the rename itself made durable.
         with self._lock:
-            if self._state == "published":  # a retry after a publish that ran late
+            if self._state == "published":
                 return
             if self._state != "open":
                 raise OSError(f"publish of {self._path} after the upload was {self._state}")
-            # Data on disk before the name points at it, and the rename itself made durable.
-            self._release_writer()
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            if self._sync == "failed":
+                raise OSError(errno.EIO, f"fsync of {self._temp} failed earlier; not publishing")
+            if self._sync == "running":  # a late attempt is still syncing: retry later
+                raise TimeoutError(f"fsync of {self._temp} still running")
+            fd = -1
+            if self._sync == "no":
+                fd, self._fd, self._sync = self._fd, -1, "running"
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+                os.close(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._sync = "failed"
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                # Never retried: Linux reports lost write-back once, so a second fsync
+                # could succeed over pages that never reached the disk.
+                raise OSError(errno.EIO, f"fsync of {self._temp} failed: {exc}") from None
+            with self._lock:
+                self._sync = "done"
+        with self._lock:
+            if self._state != "open":  # aborted meanwhile: the temp file is gone
+                raise OSError(f"publish of {self._path} after the upload was {self._state}")
             os.replace(self._temp, self._path)
-            self._temp = None
-            self._state = "published"
+            self._temp, self._state = None, "published"
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         _fsync_dir(os.path.dirname(self._path))
-
-    def _release_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
     def _discard(self) -> None:
         with self._lock:
             if self._state == "published":
                 return
             self._state = "aborted"
-            self._release_writer()
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            if self._temp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._temp)
-                self._temp = None
+            writer, self._writer = self._writer, None
+            fd, self._fd = self._fd, -1
+            temp, self._temp = self._temp, None
+        if writer is not None:
+            writer.close()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     async def abort(self) -> None:
-        await _blocking(self._discard)
+        self._discard()  # never waits on anything: no executor hop
 
 
 class LocalBackend(Backend):
