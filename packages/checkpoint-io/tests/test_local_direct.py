@@ -27,10 +27,10 @@ def test_whole_blocks_go_direct_and_the_tail_does_not(tmp_path):
     writer = _DirectWriter(fd)
     try:
         first, second = _data(3 * BLOCK), _data(2 * BLOCK + 123, seed=1)
-        writer.pwrite(first, 0)
+        writer.pwrite(fd, first, 0)
         assert writer._direct
         assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-        writer.pwrite(second, len(first))
+        writer.pwrite(fd, second, len(first))
         assert not writer._direct  # the unaligned tail was written buffered
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
@@ -56,8 +56,8 @@ def test_a_write_refused_at_write_time_is_redone_buffered(tmp_path, monkeypatch,
     writer = _DirectWriter(fd)
     try:
         data = _data(4 * BLOCK, seed=2)
-        writer.pwrite(data[: 2 * BLOCK], 0)
-        writer.pwrite(data[2 * BLOCK :], 2 * BLOCK)
+        writer.pwrite(fd, data[: 2 * BLOCK], 0)
+        writer.pwrite(fd, data[2 * BLOCK :], 2 * BLOCK)
     finally:
         writer.close()
         os.close(fd)
@@ -74,7 +74,7 @@ def test_other_write_errors_propagate(tmp_path, monkeypatch):
     writer = _DirectWriter(fd)
     try:
         with pytest.raises(OSError) as caught:
-            writer.pwrite(_data(BLOCK), 0)
+            writer.pwrite(fd, _data(BLOCK), 0)
         assert caught.value.errno == errno.ENOSPC
     finally:
         writer.close()
@@ -96,7 +96,7 @@ def test_a_file_system_without_o_direct_is_written_buffered(tmp_path, monkeypatc
     try:
         assert not writer._direct
         data = _data(3 * BLOCK + 5, seed=3)
-        writer.pwrite(data, 0)
+        writer.pwrite(fd, data, 0)
     finally:
         writer.close()
         os.close(fd)
@@ -172,7 +172,7 @@ def test_direct_writes_can_be_turned_off(tmp_path, monkeypatch, value):
     try:
         assert not writer._direct
         data = _data(2 * BLOCK, seed=6)
-        writer.pwrite(data, 0)
+        writer.pwrite(fd, data, 0)
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
         writer.close()

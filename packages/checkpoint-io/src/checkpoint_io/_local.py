@@ -86,7 +86,8 @@ class _DirectWriter:
     ENV = "CHECKPOINT_IO_DIRECT_WRITES"
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        # The flag belongs to the open file, shared by every descriptor of it; no descriptor
+        # is kept here, since the one given may be closed before the next write.
         self._direct = False
         self._lock = threading.Lock()  # guards _direct and _spare
         self._spare: mmap.mmap | None = None
@@ -97,10 +98,9 @@ class _DirectWriter:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
                 self._direct = True
 
-    def pwrite(self, data: bytes, offset: int, fd: int | None = None) -> None:
-        """Write ``data`` at ``offset`` through ``fd`` (a descriptor of the same open file,
-        whose flags it shares; by default the one given at construction)."""
-        fd = self.fd if fd is None else fd
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write ``data`` at ``offset`` through ``fd``, a descriptor of the open file given at
+        construction (its flags are shared)."""
         view = memoryview(data).cast("B")
         if self._direct and offset % self.ALIGN == 0:
             whole = len(view) - len(view) % self.ALIGN
@@ -205,7 +205,7 @@ class _LocalUpload(Upload):
             writer = self._writer
         try:
             if writer is not None:
-                writer.pwrite(data, offset, fd)
+                writer.pwrite(fd, data, offset)
             else:
                 _pwrite_all(fd, data, offset)
         finally:
