@@ -38,6 +38,7 @@ from checkpoint_io_emulators import (
     EmulatorMissing,
     FakeGCS,
     MotoS3,
+    notify_through_pytest,
 )
 from flyte_checkpoint import Checkpoint
 
@@ -97,7 +98,8 @@ class Emulators:
 
 
 @pytest.fixture(scope="session")
-def e2e_emulators():
+def e2e_emulators(request):
+    notify_through_pytest(request.config)
     patcher = pytest.MonkeyPatch()
     for key, value in _SHARED_ENV.items():
         patcher.setenv(key, value)

