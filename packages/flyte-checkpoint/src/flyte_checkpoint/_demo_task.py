@@ -1,7 +1,7 @@
 """The demo's training task: a small, deterministic training loop that resumes from checkpoints.
 
 It runs as its own process under ``flyte-checkpoint run``, exactly as user code would: it
-builds its helper with ``flyte.Checkpoint.from_env()``, restores, trains, saves a directory
+builds its helper with ``Checkpoint.from_env()``, restores, trains, saves a directory
 checkpoint every few steps, and may be killed at any moment.
 
 The model: a linear regression trained by SGD on synthetic data, plus a 150,000-entry
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-import flyte
+from flyte_checkpoint import Checkpoint
 
 FEATURES = 8
 EMBEDDINGS = 150_000
@@ -129,7 +129,7 @@ def main() -> int:
     kill_at = [int(s) for s in os.environ.get(ENV_KILL_AT, "").split(",") if s.strip()]
     die_at = kill_at[attempt - 1] if attempt <= len(kill_at) else None
 
-    with flyte.Checkpoint.from_env() as checkpoint:
+    with Checkpoint.from_env() as checkpoint:
         started = time.perf_counter()
         restored = checkpoint.load_sync()
         seconds = time.perf_counter() - started

@@ -1,0 +1,59 @@
+"""Without the upstream SDK: the standalone ``flyte`` facade, and ``install()`` refusing.
+
+The facade directory is appended to ``sys.path`` by our .pth line; these tests check that it
+serves ``import flyte`` when nothing else does, and steps aside for any other ``flyte``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import flyte_checkpoint
+import pytest
+
+FACADE = Path(flyte_checkpoint.__file__).parent / "_standalone"
+upstream_here = importlib.util.find_spec("flyte") is not None and importlib.util.find_spec(
+    "flyte").origin != str(FACADE / "flyte" / "__init__.py")
+
+
+def _python(code: str, *path: Path) -> dict:
+    """Run ``code`` in a fresh interpreter whose sys.path starts with ``path``."""
+    prelude = f"import sys; sys.path[:0] = {[str(p) for p in path]!r}\n"
+    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(upstream_here, reason="the upstream SDK is installed in this environment")
+def test_import_flyte_finds_the_facade_when_nothing_else_is_installed():
+    found = _python("import json, flyte, flyte.io, flyte_checkpoint as f\n"
+                    "print(json.dumps([flyte.STANDALONE, flyte.Checkpoint is f.Checkpoint,"
+                    " flyte.io.File.__name__, flyte.latest_checkpoint is f.latest_checkpoint]))")
+    assert found == [True, True, "File", True]
+
+
+def test_facade_steps_aside_for_any_other_flyte(tmp_path):
+    """Even when the facade comes first on sys.path, another ``flyte`` wins."""
+    other = tmp_path / "site" / "flyte"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("REAL = True\n")
+    (other / "models.py").write_text("WHERE = __name__\n")
+    found = _python("import json, flyte, flyte.models\n"
+                    "print(json.dumps([getattr(flyte, 'REAL', False), flyte.models.WHERE,"
+                    " hasattr(flyte, 'STANDALONE')]))", FACADE, tmp_path / "site")
+    assert found == [True, "flyte.models", False]
+
+
+@pytest.mark.skipif(upstream_here, reason="the upstream SDK is installed in this environment")
+def test_install_without_upstream_names_what_is_missing():
+    with pytest.raises(flyte_checkpoint.UpstreamNotSupportedError,
+                       match=r"found no upstream Flyte SDK \(PyPI `flyte`\): it is not "
+                             r"installed\. Nothing was changed\."):
+        flyte_checkpoint.install()
+    assert not flyte_checkpoint.installed()
+    flyte_checkpoint.uninstall()  # harmless when not installed

@@ -1,0 +1,78 @@
+"""What ``flyte_checkpoint.install()`` promises, checked in a process of its own.
+
+Prints one JSON document: each check's name and whether it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import flyte
+import flyte._checkpoint as upstream_module
+import flyte_checkpoint
+from flyte.models import CheckpointPaths, RawDataPath, TaskContext
+
+results: dict[str, object] = {}
+upstream_class = upstream_module.Checkpoint
+public_before = flyte.Checkpoint
+
+
+def context(dest: str | None, prev: str | None) -> TaskContext:
+    from flyte.models import ActionID
+    from flyte.report import Report
+
+    return TaskContext(action=ActionID(name="a0"), version="v",
+                       raw_data_path=RawDataPath(path="/tmp"), output_path="/tmp/out", run_base_dir="/tmp/base", report=Report(name="r"),
+                       checkpoint_paths=CheckpointPaths(prev_checkpoint_path=prev,
+                                                        checkpoint_path=dest))
+
+
+# A version outside the range: one clear error naming both, and nothing changed.
+real_version = flyte_checkpoint._upstream._upstream_version
+flyte_checkpoint._upstream._upstream_version = lambda: "2.1.0"
+try:
+    flyte_checkpoint.install()
+    results["old_version_refused"] = "no error"
+except flyte_checkpoint.UpstreamNotSupportedError as exc:
+    results["old_version_refused"] = str(exc)
+flyte_checkpoint._upstream._upstream_version = real_version
+results["refusal_changed_nothing"] = (upstream_module.Checkpoint is upstream_class
+                                      and flyte.Checkpoint is public_before
+                                      and not flyte_checkpoint.installed())
+
+flyte_checkpoint.install()
+served = flyte.Checkpoint
+flyte_checkpoint.install()  # idempotent
+results["idempotent"] = flyte.Checkpoint is served and upstream_module.Checkpoint is served
+results["served_is_ours"] = issubclass(served, flyte_checkpoint.Checkpoint)
+results["served_is_upstreams"] = issubclass(served, upstream_class)
+results["outside_a_task"] = flyte.ctx() is None or flyte.ctx().checkpoint is None
+
+ctx = context("/tmp/ckpt/dest", "/tmp/ckpt/prev")
+helper = ctx.checkpoint
+results["ctx_helper_is_ours"] = isinstance(helper, flyte_checkpoint.Checkpoint)
+results["cached_per_context"] = ctx.checkpoint is helper
+results["paths"] = [helper.remote_destination, helper.remote_source]
+results["no_destination"] = context(None, "/tmp/ckpt/prev").checkpoint is None
+results["blank_destination"] = context("  ", "/tmp/ckpt/prev").checkpoint is None
+os.environ["JOBSET_RESTART_ATTEMPT"] = "2"
+restarted = context("/tmp/ckpt/dest", "/tmp/ckpt/prev").checkpoint
+results["jobset_restart_source"] = restarted.remote_source
+del os.environ["JOBSET_RESTART_ATTEMPT"]
+
+
+async def in_async() -> bool:
+    return isinstance(context("/tmp/a", None).checkpoint, flyte_checkpoint.Checkpoint)
+
+results["async_context"] = asyncio.run(in_async())
+
+flyte_checkpoint.uninstall()
+flyte_checkpoint.uninstall()
+results["uninstalled"] = (upstream_module.Checkpoint is upstream_class
+                          and flyte.Checkpoint is public_before)
+results["after_uninstall_new_helpers_are_upstreams"] = (
+    type(context("/tmp/b", None).checkpoint) is upstream_class)
+results["after_uninstall_cached_helper_still_served"] = ctx.checkpoint is helper
+print(json.dumps(results))
