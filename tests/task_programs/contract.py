@@ -24,7 +24,8 @@ def context(dest: str | None, prev: str | None) -> TaskContext:
     from flyte.report import Report
 
     return TaskContext(action=ActionID(name="a0"), version="v",
-                       raw_data_path=RawDataPath(path="/tmp"), output_path="/tmp/out", run_base_dir="/tmp/base", report=Report(name="r"),
+                       raw_data_path=RawDataPath(path="/tmp"), output_path="/tmp/out",
+                       run_base_dir="/tmp/base", report=Report(name="r"),
                        checkpoint_paths=CheckpointPaths(prev_checkpoint_path=prev,
                                                         checkpoint_path=dest))
 
