@@ -3,7 +3,8 @@
 Each operation is written once, as a blocking pipeline that streams between the local tree and
 the object store (``_save_blocking`` / ``_load_blocking``). The sync methods call it directly;
 the async methods run it on a worker thread, so the event loop never blocks and CPU-heavy
-compression and hashing happen off it.
+compression and hashing happen off it. A background save (``wait=False``) freezes the data in
+a snapshot (``_snapshot``) and runs the same pipeline on a thread of its own.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import pathlib
 import tempfile
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
 from checkpoint_io import File, SyncInAsyncError, filesystem, require_backend
 
 from ._progress import Progress
+from ._snapshot import Snapshot, capture
 
 __all__ = [
     "ENV_DEST",
@@ -175,6 +179,9 @@ class Checkpoint(BaseCheckpoint):
         self._load_lock = threading.Lock()
         self._loaded = False
         self._loaded_result: pathlib.Path | None = None
+        self._pending_lock = threading.Lock()  # guards _pending and _failed
+        self._pending: _Background | None = None
+        self._failed: CheckpointSaveError | None = None  # not yet raised by save()/close()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **options: Any) -> Checkpoint:
@@ -214,26 +221,41 @@ class Checkpoint(BaseCheckpoint):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Remove the local workspace (and with it the restored files). Waits for a load in
-        progress, so that no load can cache a path that close() has removed."""
-        with self._load_lock, self._workspace_lock:
-            if self._workspace is not None:
-                _workspaces.remove(self._workspace)
-                self._workspace = None
-                self._loaded = False
-                self._loaded_result = None
+        """Wait for a background save in progress, then remove the local workspace (and with
+        it the restored files). Also waits for a load in progress, so that no load can cache a
+        path that close() has removed. Raises :class:`CheckpointSaveError` if a background
+        save failed and no later ``save`` has raised it yet."""
+        try:
+            self._settle(why="close()")
+        finally:
+            with self._load_lock, self._workspace_lock:
+                if self._workspace is not None:
+                    _workspaces.remove(self._workspace)
+                    self._workspace = None
+                    self._loaded = False
+                    self._loaded_result = None
 
     def __enter__(self) -> Checkpoint:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self._close_quietly_if(exc_type is not None)
 
     async def __aenter__(self) -> Checkpoint:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._close_quietly_if, exc_type is not None)
+
+    def _close_quietly_if(self, unwinding: bool) -> None:
+        """close(); while another exception propagates, a background failure is logged (it
+        was already logged when it happened) rather than raised over that exception."""
+        try:
+            self.close()
+        except CheckpointSaveError:
+            if not unwinding:
+                raise
 
     def __repr__(self) -> str:
         return f"Checkpoint(checkpoint_dest={self._dest!r}, checkpoint_src={self._src!r})"
@@ -319,19 +341,81 @@ class Checkpoint(BaseCheckpoint):
 
     # ------------------------------------------------------------------ save
 
-    def save_sync(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
+    def save_sync(
+        self, data: pathlib.Path | str | bytes | bytearray | memoryview, *, wait: bool = True
+    ) -> Future[None] | None:
+        """Save ``data`` as the new checkpoint.
+
+        With ``wait=False`` the data is frozen in a snapshot (see :mod:`._snapshot`), the
+        upload goes on in the background, and a :class:`concurrent.futures.Future` is
+        returned at once: its result is ``None`` once the object is published, or a
+        :class:`CheckpointSaveError`. One save runs at a time per Checkpoint: a new save
+        first waits for the one in flight, and raises its failure if it failed.
+        """
         _refuse_inside_loop("save_sync", "save")
+        if not wait:
+            return self._save_background(data)
+        self._settle(why="a new save")
         self._save_blocking(data, threading.Event())
+        return None
 
-    async def save(self, data: pathlib.Path | str | bytes | bytearray | memoryview) -> None:
+    async def save(
+        self, data: pathlib.Path | str | bytes | bytearray | memoryview, *, wait: bool = True
+    ) -> asyncio.Future[None] | None:
+        """Save ``data`` as the new checkpoint, without blocking the event loop.
+
+        With ``wait=False`` this returns as soon as the data is frozen, with an awaitable
+        (:class:`asyncio.Future`) that completes when the object is published.
+        """
+        loop = asyncio.get_running_loop()
+        if not wait:
+            future = await loop.run_in_executor(None, self._save_background, data)
+            return asyncio.wrap_future(future, loop=loop)
+        await loop.run_in_executor(None, self._settle, "a new save")
         await _in_thread(lambda cancelled: self._save_blocking(data, cancelled))
+        return None
 
-    def _save_blocking(self, data: Any, cancelled: threading.Event) -> None:
+    # ------------------------------------------------------------------ background saves
+
+    def _save_background(self, data: Any) -> Future[None]:
+        source = _save_source(data)
+        with self._pending_lock:
+            self._settle_locked(why="a new save")
+            snapshot = capture(source)
+            background = _Background(self, snapshot)
+            self._pending = background
+        logger.info("checkpoint save: in the background to %s, %s", self._dest,
+                    snapshot.describe())
+        background.start()
+        return background.future
+
+    def _settle(self, why: str) -> None:
+        with self._pending_lock:
+            self._settle_locked(why)
+
+    def _settle_locked(self, why: str) -> None:
+        """Wait for the background save in flight; raise a failure not raised before."""
+        pending = self._pending
+        if pending is not None:
+            if not pending.future.done():
+                logger.info("checkpoint save: %s waits for the background save to %s",
+                            why, self._dest)
+            pending.join()
+            self._pending = None
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise CheckpointSaveError(
+                f"{failed} (a background save; {why} was not started)", failed.uri
+            ) from failed
+
+    def _save_blocking(
+        self, data: Any, cancelled: threading.Event, snapshot: Snapshot | None = None
+    ) -> None:
         source = _save_source(data)
         uri = self._dest
         with self._save_lock:
             started = time.perf_counter()
-            progress = Progress("save", uri, total=_size_of(source))
+            progress = Progress("save", uri, total=_size_of(source), show=snapshot is None)
             try:
                 _ensure_local_parent(uri)
                 with self._file(uri).open_sync("wb") as remote:
@@ -343,6 +427,8 @@ class Checkpoint(BaseCheckpoint):
                         kind, size = "file", _copy_file(source, sink)
                     else:
                         kind, size = "bytes", _copy_bytes(source, sink)
+                    if snapshot is not None:  # an in-place write since capture: do not commit
+                        snapshot.verify()
                     if cancelled.is_set():  # cancelled after the last write: do not commit
                         raise _Cancelled("save cancelled")
             except _Cancelled:
@@ -355,14 +441,93 @@ class Checkpoint(BaseCheckpoint):
             seconds = time.perf_counter() - started
             progress.done()
             logger.info(
-                "checkpoint save: %s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
+                "checkpoint save: %s%s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
                 kind,
+                " (background)" if snapshot is not None else "",
                 _human(size),
                 _human(sink.written),
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
                 uri,
             )
+
+
+# ---------------------------------------------------------------------- background saves
+
+
+class _Background:
+    """One background save: the upload of a snapshot on a thread of its own.
+
+    The thread is not a daemon, and at interpreter exit :func:`_wait_at_exit` joins it before
+    the thread pools that the upload uses are shut down: a process that returns from its
+    training loop still publishes its last checkpoint.
+    """
+
+    def __init__(self, owner: Checkpoint, snapshot: Snapshot) -> None:
+        self.owner = owner
+        self.snapshot = snapshot
+        self.future: Future[None] = Future()
+        self.future.set_running_or_notify_cancel()
+        self.thread = threading.Thread(target=self._run, name="flyte-checkpoint-save")
+
+    def start(self) -> None:
+        _register_exit_wait()
+        with _pending_lock:
+            _pending_saves.add(self)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def _run(self) -> None:
+        owner = self.owner
+        try:
+            owner._save_blocking(self.snapshot.source, threading.Event(), self.snapshot)
+        except BaseException as exc:
+            error = exc if isinstance(exc, CheckpointSaveError) else CheckpointSaveError(
+                f"checkpoint not saved to {owner._dest} (the previous object is unchanged):"
+                f" {type(exc).__name__}: {exc}", owner._dest)
+            if error is not exc:
+                error.__cause__ = exc
+            logger.error("checkpoint save: background save failed: %s", error)
+            owner._failed = error
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(None)
+        finally:
+            self.snapshot.cleanup()
+            with _pending_lock:
+                _pending_saves.discard(self)
+
+
+_pending_lock = threading.Lock()
+_pending_saves: weakref.WeakSet[_Background] = weakref.WeakSet()
+_exit_wait_registered = False
+
+
+def _register_exit_wait() -> None:
+    """Wait for background saves at exit, before ``concurrent.futures`` stops its pools:
+    ``threading._register_atexit`` callbacks run last-registered first, and this one is
+    registered after the writer's thread pool module was imported."""
+    global _exit_wait_registered
+    with _pending_lock:
+        if _exit_wait_registered:
+            return
+        _exit_wait_registered = True
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        (register or atexit.register)(_wait_at_exit)
+    except RuntimeError:  # already shutting down: the non-daemon thread is joined anyway
+        pass
+
+
+def _wait_at_exit() -> None:
+    with _pending_lock:
+        pending = [p for p in _pending_saves if not p.future.done()]
+    for background in pending:
+        logger.warning("checkpoint save: waiting at exit for the background save to %s",
+                       background.owner._dest)
+        background.join()
 
 
 # ---------------------------------------------------------------------- helpers

@@ -22,14 +22,14 @@ def _enabled() -> bool:
 class Progress:
     """Counts bytes for one save or load and redraws at most four times a second."""
 
-    def __init__(self, verb: str, uri: str, total: int | None = None) -> None:
+    def __init__(self, verb: str, uri: str, total: int | None = None, *, show: bool = True) -> None:
         self._verb = verb
         self._uri = uri
         self._total = total
         self._done = 0
         self._started = time.perf_counter()
         self._last = 0.0
-        self._enabled = _enabled()
+        self._enabled = show and _enabled()
         self._lock = threading.Lock()
         self._drawn = False
 

@@ -1,0 +1,206 @@
+"""Snapshots for background saves: freeze what the caller passed, in milliseconds, so the
+training loop can go on while the upload runs.
+
+The object a background save publishes must hold exactly what the source held when
+``save(..., wait=False)`` returned, or the save must fail. Per kind of data:
+
+- ``bytes``: immutable, kept by reference (no copy).
+- ``bytearray``, ``memoryview`` and other buffers: copied into ``bytes`` (about 0.1 s per GiB
+  here); the caller may mutate the original right after.
+- files and directory trees: rebuilt in a snapshot directory beside the source (on the same
+  file system), each file by the cheapest means that works:
+
+  1. a reflink (``FICLONE``: XFS, Btrfs, bcachefs...): a copy-on-write clone, independent of
+     the source from then on;
+  2. a hard link: the same inode under a second name. Deleting or renaming the source
+     (Hugging Face's ``save_total_limit`` rotation) and replacing it atomically (write a
+     temporary file, then rename it over: what Lightning and Hugging Face do) leave it
+     untouched. Writing *into* the source in place (``open(path, "wb")``) would change it,
+     so its size and modification time are recorded at capture and checked again before
+     the object is published: a change fails the save, naming the file;
+  3. a copy, when neither is possible (another file system, no permission): blocking, but
+     always exact.
+
+The snapshot directory is removed when the save ends, published or not. One left behind by a
+process that was killed is removed by the next capture beside the same source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpoint_format import remove_tree
+
+__all__ = ["Snapshot", "capture"]
+
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_PREFIX = ".flyte-checkpoint-snapshot-"
+_no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
+
+
+class SnapshotChangedError(OSError):
+    """A hard-linked file was written in place after the snapshot was taken."""
+
+
+@dataclass
+class Snapshot:
+    """A frozen copy of one save's data: ``source`` is what the upload reads."""
+
+    source: Path | bytes
+    root: Path | None = None  # the snapshot directory, removed by cleanup()
+    #: Hard-linked files and (size, mtime_ns) at capture: the link shares the inode, so an
+    #: in-place write would show here.
+    linked: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # files per mechanism
+    seconds: float = 0.0
+
+    def verify(self) -> None:
+        """Raise if a hard-linked file changed since capture (called before publishing)."""
+        for path, (size, mtime_ns) in self.linked.items():
+            now = os.lstat(path)
+            if (now.st_size, now.st_mtime_ns) != (size, mtime_ns):
+                name = path.relative_to(self.root) if self.root else path
+                raise SnapshotChangedError(
+                    f"{name} was written in place after save(..., wait=False) returned (it is"
+                    " hard-linked into the snapshot, and its size or modification time"
+                    " changed); not publishing a torn checkpoint. Write checkpoint files to a"
+                    " new name and rename them into place, or save with wait=True"
+                )
+
+    def cleanup(self) -> None:
+        if self.root is not None:
+            remove_tree(self.root)
+            self.root = None
+
+    def describe(self) -> str:
+        if not self.counts:
+            return f"captured in {self.seconds * 1e3:.0f} ms"
+        how = ", ".join(f"{n} by {kind}" for kind, n in sorted(self.counts.items()) if n)
+        return f"captured in {self.seconds * 1e3:.0f} ms ({how})"
+
+
+def capture(source: Path | memoryview) -> Snapshot:
+    """Freeze ``source`` (a path that exists, or a byte buffer) for a background upload."""
+    started = time.perf_counter()
+    if isinstance(source, memoryview):
+        owner = source.obj
+        frozen = owner if isinstance(owner, bytes) and len(owner) == source.nbytes else bytes(source)
+        snapshot = Snapshot(frozen, counts={})
+    else:
+        snapshot = _capture_path(source)
+    snapshot.seconds = time.perf_counter() - started
+    return snapshot
+
+
+def _capture_path(source: Path) -> Snapshot:
+    root = _snapshot_root(source)
+    snapshot = Snapshot(root / source.name, root=root,
+                        counts={"reflink": 0, "hard link": 0, "copy": 0})
+    try:
+        if source.is_dir():
+            _mirror_tree(source, snapshot.source, snapshot)
+        else:
+            _clone(source, snapshot.source, snapshot)
+    except BaseException:
+        snapshot.cleanup()
+        raise
+    return snapshot
+
+
+def _snapshot_root(source: Path) -> Path:
+    """A fresh directory beside ``source`` (same file system, so links work), else in the
+    temporary directory. Snapshots that killed processes left beside it are removed."""
+    parent = source.absolute().parent
+    _remove_stale(parent)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
+
+
+def _remove_stale(parent: Path) -> None:
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            if not entry.name.startswith(_PREFIX):
+                continue
+            pid = entry.name[len(_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                remove_tree(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
+    """Rebuild ``source`` under ``target``: directories and symlinks recreated with their
+    modes and times, regular files cloned. Anything else is left for the writer to refuse."""
+    directories: list[tuple[Path, os.stat_result]] = [(target, os.stat(source))]
+    target.mkdir()
+    for here, dirs, files in os.walk(source):
+        relative = Path(here).relative_to(source)
+        for name in dirs + files:
+            src, dst = Path(here) / name, target / relative / name
+            st = os.lstat(src)
+            if stat.S_ISDIR(st.st_mode):
+                dst.mkdir()
+                directories.append((dst, st))
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            elif stat.S_ISREG(st.st_mode):
+                _clone(src, dst, snapshot)
+            else:
+                raise OSError(errno.EINVAL, "not a regular file, directory or symlink", str(src))
+    for directory, st in reversed(directories):  # deepest first: children change mtimes
+        os.chmod(directory, stat.S_IMODE(st.st_mode))
+        os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _clone(src: Path, dst: Path, snapshot: Snapshot) -> None:
+    st = os.stat(src)
+    if st.st_dev not in _no_reflink and _reflink(src, dst, st):
+        snapshot.counts["reflink"] += 1
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        snapshot.counts["copy"] += 1
+        return
+    linked = os.lstat(dst)
+    snapshot.linked[dst] = (linked.st_size, linked.st_mtime_ns)
+    snapshot.counts["hard link"] += 1
+
+
+def _reflink(src: Path, dst: Path, st: os.stat_result) -> bool:
+    """Clone ``src`` to ``dst`` copy-on-write; False (and ``dst`` absent) where unsupported."""
+    try:
+        with open(src, "rb") as source, open(dst, "xb") as target:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                         errno.ENOSYS, errno.EPERM):
+            _no_reflink.add(st.st_dev)
+            return False
+        raise
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return True

@@ -1,0 +1,269 @@
+"""Background saves: ``save_sync(data, wait=False)`` and ``await save(data, wait=False)``.
+
+The published object holds exactly what the source held when the call returned (files
+deleted, replaced or buffers mutated afterwards included), or the save fails loudly; failures
+surface from the future, the next save and close(); saves stay ordered; exit waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import Future
+
+import pytest
+from checkpoint_format import restore
+from flyte_checkpoint import Checkpoint, CheckpointSaveError
+
+SNAPSHOT_PREFIX = ".flyte-checkpoint-snapshot-"
+
+
+def _tree(root: pathlib.Path, tag: bytes) -> pathlib.Path:
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    (root / "shards" / "0.bin").write_bytes(tag * 100_000)
+    (root / "meta.json").write_bytes(b'{"tag": "' + tag + b'"}')
+    os.symlink("shards/0.bin", root / "latest")
+    return root
+
+
+def _contents(root: pathlib.Path) -> dict[str, bytes | str]:
+    return {p.relative_to(root).as_posix(): (os.readlink(p) if p.is_symlink() else
+                                             p.read_bytes() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def _restored(tmp_path: pathlib.Path, uri: str) -> dict[str, bytes | str]:
+    target = tmp_path / f"restored-{len(list(tmp_path.glob('restored-*')))}"
+    with open(uri, "rb") as stream:
+        restore(stream, target)
+    return _contents(target)
+
+
+def _no_snapshots_left(*parents: pathlib.Path) -> None:
+    for parent in parents:
+        left = [p.name for p in parent.iterdir() if p.name.startswith(SNAPSHOT_PREFIX)]
+        assert left == [], f"snapshot directories left in {parent}: {left}"
+
+
+def test_returns_a_future_and_publishes_what_was_there_at_the_call(tmp_path):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    expected = _contents(source)
+    dest = str(tmp_path / "store" / "ckpt")
+    with Checkpoint(dest) as checkpoint:
+        future = checkpoint.save_sync(source, wait=False)
+        assert isinstance(future, Future)
+        # What training loops do right after: rotate (delete), replace atomically, add.
+        (source / "meta.json").unlink()
+        replacement = source / "shards" / "0.bin.tmp"
+        replacement.write_bytes(b"B" * 5)
+        os.replace(replacement, source / "shards" / "0.bin")
+        (source / "new.bin").write_bytes(b"later")
+        assert future.result(timeout=60) is None
+    assert _restored(tmp_path, dest) == expected
+    _no_snapshots_left(tmp_path / "work")
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "memoryview", "bytes"])
+def test_buffers_are_captured_at_the_call(tmp_path, kind):
+    data = bytearray(b"x" * 1_000_000)
+    payload = {"bytearray": data, "memoryview": memoryview(data), "bytes": bytes(data)}[kind]
+    dest = tmp_path / "store" / "ckpt"
+    with Checkpoint(str(dest)) as checkpoint:
+        future = checkpoint.save_sync(payload, wait=False)
+        data[:4] = b"MUT!"
+        future.result(timeout=60)
+    assert dest.read_bytes() == b"x" * 1_000_000
+
+
+def test_a_single_file_is_captured_too(tmp_path):
+    source = tmp_path / "work" / "model.pt"
+    source.parent.mkdir()
+    source.write_bytes(b"weights-1" * 1000)
+    dest = tmp_path / "store" / "ckpt"
+    with Checkpoint(str(dest)) as checkpoint:
+        future = checkpoint.save_sync(str(source), wait=False)
+        source.unlink()
+        future.result(timeout=60)
+    assert dest.read_bytes() == b"weights-1" * 1000
+    _no_snapshots_left(tmp_path / "work")
+
+
+def test_writing_in_place_fails_loudly_and_keeps_the_previous_object(tmp_path, caplog):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    dest = tmp_path / "store" / "ckpt"
+    checkpoint = Checkpoint(str(dest))
+    checkpoint.save_sync(source)
+    previous = dest.read_bytes()
+    # Hold the upload until the file has been rewritten in place, as a loop doing
+    # torch.save(state, same_path) right after the call would.
+    gate = _hold_uploads(checkpoint)
+    future = checkpoint.save_sync(source, wait=False)
+    with open(source / "shards" / "0.bin", "r+b") as handle:  # same inode, same size
+        handle.write(b"Z")
+    gate.set()
+    with caplog.at_level(logging.ERROR, logger="flyte_checkpoint"):
+        with pytest.raises(CheckpointSaveError) as raised:
+            future.result(timeout=60)
+    message = str(raised.value)
+    assert str(dest) in message and "shards/0.bin was written in place" in message
+    assert "background save failed" in caplog.text
+    assert dest.read_bytes() == previous
+    # The next save raises it (and does not start), then saves go on.
+    with pytest.raises(CheckpointSaveError, match="a new save was not started"):
+        checkpoint.save_sync(b"next")
+    checkpoint.save_sync(b"next")
+    checkpoint.close()
+    assert dest.read_bytes() == b"next"
+    _no_snapshots_left(tmp_path / "work")
+
+
+def test_close_raises_a_failure_nothing_raised_yet(tmp_path):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    checkpoint = Checkpoint(str(tmp_path / "store" / "ckpt"))
+    gate = _hold_uploads(checkpoint)
+    future = checkpoint.save_sync(source, wait=False)
+    (source / "meta.json").write_bytes(b"{}")  # in place: size changes
+    gate.set()
+    with pytest.raises(CheckpointSaveError, match="meta.json was written in place"):
+        checkpoint.close()
+    assert future.exception(timeout=0) is not None
+    checkpoint.close()  # raised once
+
+
+def test_saves_stay_ordered_one_in_flight(tmp_path, caplog):
+    dest = tmp_path / "store" / "ckpt"
+    checkpoint = Checkpoint(str(dest))
+    gate = _hold_uploads(checkpoint)
+    first = checkpoint.save_sync(b"first", wait=False)
+    threading_gate_release_later(gate)
+    with caplog.at_level(logging.INFO, logger="flyte_checkpoint"):
+        second = checkpoint.save_sync(b"second", wait=False)  # waits for the first
+    assert first.done()
+    assert "a new save waits for the background save" in caplog.text
+    second.result(timeout=60)
+    checkpoint.close()
+    assert dest.read_bytes() == b"second"
+
+
+def test_a_blocking_save_waits_for_the_background_one(tmp_path):
+    dest = tmp_path / "store" / "ckpt"
+    with Checkpoint(str(dest)) as checkpoint:
+        gate = _hold_uploads(checkpoint)
+        background = checkpoint.save_sync(b"background", wait=False)
+        threading_gate_release_later(gate)
+        checkpoint.save_sync(b"blocking")
+        assert background.done()
+    assert dest.read_bytes() == b"blocking"
+
+
+def test_close_and_context_exit_wait_and_say_so(tmp_path, caplog):
+    dest = tmp_path / "store" / "ckpt"
+    with caplog.at_level(logging.INFO, logger="flyte_checkpoint"):
+        with Checkpoint(str(dest)) as checkpoint:
+            gate = _hold_uploads(checkpoint)
+            future = checkpoint.save_sync(b"payload", wait=False)
+            threading_gate_release_later(gate)
+        assert future.done() and dest.read_bytes() == b"payload"
+    assert "close() waits for the background save to" in caplog.text
+
+
+def test_async_save_returns_an_awaitable_once_captured(tmp_path):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    expected = _contents(source)
+    dest = str(tmp_path / "store" / "ckpt")
+
+    async def main() -> None:
+        async with Checkpoint(dest) as checkpoint:
+            done = await checkpoint.save(source, wait=False)
+            assert isinstance(done, asyncio.Future)
+            (source / "meta.json").unlink()
+            assert await done is None
+            assert _restored(tmp_path, dest) == expected
+            assert await checkpoint.save(b"then the default: returns once saved") is None
+            assert pathlib.Path(dest).read_bytes() == b"then the default: returns once saved"
+
+    asyncio.run(main())
+
+
+def test_interpreter_exit_waits_for_the_upload(tmp_path):
+    """A script that returns right after a background save still publishes it."""
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    dest = tmp_path / "store" / "ckpt"
+    script = textwrap.dedent(f"""
+        import logging, shutil, sys
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from flyte_checkpoint import Checkpoint
+        Checkpoint({str(dest)!r}).save_sync({str(source)!r}, wait=False)
+        shutil.rmtree({str(source)!r})  # the loop cleans up and returns at once
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "waiting at exit for the background save to" in done.stderr
+    assert _restored(tmp_path, str(dest))["meta.json"] == b'{"tag": "A"}'
+    _no_snapshots_left(tmp_path / "work")
+
+
+def test_sigkill_during_a_background_upload_keeps_the_previous_object(tmp_path):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    (source / "big.bin").write_bytes(os.urandom(4 << 20))
+    dest = tmp_path / "store" / "ckpt"
+    Checkpoint(str(dest)).save_sync(b"previous")
+    # A slow disk (fault injection): every chunk of the upload takes 50 ms.
+    script = textwrap.dedent(f"""
+        import sys, time
+        from flyte_checkpoint import _checkpoint
+        write = _checkpoint._WriteSink.write
+        def slow(self, data):
+            print("uploading", flush=True)
+            time.sleep(0.05)
+            return write(self, data)
+        _checkpoint._WriteSink.write = slow
+        _checkpoint.Checkpoint({str(dest)!r}).save_sync({str(source)!r}, wait=False)
+        time.sleep(600)
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          text=True) as child:
+        assert child.stdout.readline() == "uploading\n"
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    assert dest.read_bytes() == b"previous"
+    stale = [p for p in (tmp_path / "work").iterdir() if p.name.startswith(SNAPSHOT_PREFIX)]
+    assert len(stale) == 1, "the killed process's snapshot is there, to be removed later"
+    # The next capture beside the same source removes it.
+    with Checkpoint(str(dest)) as checkpoint:
+        checkpoint.save_sync(source, wait=False).result(timeout=60)
+    _no_snapshots_left(tmp_path / "work")
+    assert _restored(tmp_path, str(dest))["big.bin"] == (source / "big.bin").read_bytes()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _hold_uploads(checkpoint: Checkpoint):
+    """Make this checkpoint's uploads wait for the returned event before they start
+    (fault injection: a store that is slow to accept the first byte)."""
+    import threading
+
+    gate = threading.Event()
+    original = checkpoint._save_blocking
+
+    def held(data, cancelled, snapshot=None):
+        if snapshot is not None:
+            assert gate.wait(60), "the test never released the upload"
+        return original(data, cancelled, snapshot)
+
+    checkpoint._save_blocking = held
+    return gate
+
+
+def threading_gate_release_later(gate, seconds: float = 0.3) -> None:
+    import threading
+
+    threading.Timer(seconds, gate.set).start()
