@@ -107,15 +107,15 @@ def test_writing_in_place_fails_loudly_and_keeps_the_previous_object(tmp_path, c
     with open(source / "shards" / "0.bin", "r+b") as handle:  # same inode, same size
         handle.write(b"Z")
     gate.set()
-    with caplog.at_level(logging.ERROR, logger="flyte_checkpoint"):
-        with pytest.raises(CheckpointSaveError) as raised:
-            future.result(timeout=60)
+    with caplog.at_level(logging.ERROR, logger="flyte_checkpoint"), \
+            pytest.raises(CheckpointSaveError) as raised:
+        future.result(timeout=60)
     message = str(raised.value)
     assert str(dest) in message and "shards/0.bin was written in place" in message
     assert "background save failed" in caplog.text
     assert dest.read_bytes() == previous
     # The next save raises it (and does not start), then saves go on.
-    with pytest.raises(CheckpointSaveError, match="a new save was not started"):
+    with pytest.raises(CheckpointSaveError, match=r"a new save was not started"):
         checkpoint.save_sync(b"next")
     checkpoint.save_sync(b"next")
     checkpoint.close()
@@ -130,7 +130,7 @@ def test_close_raises_a_failure_nothing_raised_yet(tmp_path):
     future = checkpoint.save_sync(source, wait=False)
     (source / "meta.json").write_bytes(b"{}")  # in place: size changes
     gate.set()
-    with pytest.raises(CheckpointSaveError, match="meta.json was written in place"):
+    with pytest.raises(CheckpointSaveError, match=r"meta\.json was written in place"):
         checkpoint.close()
     assert future.exception(timeout=0) is not None
     checkpoint.close()  # raised once

@@ -515,10 +515,9 @@ def _register_exit_wait() -> None:
             return
         _exit_wait_registered = True
     register = getattr(threading, "_register_atexit", None)
-    try:
+    # RuntimeError: already shutting down; the non-daemon thread is joined anyway.
+    with contextlib.suppress(RuntimeError):
         (register or atexit.register)(_wait_at_exit)
-    except RuntimeError:  # already shutting down: the non-daemon thread is joined anyway
-        pass
 
 
 def _wait_at_exit() -> None:

@@ -93,8 +93,8 @@ def capture(source: Path | memoryview) -> Snapshot:
     started = time.perf_counter()
     if isinstance(source, memoryview):
         owner = source.obj
-        frozen = owner if isinstance(owner, bytes) and len(owner) == source.nbytes else bytes(source)
-        snapshot = Snapshot(frozen, counts={})
+        immutable = isinstance(owner, bytes) and len(owner) == source.nbytes
+        snapshot = Snapshot(owner if immutable else bytes(source), counts={})
     else:
         snapshot = _capture_path(source)
     snapshot.seconds = time.perf_counter() - started
