@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-OURS = "flyte_checkpoint._upstream.Checkpoint"
+OURS = "flyte_checkpoint._upstream.FlyteCheckpoint"
 
 
 def _resumed(result: dict) -> list[int]:

@@ -6,8 +6,12 @@ Prints one JSON document: each check's name and whether it held.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
+import pickle
+import subprocess
+import sys
 
 import flyte
 import flyte._checkpoint as upstream_module
@@ -43,8 +47,12 @@ results["refusal_changed_nothing"] = (upstream_module.Checkpoint is upstream_cla
                                       and flyte.Checkpoint is public_before
                                       and not flyte_checkpoint.installed())
 
+early = context("/tmp/ckpt/early", None)
+early_helper = early.checkpoint  # cached by upstream before install()
+
 flyte_checkpoint.install()
 served = flyte.Checkpoint
+results["helper_cached_before_install_still_served"] = early.checkpoint is early_helper
 flyte_checkpoint.install()  # idempotent
 results["idempotent"] = flyte.Checkpoint is served and upstream_module.Checkpoint is served
 results["served_is_ours"] = issubclass(served, flyte_checkpoint.Checkpoint)
@@ -62,6 +70,19 @@ os.environ["JOBSET_RESTART_ATTEMPT"] = "2"
 restarted = context("/tmp/ckpt/dest", "/tmp/ckpt/prev").checkpoint
 results["jobset_restart_source"] = restarted.remote_source
 del os.environ["JOBSET_RESTART_ATTEMPT"]
+
+
+results["class_pickles"] = pickle.loads(pickle.dumps(served)) is served
+clone = pickle.loads(pickle.dumps(helper))
+results["helper_pickles"] = (type(clone) is served
+                             and clone.remote_destination == helper.remote_destination)
+results["context_deepcopies"] = type(copy.deepcopy(ctx).checkpoint) is served
+elsewhere = subprocess.run(
+    [sys.executable, "-c", "import pickle, sys; h = pickle.loads(sys.stdin.buffer.read());"
+     " print(type(h).__name__, h.remote_destination)"],
+    input=pickle.dumps(helper), capture_output=True, check=False)
+results["unpickles_where_install_never_ran"] = (
+    elsewhere.stdout.decode().split() == ["FlyteCheckpoint", "/tmp/ckpt/dest"])
 
 
 async def in_async() -> bool:

@@ -103,9 +103,23 @@ def azurite_dir() -> Path:
     return cache / "flyte-checkpoint" / "azurite"
 
 
+_provision_failures: dict[Path, EmulatorMissing] = {}
+
+
 def _provision_azurite(binary: Path) -> Path:
     """Install Azurite with npm into the per-user cache; the install lands whole or not at
-    all (npm works in a sibling directory that is renamed into place)."""
+    all (npm works in a sibling directory that is renamed into place). A failed install is
+    not tried again in the same run: every later Azure test skips with the same reason."""
+    if binary in _provision_failures:
+        raise _provision_failures[binary]
+    try:
+        return _install_azurite(binary)
+    except EmulatorMissing as missing:
+        _provision_failures[binary] = missing
+        raise
+
+
+def _install_azurite(binary: Path) -> Path:
     where = f"no azurite-blob at {binary} or on PATH (or set CHECKPOINT_AZURITE)"
     if not provisioning_allowed():
         raise EmulatorMissing(f"Azure emulator: {where}; CHECKPOINT_PROVISION=0 forbids "

@@ -31,6 +31,15 @@ def _leftovers(name: str) -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), f"checkpoint-io-{name}-*")))
 
 
+@pytest.fixture(autouse=True)
+def own_tempdir(tmp_path, monkeypatch):
+    """Servers make their data directories here, where no other test run looks."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(emulators, "_provision_failures", {})
+
+
 @pytest.fixture
 def bare(tmp_path, monkeypatch):
     """An environment with no Azurite anywhere: empty cache, nothing on PATH but ``bin``."""
@@ -85,6 +94,11 @@ def test_failed_npm_install_leaves_nothing_half_installed(bare, tmp_path):
         Azurite()
     cache = tmp_path / "cache" / "flyte-checkpoint"
     assert sorted(p.name for p in cache.iterdir()) == [".azurite.lock"]
+    # Not tried again in this run: the next Azure test skips with the same reason at once.
+    (bin_dir / "npm").write_text("#!/bin/sh\necho called >> " + str(tmp_path / "calls") + "\n")
+    with pytest.raises(EmulatorMissing, match="E404 registry says no"):
+        Azurite()
+    assert not (tmp_path / "calls").exists()
 
 
 def test_server_that_dies_at_start_gives_everything_back(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,11 @@ upstream_here = importlib.util.find_spec("flyte") is not None and importlib.util
     "flyte").origin != str(FACADE / "flyte" / "__init__.py")
 
 
-def _python(code: str, *path: Path) -> dict:
+def _python(code: str, *path: Path, cwd: Path | None = None) -> dict:
     """Run ``code`` in a fresh interpreter whose sys.path starts with ``path``."""
     prelude = f"import sys; sys.path[:0] = {[str(p) for p in path]!r}\n"
     done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -47,6 +48,40 @@ def test_facade_steps_aside_for_any_other_flyte(tmp_path):
                     "print(json.dumps([getattr(flyte, 'REAL', False), flyte.models.WHERE,"
                     " hasattr(flyte, 'STANDALONE')]))", FACADE, tmp_path / "site")
     assert found == [True, "flyte.models", False]
+
+
+@pytest.mark.skipif(upstream_here, reason="the upstream SDK is installed in this environment")
+def test_facade_ignores_bare_flyte_directories_and_copies_of_itself(tmp_path):
+    """A ``flyte/`` directory without ``__init__.py`` (upstream's local mode makes
+    /tmp/flyte) is no package to step aside for, and two copies of the facade on sys.path
+    (a lib64 symlink, two site directories) must not hand over to each other forever."""
+    (tmp_path / "cwd" / "flyte" / "metadata").mkdir(parents=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(FACADE, copy)
+    found = _python("import json, os, sys;"
+                    " sys.path.insert(0, os.getcwd())\n"
+                    "import flyte\nprint(json.dumps([flyte.STANDALONE,"
+                    " hasattr(flyte, 'Checkpoint')]))",
+                    tmp_path / "cwd", copy, FACADE, cwd=tmp_path / "cwd")
+    assert found == [True, True]
+
+
+def test_facade_steps_aside_for_a_flyte_served_by_a_meta_path_finder(tmp_path):
+    """Editable installs often serve their package through a finder of their own."""
+    real = tmp_path / "editable" / "flyte"
+    real.mkdir(parents=True)
+    (real / "__init__.py").write_text("REAL = 'editable'\n")
+    code = (
+        "import importlib.util, json, sys\n"
+        "class Finder:\n"
+        "    @staticmethod\n"
+        "    def find_spec(name, path=None, target=None):\n"
+        f"        if name == 'flyte': return importlib.util.spec_from_file_location("
+        f"'flyte', {str(real / '__init__.py')!r}, submodule_search_locations=[{str(real)!r}])\n"
+        "sys.meta_path.append(Finder())\n"
+        "import flyte\nprint(json.dumps([getattr(flyte, 'REAL', None)]))"
+    )
+    assert _python(code, FACADE) == ["editable"]
 
 
 @pytest.mark.skipif(upstream_here, reason="the upstream SDK is installed in this environment")

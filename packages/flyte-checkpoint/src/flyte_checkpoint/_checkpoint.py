@@ -260,6 +260,11 @@ class Checkpoint(BaseCheckpoint):
     def __repr__(self) -> str:
         return f"Checkpoint(checkpoint_dest={self._dest!r}, checkpoint_src={self._src!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies and pickles are fresh helpers for the same locations: no workspace, nothing
+        loaded, no save in flight (those belong to the process that made them)."""
+        return (_rebuild, (type(self), self._dest, self._src, self._storage_options))
+
     # ------------------------------------------------------------------ load
 
     def load_sync(self) -> pathlib.Path | None:
@@ -450,6 +455,11 @@ class Checkpoint(BaseCheckpoint):
                 size / 1e6 / max(seconds, 1e-9),
                 uri,
             )
+
+
+def _rebuild(cls: type[Checkpoint], dest: str, src: str | None,
+             storage_options: dict[str, Any] | None) -> Checkpoint:
+    return cls(dest, src, storage_options=storage_options)
 
 
 # ---------------------------------------------------------------------- background saves

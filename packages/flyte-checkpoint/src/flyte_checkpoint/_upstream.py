@@ -157,18 +157,33 @@ _served: dict[type, type] = {}
 def _served_class(original: type) -> type:
     """Our Checkpoint, also a subclass of upstream's: upstream's own ``isinstance`` checks on
     cached helpers hold before and after ``uninstall()``. Our methods come first in the MRO;
-    upstream's ``__init__`` never runs, and its ``__del__`` finds no workspace of its own."""
+    upstream's ``__init__`` never runs, and its ``__del__`` finds no workspace of its own.
+
+    It is importable as ``flyte_checkpoint._upstream.FlyteCheckpoint`` (so the class and its
+    instances pickle, also into processes that never called ``install()``), and counts
+    upstream's own helpers as instances: a helper some context cached before ``install()``
+    is still served there, as upstream's property expects, instead of failing its check.
+    """
     if original not in _served:
-        _served[original] = type(
-            "Checkpoint",
+        meta = type(original)
+
+        class _ServedMeta(meta):
+            def __instancecheck__(cls, instance: object) -> bool:
+                return super().__instancecheck__(instance) or isinstance(instance, original)
+
+        _served[original] = _ServedMeta(
+            "FlyteCheckpoint",
             (Checkpoint, original),
-            {
-                "__module__": __name__,
-                "__qualname__": "Checkpoint",
-                "__doc__": Checkpoint.__doc__,
-            },
+            {"__module__": __name__, "__qualname__": "FlyteCheckpoint",
+             "__doc__": Checkpoint.__doc__},
         )
     return _served[original]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FlyteCheckpoint":  # unpickling in a process that never ran install()
+        return _served_class(_state.original if _state else _upstream_seam()[2])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _drop_cached_upstream_helper(module: Any, served: type) -> None:

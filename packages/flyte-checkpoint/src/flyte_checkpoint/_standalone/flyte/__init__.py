@@ -17,13 +17,34 @@ import importlib.util
 import os
 import sys
 
+_MARKER = "FLYTE_CHECKPOINT_FACADE"  # a file beside this one: any copy of the facade has it
+
+
+def _is_real(spec: importlib.machinery.ModuleSpec | None) -> bool:
+    """A regular ``flyte`` package that is not a copy of this facade (a bare ``flyte/``
+    directory, which Python would take as a namespace package, does not count)."""
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return False
+    return not os.path.exists(os.path.join(os.path.dirname(spec.origin), _MARKER))
+
 
 def _real_flyte() -> importlib.machinery.ModuleSpec | None:
-    """The spec of a ``flyte`` package found anywhere on ``sys.path`` but here."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    spec = importlib.machinery.PathFinder.find_spec("flyte", others)
-    return spec if spec is not None and spec.origin != os.path.abspath(__file__) else None
+    """The spec of the first real ``flyte`` package: from any meta-path finder (editable
+    installs often serve packages through one), else from any ``sys.path`` entry."""
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder or not hasattr(finder, "find_spec"):
+            continue
+        try:
+            spec = finder.find_spec("flyte", None)
+        except Exception:  # a broken third-party finder must not break `import flyte`
+            continue
+        if _is_real(spec):
+            return spec
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec("flyte", [entry])
+        if _is_real(spec):
+            return spec
+    return None
 
 
 _spec = _real_flyte()

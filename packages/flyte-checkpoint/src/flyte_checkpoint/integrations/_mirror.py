@@ -1,0 +1,92 @@
+"""What both integrations share: which Checkpoint to use, and a mirror that uploads a
+directory in the background without ever making the training loop wait for an upload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from concurrent.futures import Future
+
+from .._checkpoint import Checkpoint
+
+logger = logging.getLogger("flyte_checkpoint")
+
+
+def task_checkpoint(checkpoint: Checkpoint | None = None) -> Checkpoint:
+    """``checkpoint`` if given; else the running Flyte task's ``flyte.ctx().checkpoint``
+    (with :func:`flyte_checkpoint.install` in effect); else one from the environment that
+    ``flyte-checkpoint run`` sets (:meth:`Checkpoint.from_env`)."""
+    if checkpoint is not None:
+        return checkpoint
+    try:
+        import flyte
+
+        context = flyte.ctx() if callable(getattr(flyte, "ctx", None)) else None
+    except ImportError:
+        context = None
+    served = getattr(context, "checkpoint", None) if context else None
+    if served is not None:
+        if not isinstance(served, Checkpoint):
+            raise TypeError(
+                "flyte.ctx().checkpoint is the upstream SDK's helper; call"
+                " flyte_checkpoint.install() at import of your task module first")
+        return served
+    return Checkpoint.from_env()
+
+
+class DirectoryMirror:
+    """Uploads the newest state of one directory, one upload at a time, in the background.
+
+    :meth:`offer` is cheap (one directory scan) and never waits for an upload: when one is in
+    flight, the change is remembered and uploaded by a later ``offer`` or by :meth:`finish`.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._in_flight: Future[None] | None = None
+        self._uploaded: dict[pathlib.Path, tuple] = {}
+        self.saves = 0
+
+    def offer(self, directory: pathlib.Path | str | None) -> bool:
+        """Start a background save of ``directory`` if it changed since the last one and no
+        upload is in flight. Returns whether one started."""
+        if directory is None:
+            return False
+        directory = pathlib.Path(directory)
+        if self._in_flight is not None:
+            if not self._in_flight.done():
+                return False
+            self._in_flight.result()  # a failure surfaces here, in the training loop
+            self._in_flight = None
+        state = _fingerprint(directory)
+        if not state or state == self._uploaded.get(directory):
+            return False
+        self._in_flight = self.checkpoint.save_sync(directory, wait=False)
+        self._uploaded[directory] = state
+        self.saves += 1
+        return True
+
+    def finish(self, directory: pathlib.Path | str | None) -> None:
+        """Wait for the upload in flight, upload what changed since, and wait for that."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+        self.offer(directory)
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+
+
+def _fingerprint(directory: pathlib.Path) -> tuple:
+    """Names, sizes, mtimes and inodes of everything under ``directory`` (empty if absent)."""
+    entries = []
+    for here, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                st = os.lstat(os.path.join(here, name))
+            except FileNotFoundError:
+                continue
+            entries.append((os.path.join(here, name), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(entries)

@@ -1,0 +1,87 @@
+"""Hugging Face Transformers: mirror each ``checkpoint-N`` that ``Trainer`` writes to the
+task's checkpoint, in the background, and resume the next attempt from it.
+
+.. code-block:: python
+
+    from flyte_checkpoint.integrations.transformers import FlyteCheckpointCallback
+
+    mirror = FlyteCheckpointCallback()  # flyte.ctx().checkpoint, or from the environment
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[mirror])
+    trainer.train(resume_from_checkpoint=mirror.resume_path())
+
+``Trainer`` writes every checkpoint to a new ``checkpoint-N`` directory and deletes old ones
+(``save_total_limit``); the hard-link snapshot of a background save keeps the files it holds
+even when they are deleted, so the loop waits only for the snapshot.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from .._checkpoint import Checkpoint
+from ._mirror import DirectoryMirror, task_checkpoint
+
+try:
+    from transformers import TrainerCallback
+except ImportError as missing:
+    raise ImportError("flyte_checkpoint.integrations.transformers needs Hugging Face"
+                      " Transformers: pip install transformers") from missing
+
+__all__ = ["FlyteCheckpointCallback"]
+
+_STATE = "trainer_state.json"
+
+
+class FlyteCheckpointCallback(TrainerCallback):
+    """Upload the newest ``checkpoint-N`` directory after each save, without blocking training.
+
+    Args:
+        checkpoint: the Flyte checkpoint; default: the running task's
+            ``flyte.ctx().checkpoint`` (after :func:`flyte_checkpoint.install`), else
+            :meth:`Checkpoint.from_env`.
+
+    The object holds one ``checkpoint-N`` directory's contents: the newest one whose upload
+    could start. While an upload runs, newer saves wait and only the newest is uploaded
+    after it. When training ends, the callback waits for the last upload. A failed upload
+    raises :class:`CheckpointSaveError` at the next step.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | None = None) -> None:
+        self.checkpoint = task_checkpoint(checkpoint)
+        self._mirror = DirectoryMirror(self.checkpoint)
+        self._newest: pathlib.Path | None = None
+
+    def resume_path(self) -> str | None:
+        """Restore the previous attempt's checkpoint; the directory for
+        ``trainer.train(resume_from_checkpoint=...)``, or ``None`` on the first attempt."""
+        restored = self.checkpoint.load_sync()
+        if restored is None:
+            return None
+        if not (restored / _STATE).is_file():
+            raise ValueError(f"the checkpoint restored at {restored} holds no {_STATE}: it was"
+                             " not saved from a Trainer checkpoint-N directory")
+        return str(restored)
+
+    @property
+    def uploads(self) -> int:
+        """How many background saves this callback has started."""
+        return self._mirror.saves
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._newest = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._offer()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._offer()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._mirror.finish(self._newest if self._newest and self._newest.exists()
+                                else None)
+
+    def _offer(self) -> None:
+        if self._newest is not None and self._newest.exists():
+            self._mirror.offer(self._newest)

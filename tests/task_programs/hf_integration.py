@@ -1,0 +1,87 @@
+"""Hugging Face ``Trainer`` with ``flyte_checkpoint.integrations.transformers``, under
+``flyte-checkpoint run``: a tiny GPT-2 built from a config (no download), checkpoints every
+few steps with rotation (``save_total_limit``), attempts killed with SIGKILL where the plan
+says, and each retry resumed from what the callback uploaded in the background.
+
+Arguments (JSON): ``plan``, ``log``, ``out``, ``steps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+
+import torch
+from flyte_checkpoint.integrations.transformers import FlyteCheckpointCallback
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+ARGS = json.loads(sys.argv[1])
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.rows = torch.randint(0, 64, (96, 16), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.rows[index], "labels": self.rows[index]}
+
+
+class KillWhere(TrainerCallback):
+    def __init__(self, mirror: FlyteCheckpointCallback) -> None:
+        self.mirror = mirror
+
+    def on_step_end(self, args, state, control, **kwargs):
+        plan = pathlib.Path(ARGS["plan"])
+        steps = json.loads(plan.read_text()) if plan.exists() else []
+        if state.global_step in steps:
+            steps.remove(state.global_step)
+            plan.write_text(json.dumps(steps))
+            if self.mirror._mirror._in_flight is not None:  # a fixed resume point
+                self.mirror._mirror._in_flight.result()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    mirror = FlyteCheckpointCallback()
+    resume = mirror.resume_path()
+    start = json.loads((pathlib.Path(resume) / "trainer_state.json").read_text())[
+        "global_step"] if resume else 0
+    with open(ARGS["log"], "a") as log:
+        log.write(json.dumps({"start": start}) + "\n")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0))
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf-"), max_steps=ARGS.get("steps", 24),
+        save_steps=4, save_total_limit=2, per_device_train_batch_size=4, learning_rate=1e-3,
+        seed=0, data_seed=0, report_to=[], logging_strategy="no", use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
+                      callbacks=[mirror, KillWhere(mirror)])
+    trainer.train(resume_from_checkpoint=resume)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    pathlib.Path(ARGS["out"]).write_text(json.dumps(
+        {"step": trainer.state.global_step, "weights": digest.hexdigest(),
+         "uploads": mirror.uploads}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Lightning with ``flyte_checkpoint.integrations.lightning``, under ``flyte-checkpoint run``:
+each attempt is a process of its own, killed with SIGKILL where the plan says, and the next
+resumes from what the callback uploaded in the background.
+
+Arguments (JSON): ``plan`` (the failure plan file), ``log`` (a JSON-lines file each attempt
+appends to), ``out`` (the last attempt's result), ``epochs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+
+import lightning as L
+import torch
+from flyte_checkpoint.integrations.lightning import FlyteCheckpointCallback
+
+ARGS = json.loads(sys.argv[1])
+
+
+class Regressor(L.LightningModule):
+    def __init__(self, mirror: FlyteCheckpointCallback) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mirror = mirror
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                       torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        kill_if_planned(self.global_step, self.mirror)
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def kill_if_planned(step: int, mirror) -> None:
+    plan = pathlib.Path(ARGS["plan"])
+    steps = json.loads(plan.read_text()) if plan.exists() else []
+    if step in steps:
+        steps.remove(step)
+        plan.write_text(json.dumps(steps))
+        # Let the upload in flight finish first, so that the resume point is the same in
+        # every run (a kill during an upload is tested on its own).
+        if mirror._mirror._in_flight is not None:
+            mirror._mirror._in_flight.result()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def data() -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=generator)
+    y = (x @ torch.tensor([[0.5], [-1.0], [2.0], [0.1]])).tanh()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
+                                       shuffle=False)
+
+
+def main() -> None:
+    mirror = FlyteCheckpointCallback()
+    resume = mirror.resume_path()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="lightning-"))
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "ckpts", save_last=True,
+                                                save_top_k=1, every_n_epochs=1)
+    start = torch.load(resume, weights_only=False)["global_step"] if resume else 0
+    with open(ARGS["log"], "a") as log:
+        log.write(json.dumps({"start": start}) + "\n")
+    model = Regressor(mirror)
+    trainer = L.Trainer(max_epochs=ARGS.get("epochs", 4), callbacks=[saver, mirror],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, deterministic=True, accelerator="cpu",
+                        default_root_dir=work)
+    trainer.fit(model, data(), ckpt_path=resume)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().numpy().tobytes())
+    pathlib.Path(ARGS["out"]).write_text(json.dumps(
+        {"step": trainer.global_step, "weights": digest.hexdigest(), "uploads": mirror.uploads}))
+
+
+if __name__ == "__main__":
+    main()
