@@ -267,3 +267,23 @@ def threading_gate_release_later(gate, seconds: float = 0.3) -> None:
     import threading
 
     threading.Timer(seconds, gate.set).start()
+
+
+def test_the_upload_gives_way_to_the_training_loop(tmp_path):
+    """Upload threads run at a higher niceness, so under CPU contention the loop goes first."""
+    import threading
+
+    checkpoint = Checkpoint(str(tmp_path / "store" / "ckpt"))
+    seen = []
+    original = checkpoint._save_blocking
+
+    def recording(data, cancelled, snapshot=None):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return original(data, cancelled, snapshot)
+
+    checkpoint._save_blocking = recording
+    checkpoint.save_sync(b"x", wait=False).result(timeout=60)
+    checkpoint.save_sync(b"y")
+    checkpoint.close()
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [max(own, 10), own]

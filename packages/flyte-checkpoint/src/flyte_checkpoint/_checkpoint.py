@@ -491,6 +491,7 @@ class _Background:
 
     def _run(self) -> None:
         owner = self.owner
+        _give_way()
         try:
             owner._save_blocking(self.snapshot.source, threading.Event(), self.snapshot)
         except BaseException as exc:
@@ -508,6 +509,19 @@ class _Background:
             self.snapshot.cleanup()
             with _pending_lock:
                 _pending_saves.discard(self)
+
+
+#: Niceness of the threads that upload in the background (and of the compression and hashing
+#: threads they start, which inherit it): under CPU contention the training loop goes first.
+BACKGROUND_NICENESS = 10
+
+
+def _give_way() -> None:
+    """Lower this thread's CPU priority (Linux: niceness is per thread); best effort."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid),
+                                                 BACKGROUND_NICENESS))
 
 
 _pending_lock = threading.Lock()
