@@ -291,3 +291,143 @@ def test_direct_sync_read_still_refuses_to_run_inside_a_loop(tmp_path):
         with pytest.raises(SyncInAsyncError, match=r"read\(\) blocks and was called from"):
             asyncio.run(inside())
         assert f.read() == b"abc"
+
+
+# --- parallel ranged reads ------------------------------------------------------------------
+
+
+class CountingSource(ScriptedSource):
+    """A ScriptedSource that records how many requests were open at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.open = self.most_open = 0
+
+    async def stream_range(self, start: int, end: int):
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            async for piece in super().stream_range(start, end):
+                yield piece
+        finally:
+            self.open -= 1
+
+
+def wide_reader(source: Source, width: int, read_ahead: int | None = None) -> StreamReader:
+    transfer = Transfer(MemoryBackend({}), "memory://b/k", "memory://b/k", FAST, None, None,
+                        read_ahead, width)
+    return StreamReader(transfer, source)
+
+
+class TestParallelRanges:
+    def test_ranges_in_flight_arrive_in_order(self):
+        data = os.urandom(40 * MiB + 5)
+        source = CountingSource(data)
+        stream = wide_reader(source, 4)
+        assert asyncio.run(drain(stream, 3 * MiB + 1)) == data
+        span = 8 * MiB
+        assert sorted(source.requests) == [(s, min(s + span, len(data)))
+                                           for s in range(0, len(data), span)]
+        assert stream.width == 4 and 1 < source.most_open <= 4
+        assert source.sent == len(data)
+
+    def test_a_small_object_is_one_request(self):
+        data = os.urandom(2 * MiB)
+        source = CountingSource(data)
+        stream = wide_reader(source, 8)
+        assert asyncio.run(drain(stream)) == data
+        assert source.requests == [(0, len(data))] and stream.width == 1
+
+    def test_a_range_that_drops_is_resumed_alone(self):
+        data = os.urandom(24 * MiB)
+        cut = 3 * MiB + 100
+        source = CountingSource(data, drops=1, drop_after=cut)  # the first request breaks
+        assert asyncio.run(drain(reader_with(source))) == data
+        resumed = [r for r in source.requests if r[0] % (8 * MiB)]
+        assert len(resumed) == 1 and cut <= resumed[0][0] < 8 * MiB == resumed[0][1]
+        assert source.requests.count((0, 8 * MiB)) == 1  # not refetched from its start
+        assert source.sent == len(data)  # nothing fetched twice
+
+    def test_memory_stays_within_the_window(self):
+        data = os.urandom(64 * MiB)
+        source = CountingSource(data, piece=MiB)
+
+        async def go():
+            stream = wide_reader(source, 3, read_ahead=4 * MiB)
+            await stream.read(1)
+            for _ in range(50):  # let every range in flight arrive
+                await asyncio.sleep(0)
+            held = source.sent - 1
+            rest = await drain(stream)
+            return stream, held, rest
+
+        stream, held, rest = asyncio.run(go())
+        assert len(rest) == len(data) - 1
+        # In flight: at most 3 ranges, plus the one being handed over and the read-ahead.
+        assert held <= 4 * 8 * MiB + 4 * MiB
+        assert stream.peak_queued <= 4 * MiB
+
+
+def reader_with(source: Source) -> StreamReader:
+    return wide_reader(source, 3)
+
+
+@pytest.mark.emulator
+class TestRemoteParallelRanges:
+    def test_ranges_over_separate_connections(self, remote_store):
+        from checkpoint_io_shaper import ShapingProxy
+
+        data = os.urandom(40 * MiB + 3)
+        put(remote_store.file("wide.bin"), data)
+        with ShapingProxy(remote_store.server.port, down=32 * MiB) as shaper:
+            file = remote_store.file("wide.bin", retry=FAST,
+                                     storage_options=remote_store.server.options(
+                                         shaper.endpoint))
+            with file.open_sync("rb") as f:
+                got = f.read()
+            assert got == data
+            assert shaper.stats.most_concurrent >= 4  # several connections at once
+
+    def test_a_range_cut_mid_body_is_resumed_alone(self, remote_store):
+        data = os.urandom(24 * MiB)
+        put(remote_store.file("cut.bin"), data)
+        proxy, options = remote_store.proxy()
+        file = remote_store.file("cut.bin", storage_options=options, retry=FAST)
+        with file.open_sync("rb") as f:
+            proxy.cut_next_bodies(1, after=2 * MiB + 5)
+            got = f.read()
+        assert got == data
+        gets = ranged_gets(proxy)
+        assert len(gets) == 4  # three ranges, and one resumed from inside the cut one
+        first = [tuple(map(int, g.removeprefix("bytes=").split("-"))) for g in gets]
+        assert sorted(first)[:3] != sorted(first)[1:]  # the resumed one starts mid-range
+        assert sum(1 for s, e in first if s % (8 * MiB) != 0) == 1
+
+    def test_object_replaced_between_ranges_fails_instead_of_mixing(self, remote_store):
+        old, new = os.urandom(24 * MiB), os.urandom(24 * MiB)
+        direct = remote_store.file("swap.bin")
+        put(direct, old)
+        proxy, options = remote_store.proxy()
+        file = remote_store.file("swap.bin", storage_options=options, retry=FAST)
+        with pytest.raises(ObjectChangedError), file.open_sync("rb") as f:
+            proxy.cut_next_bodies(1, after=MiB, on_cut=lambda: put(direct, new))
+            f.read()
+
+    def test_a_stalled_connection_is_dropped_and_its_range_refetched(self, remote_store):
+        from checkpoint_io_shaper import ShapingProxy
+
+        data = os.urandom(24 * MiB)
+        put(remote_store.file("stall.bin"), data)
+        quick = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=60,
+                            attempt_timeout=1.0)
+        with ShapingProxy(remote_store.server.port, stall_after=3 * MiB,
+                          stall_connections=1) as shaper:
+            file = remote_store.file("stall.bin", retry=quick,
+                                     storage_options=remote_store.server.options(
+                                         shaper.endpoint))
+            with file.open_sync("rb") as f:
+                got = f.read()
+            shaper.release_stalls()
+        assert got == data
+        assert shaper.stats.stalled == 1
+        assert shaper.stats.requests > 3  # the stalled range was asked for again

@@ -99,6 +99,9 @@ class AzureBackend(Backend):
     part_size = 8 * MiB
     max_parts = 50_000
     concurrency = 4
+    # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
+    # link (the window held in memory is read_concurrency x read_range).
+    read_concurrency = 8
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         super().__init__(storage_options)

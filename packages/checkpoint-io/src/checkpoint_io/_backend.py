@@ -107,6 +107,11 @@ class Backend(abc.ABC):
     read_ahead: int = 16 * MiB
     #: Span of one request when a download streams segments in parallel.
     download_segment: int = 256 * MiB
+    #: Streaming reads: most ranged GETs in flight at once, each over its own connection,
+    #: and the span of each. 1 keeps one long GET (stores where a connection is cheap and
+    #: fast: local disk, memory). An object smaller than two ranges is read by one GET.
+    read_concurrency: int = 1
+    read_range: int = 8 * MiB
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         self.storage_options = storage_options

@@ -27,6 +27,7 @@ class _Options:
     part_size: int | None = None
     concurrency: int | None = None
     read_ahead: int | None = None
+    read_concurrency: int | None = None
 
 
 class File(BaseModel):
@@ -60,10 +61,12 @@ class File(BaseModel):
         part_size: int | None = None,
         concurrency: int | None = None,
         read_ahead: int | None = None,
+        read_concurrency: int | None = None,
     ) -> File:
         """A copy with client options (passed to the fsspec filesystem), a retry policy, a
-        part/block size in bytes, a number of parts in flight, or the most bytes a
-        streaming read fetches ahead of the reader (default 16 MiB)."""
+        part/block size in bytes, a number of parts in flight, the most bytes a streaming
+        read fetches ahead of the reader (default 16 MiB), or the most ranged GETs a
+        streaming read keeps in flight (default 8 on object stores; 1 is one long GET)."""
         changes: dict[str, Any] = {}
         if storage_options is not None:
             changes["storage_options"] = dict(storage_options)
@@ -75,6 +78,8 @@ class File(BaseModel):
             changes["concurrency"] = concurrency
         if read_ahead is not None:
             changes["read_ahead"] = read_ahead
+        if read_concurrency is not None:
+            changes["read_concurrency"] = read_concurrency
         copy = self.model_copy()
         copy._options = replace(self._options, **changes)
         return copy
@@ -83,7 +88,7 @@ class File(BaseModel):
         opts = self._options
         backend = backend_for(self.path, opts.storage_options)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,
-                        opts.concurrency, opts.read_ahead)
+                        opts.concurrency, opts.read_ahead, opts.read_concurrency)
 
     # --- constructors --------------------------------------------------------------
 

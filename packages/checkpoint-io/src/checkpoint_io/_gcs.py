@@ -128,6 +128,9 @@ class GCSBackend(Backend):
     min_part_size = 256 * 1024
     part_multiple = 256 * 1024  # resumable chunks other than the last
     concurrency = 4
+    # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
+    # link (the window held in memory is read_concurrency x read_range).
+    read_concurrency = 8
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         super().__init__(storage_options)

@@ -106,6 +106,9 @@ class S3Backend(Backend):
     max_parts = 10_000
     max_part_size = 5 * 1024 * MiB
     concurrency = 4
+    # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
+    # link (the window held in memory is read_concurrency x read_range).
+    read_concurrency = 8
 
     def __init__(self, storage_options: dict[str, Any]) -> None:
         super().__init__(storage_options)

@@ -34,7 +34,7 @@ class Transfer:
 
     def __init__(self, backend: Backend, path: str, uri: str, policy: RetryPolicy,
                  part_size: int | None, concurrency: int | None,
-                 read_ahead: int | None = None) -> None:
+                 read_ahead: int | None = None, read_concurrency: int | None = None) -> None:
         self.backend = backend
         self.path = path
         self.uri = uri
@@ -43,6 +43,13 @@ class Transfer:
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
         self.concurrency = max(1, concurrency or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
+        self.read_concurrency = max(1, read_concurrency or backend.read_concurrency)
+        # Whole blocks, so each range hands out whole blocks like one long GET does.
+        self.read_range = max(backend.read_range // backend.read_block, 1) * backend.read_block
+
+    def read_width(self, remaining: int) -> int:
+        """How many ranged GETs a streaming read of ``remaining`` bytes keeps in flight."""
+        return max(1, min(self.read_concurrency, -(-remaining // self.read_range)))
 
     def retried(self, operation: str, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         return call_with_retries(self.policy, self.uri, operation, request)
@@ -262,9 +269,14 @@ class _ResumableStream:
 class StreamReader:
     """Sequential reads of one pinned version, with a bounded read-ahead.
 
-    Remote objects are read by one long request whose body a background task pulls into
-    a queue of blocks, never more than ``read_ahead`` bytes ahead of the reader, resuming
-    where it broke off after a transient fault (see :class:`_ResumableStream`). Sources
+    Remote objects are read by a background task into a queue of blocks, never more than
+    ``read_ahead`` bytes ahead of the reader. Where the backend allows several connections
+    and the object spans two ranges or more, that task keeps up to ``read_concurrency``
+    ranged GETs in flight, each over its own connection and pinned to the same version,
+    and hands their blocks to the queue in order; memory stays within ``read_concurrency``
+    ranges plus the read-ahead. Otherwise it reads one long request. Either way a request
+    resumes where it broke off after a transient fault, alone (see
+    :class:`_ResumableStream`). Sources
     that read cheaply in the caller's thread (local files, memory) are read directly:
     :meth:`read_direct` serves blocking callers with no hop through the I/O loop.
     """
@@ -279,6 +291,8 @@ class StreamReader:
         self.block_size = transfer.backend.read_block
         #: Most bytes fetched ahead of the reader; the queue never holds more.
         self.read_ahead = transfer.read_ahead
+        #: Most ranged GETs in flight, once reading has started (1: one long GET).
+        self.width = 0
         self._queue: collections.deque[bytes | memoryview] = collections.deque()
         self._queued = 0
         #: Highest ``_queued`` seen: lets tests check the bound holds.
@@ -356,15 +370,13 @@ class StreamReader:
         return b"".join(pieces)
 
     async def _produce(self) -> None:
-        stream = _ResumableStream(self._t, self._source, self._pos, self.size, self.block_size)
+        width = self.width = self._t.read_width(self.size - self._pos)
+        fetched = self._ranges(width) if width > 1 else self._one_request()
         try:
-            while True:
-                while self._queued + self.block_size > self.read_ahead:
+            async for block in fetched:
+                while self._queued + len(block) > self.read_ahead and self._queued:
                     self._room.clear()
                     await self._room.wait()
-                block = await stream.next_block()
-                if block is None:
-                    return
                 self._queue.append(block)
                 self._queued += len(block)
                 self.peak_queued = max(self.peak_queued, self._queued)
@@ -374,12 +386,58 @@ class StreamReader:
             # producer that is gone, so even a stray cancellation becomes an error.
             if not self._closed:
                 self._failure = exc if isinstance(exc, Exception) else ConnectionAbortedError(
-                    f"read of {self._t.uri} stopped at byte {stream.position}: {exc!r}")
+                    f"read of {self._t.uri} stopped at byte {self._pos + self._queued}:"
+                    f" {exc!r}")
             if not isinstance(exc, Exception):
                 raise
         finally:
             self._arrived.set()
+            await fetched.aclose()
+
+    async def _one_request(self) -> AsyncIterator[bytes]:
+        stream = _ResumableStream(self._t, self._source, self._pos, self.size, self.block_size)
+        try:
+            while (block := await stream.next_block()) is not None:
+                yield block
+        finally:
             await stream.close()
+
+    async def _ranges(self, width: int) -> AsyncIterator[bytes]:
+        """Blocks of ``[pos, size)`` in order, fetched as ranges ``width`` at a time."""
+        span = self._t.read_range
+        starts = iter(range(self._pos, self.size, span))
+        in_flight: collections.deque[asyncio.Task[list[bytes]]] = collections.deque()
+
+        def launch() -> None:
+            start = next(starts, None)
+            if start is not None:
+                in_flight.append(asyncio.ensure_future(self._fetch_range(start, span)))
+
+        try:
+            for _ in range(width):
+                launch()
+            while in_flight:
+                blocks = await in_flight[0]
+                in_flight.popleft()
+                launch()
+                while blocks:
+                    yield blocks.pop(0)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _fetch_range(self, start: int, span: int) -> list[bytes]:
+        """One range, whole: its own request, retried and resumed alone."""
+        end = min(start + span, self.size)
+        stream = _ResumableStream(self._t, self._source, start, end, self.block_size)
+        blocks = []
+        try:
+            while (block := await stream.next_block()) is not None:
+                blocks.append(block)
+        finally:
+            await stream.close()
+        return blocks
 
     async def close(self) -> None:
         if self._closed:
