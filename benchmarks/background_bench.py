@@ -9,8 +9,8 @@ It reports the time the loop was blocked in each save, the run's wall time again
 loop without saves ("local files only"), its peak RSS above the loop's own baseline, and
 the peak temporary disk beyond the live state (upstream's temporary tarball; our snapshot).
 
-    python benchmarks/background_bench.py                   # file:// and S3 (moto), 256 MiB and 1 GiB
-    python benchmarks/background_bench.py --quick           # small sizes, a smoke run
+    python benchmarks/background_bench.py             # file:// and S3 (moto), 256 MiB and 1 GiB
+    python benchmarks/background_bench.py --quick     # small sizes, a smoke run
     python benchmarks/background_bench.py --chart docs/background.png --json out.json
 
 Targets on the 2-core development machine: blocked per background save of 1 GiB at most 5%
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoint_bench import UPSTREAM_VENV, DiskWatch, Moto  # noqa: E402
+from checkpoint_bench import UPSTREAM_VENV, DiskWatch, Moto
 
 MiB = 1 << 20
 FILE = 4 * MiB

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "packages" / "checkpoint-io" / "tests"))
 
-from checkpoint_bench import UPSTREAM_VENV, Moto  # noqa: E402
+from checkpoint_bench import UPSTREAM_VENV, Moto, _cpu_seconds  # noqa: E402
 from checkpoint_io_shaper import ShapingProxy  # noqa: E402
 
 MiB = 1 << 20
@@ -153,7 +153,7 @@ def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
                               aws_secret_access_key="testing", region_name="us-east-1")
             s3.download_file("bench", "loaded/_flytecheckpoints", str(tarball))
             src = "s3://bench/loaded/_flytecheckpoints"
-            _measure(proxy, env, work, rows, "s3 shaped", "load", [
+            _measure(proxy, env, work, rows, "s3 shaped", "load", server_pid=moto.proc.pid, runs=[
                 ("plain GET, one connection", sys.executable,
                  {"op": "plain-get", "endpoint": proxy.endpoint,
                   "key": "loaded/_flytecheckpoints"}),
@@ -164,7 +164,7 @@ def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
                 ("ours load_sync", sys.executable,
                  {"op": "load", "dest": "s3://bench/x/c", "src": src}),
             ])
-            _measure(proxy, env, work, rows, "s3 shaped", "save", [
+            _measure(proxy, env, work, rows, "s3 shaped", "save", server_pid=moto.proc.pid, runs=[
                 ("plain PUT, one connection", sys.executable,
                  {"op": "plain-put", "endpoint": proxy.endpoint, "key": "put/one",
                   "file": str(tarball)}),
@@ -180,10 +180,10 @@ def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
 def shaped_azure(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
     """Azurite behind the proxy: ours and one plain connection (upstream's Azure client has
     no endpoint setting to reach an emulator)."""
-    from checkpoint_io_emulators import Azurite
     from datetime import datetime, timedelta, timezone
 
     from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+    from checkpoint_io_emulators import Azurite
 
     azurite = Azurite().start()
     try:
@@ -211,13 +211,15 @@ def shaped_azure(args: argparse.Namespace, work: Path, rows: list[tuple]) -> Non
             shaped_env = {"AZURE_STORAGE_CONNECTION_STRING":
                           azurite.connection_string(proxy.endpoint)}
             src = "abfs://bench/loaded/_flytecheckpoints"
-            _measure(proxy, shaped_env, work, rows, "az shaped", "load", [
+            _measure(proxy, shaped_env, work, rows, "az shaped", "load",
+                     server_pid=azurite.process.pid, runs=[
                 ("plain GET, one connection", sys.executable,
                  {"op": "plain-get-url", "url": sas_url("loaded/_flytecheckpoints", read=True)}),
                 ("ours load_sync", sys.executable,
                  {"op": "load", "dest": "abfs://bench/x/c", "src": src}),
             ])
-            _measure(proxy, shaped_env, work, rows, "az shaped", "save", [
+            _measure(proxy, shaped_env, work, rows, "az shaped", "save",
+                     server_pid=azurite.process.pid, runs=[
                 ("plain PUT, one connection", sys.executable,
                  {"op": "plain-put-url", "file": str(tarball),
                   "url": sas_url("put/one", write=True, create=True)}),
@@ -230,11 +232,15 @@ def shaped_azure(args: argparse.Namespace, work: Path, rows: list[tuple]) -> Non
 
 
 def _measure(proxy: ShapingProxy, env: dict, work: Path, rows: list[tuple], store: str,
-             op: str, runs: list[tuple]) -> None:
+             op: str, runs: list[tuple], server_pid: int | None = None) -> None:
     for name, python, child_args in runs:
         proxy.stats.most_concurrent = 0
+        proxy_cpu, server_cpu = time.process_time(), _cpu_seconds(server_pid)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             result = child(python, child_args, {**env, "TMPDIR": tmp})
+        # What else ran on the same cores: the proxy (this process) and the emulator.
+        result["proxy_cpu"] = time.process_time() - proxy_cpu
+        result["server_cpu"] = _cpu_seconds(server_pid) - server_cpu
         rows.append((store, op, name, result, proxy.stats.most_concurrent))
         print(_row(rows[-1]), flush=True)
 
@@ -243,11 +249,21 @@ def cores(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
     data = work / "data" if (work / "data").exists() else _tree(work / "data", args.size)
     obj = work / "local-object"
     child(sys.executable, {"op": "save", "dest": str(obj), "data": str(data)})
-    for pin in ("0", "0,1"):
+    # A first load reads the object from disk (the save bypassed the page cache): not
+    # counted. Then one core and two alternate, and each keeps its faster run.
+    def load(pin: str) -> dict:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            result = child(sys.executable, {"op": "load", "dest": str(work / "unused"),
-                                            "src": str(obj)}, {"TMPDIR": tmp}, pin=pin)
-        rows.append(("file", "load", f"ours, cores {pin}", result, 0))
+            return child(sys.executable, {"op": "load", "dest": str(work / "unused"),
+                                          "src": str(obj)}, {"TMPDIR": tmp}, pin=pin)
+
+    load("0,1")
+    best: dict[str, dict] = {}
+    for pin in ("0", "0,1", "0,1", "0"):
+        result = load(pin)
+        if pin not in best or result["seconds"] < best[pin]["seconds"]:
+            best[pin] = result
+    for pin in ("0", "0,1"):
+        rows.append(("file", "load", f"ours, cores {pin}", best[pin], 0))
         print(_row(rows[-1]), flush=True)
 
 
@@ -278,7 +294,9 @@ def _row(row: tuple) -> str:
     store, op, name, result, width = row
     return (f"{store:10} {op:18} {name:28} {result['seconds']:8.2f} s"
             f"  peak RSS {result['peak_rss'] / MiB:6.0f} MiB  CPU {result['cpu']:6.2f} s"
-            + (f"  connections at once {width}" if width else ""))
+            + (f"  connections at once {width}" if width else "")
+            + (f"  proxy CPU {result['proxy_cpu']:5.2f} s  server CPU {result['server_cpu']:5.2f} s"
+               if "proxy_cpu" in result else ""))
 
 
 def main() -> int:
@@ -329,12 +347,14 @@ def main() -> int:
                           f" {plain / by[(store, 'save', 'ours save_sync')]:.1f}x (target 3x)")
     by = {(r[1], r[2]): r[3]["seconds"] for r in rows}
     if ("load", "ours, cores 0") in by:
-        ratios.append(f"local load, two cores vs one: {by[('load', 'ours, cores 0')] / by[('load', 'ours, cores 0,1')]:.2f}x (target 1.6x)")
+        one, two = by[("load", "ours, cores 0")], by[("load", "ours, cores 0,1")]
+        ratios.append(f"local load, two cores vs one: {one / two:.2f}x (target 1.6x)")
     small = [r for r in rows if r[1].endswith("x 1 KiB")]
     if small:
         loop = min(r[3]["seconds"] for r in small if r[2].startswith("minimal"))
         ours = min(r[3]["seconds"] for r in small if r[2].startswith("ours"))
-        ratios.append(f"small files, ours vs the minimal create loop: {ours / loop:.2f}x (target <= 2x)")
+        ratios.append(f"small files, ours vs the minimal create loop: {ours / loop:.2f}x"
+                      " (target <= 2x)")
     print("\n".join(ratios))
     return 0
 
