@@ -24,6 +24,16 @@ from flyte_checkpoint import Checkpoint, CheckpointSaveError
 SNAPSHOT_PREFIX = ".flyte-checkpoint-snapshot-"
 
 
+@pytest.fixture(autouse=True)
+def own_tempdir(tmp_path, monkeypatch):
+    """Snapshots go to the temporary directory when it is on the source's file system (as
+    here): one of each test's own, so that leftovers can be checked."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    return scratch
+
+
 def _tree(root: pathlib.Path, tag: bytes) -> pathlib.Path:
     (root / "shards").mkdir(parents=True, exist_ok=True)
     (root / "shards" / "0.bin").write_bytes(tag * 100_000)
@@ -46,7 +56,9 @@ def _restored(tmp_path: pathlib.Path, uri: str) -> dict[str, bytes | str]:
 
 
 def _no_snapshots_left(*parents: pathlib.Path) -> None:
-    for parent in parents:
+    import tempfile
+
+    for parent in (*parents, pathlib.Path(tempfile.gettempdir())):
         left = [p.name for p in parent.iterdir() if p.name.startswith(SNAPSHOT_PREFIX)]
         assert left == [], f"snapshot directories left in {parent}: {left}"
 
@@ -203,7 +215,8 @@ def test_interpreter_exit_waits_for_the_upload(tmp_path):
         shutil.rmtree({str(source)!r})  # the loop cleans up and returns at once
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=120, check=False,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert done.returncode == 0, done.stderr
     assert "waiting at exit for the background save to" in done.stderr
     assert _restored(tmp_path, str(dest))["meta.json"] == b'{"tag": "A"}'
@@ -229,18 +242,84 @@ def test_sigkill_during_a_background_upload_keeps_the_previous_object(tmp_path):
         time.sleep(600)
     """)
     with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                          text=True) as child:
+                          text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}) as child:
         assert child.stdout.readline() == "uploading\n"
         child.send_signal(signal.SIGKILL)
         child.wait(30)
     assert dest.read_bytes() == b"previous"
-    stale = [p for p in (tmp_path / "work").iterdir() if p.name.startswith(SNAPSHOT_PREFIX)]
+    stale = [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith(SNAPSHOT_PREFIX)]
     assert len(stale) == 1, "the killed process's snapshot is there, to be removed later"
     # The next capture beside the same source removes it.
     with Checkpoint(str(dest)) as checkpoint:
         checkpoint.save_sync(source, wait=False).result(timeout=60)
     _no_snapshots_left(tmp_path / "work")
     assert _restored(tmp_path, str(dest))["big.bin"] == (source / "big.bin").read_bytes()
+
+
+def test_relative_paths_and_the_working_directory(tmp_path, monkeypatch):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    expected = _contents(source)
+    dest = str(tmp_path / "store" / "ckpt")
+    monkeypatch.chdir(source)
+    with Checkpoint(dest) as checkpoint:
+        checkpoint.save_sync(".", wait=False).result(timeout=60)
+        assert _restored(tmp_path, dest) == expected
+        monkeypatch.chdir(source / "shards")
+        checkpoint.save_sync("..", wait=False).result(timeout=60)
+        assert _restored(tmp_path, dest) == expected
+    _no_snapshots_left(tmp_path / "work")
+
+
+def test_a_snapshot_is_never_part_of_another_save(tmp_path):
+    """A snapshot beside a source (where the temporary directory is elsewhere) must not end
+    up in a later save of the parent directory."""
+    parent = tmp_path / "run"
+    _tree(parent / "ckpt", b"A")
+    (parent / f"{SNAPSHOT_PREFIX}123-abc" / "ckpt").mkdir(parents=True)  # another save's
+    dest = str(tmp_path / "store" / "ckpt")
+    with Checkpoint(dest) as checkpoint:
+        checkpoint.save_sync(parent, wait=False).result(timeout=60)
+    assert not any(SNAPSHOT_PREFIX in name for name in _restored(tmp_path, dest))
+
+
+def test_data_that_cannot_be_frozen_fails_with_the_uri(tmp_path):
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    os.mkfifo(source / "pipe")
+    dest = str(tmp_path / "store" / "ckpt")
+    with Checkpoint(dest) as checkpoint, pytest.raises(CheckpointSaveError) as raised:
+        checkpoint.save_sync(source, wait=False)
+    assert dest in str(raised.value) and "could not be frozen" in str(raised.value)
+    assert "pipe" in str(raised.value)
+    _no_snapshots_left(tmp_path / "work")
+
+
+def test_the_snapshot_is_gone_when_the_future_completes(tmp_path):
+    import tempfile
+
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    with Checkpoint(str(tmp_path / "store" / "ckpt")) as checkpoint:
+        checkpoint.save_sync(source, wait=False).result(timeout=60)
+        assert not [p for p in pathlib.Path(tempfile.gettempdir()).iterdir()
+                    if p.name.startswith(SNAPSHOT_PREFIX)]
+
+
+def test_a_done_callback_may_save_again(tmp_path):
+    dest = tmp_path / "store" / "ckpt"
+    checkpoint = Checkpoint(str(dest))
+    gate = _hold_uploads(checkpoint)
+    chained: list[Future] = []
+    first = checkpoint.save_sync(b"first", wait=False)
+    first.add_done_callback(lambda _: chained.append(checkpoint.save_sync(b"second", wait=False)))
+    gate.set()
+    first.result(timeout=60)
+    import time
+
+    deadline = time.monotonic() + 30
+    while not chained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    chained[0].result(timeout=60)
+    checkpoint.close()
+    assert dest.read_bytes() == b"second"
 
 
 # ---------------------------------------------------------------------- helpers

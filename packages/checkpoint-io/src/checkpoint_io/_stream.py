@@ -29,6 +29,19 @@ _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline
                             attempt_timeout=10.0)
 
 
+def _env_width() -> int | None:
+    """``CHECKPOINT_IO_READ_CONCURRENCY``: ranged GETs per streaming read, for every store
+    (1 reads with one long GET: for servers where a ranged GET costs as much as the whole
+    object, as moto's do)."""
+    value = os.environ.get("CHECKPOINT_IO_READ_CONCURRENCY", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"CHECKPOINT_IO_READ_CONCURRENCY={value!r}: expected a whole number"
+                         " of 1 or more")
+    return int(value)
+
+
 class Transfer:
     """What one transfer needs: where, through which backend, how hard to try, how wide."""
 
@@ -43,12 +56,16 @@ class Transfer:
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
         self.concurrency = max(1, concurrency or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
-        self.read_concurrency = max(1, read_concurrency or backend.read_concurrency)
+        self.read_concurrency = max(1, read_concurrency or _env_width()
+                                    or backend.read_concurrency)
         # Whole blocks, so each range hands out whole blocks like one long GET does.
         self.read_range = max(backend.read_range // backend.read_block, 1) * backend.read_block
 
     def read_width(self, remaining: int) -> int:
-        """How many ranged GETs a streaming read of ``remaining`` bytes keeps in flight."""
+        """How many ranged GETs a streaming read of ``remaining`` bytes keeps in flight: one
+        (a single long GET) below two ranges, else up to ``read_concurrency``."""
+        if remaining < 2 * self.read_range:
+            return 1
         return max(1, min(self.read_concurrency, -(-remaining // self.read_range)))
 
     def retried(self, operation: str, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
@@ -419,9 +436,10 @@ class StreamReader:
             while in_flight:
                 blocks = await in_flight[0]
                 in_flight.popleft()
-                launch()
                 while blocks:
                     yield blocks.pop(0)
+                # Only now: ranges held never exceed ``width`` (plus the read-ahead queue).
+                launch()
         finally:
             for task in in_flight:
                 task.cancel()

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
 from checkpoint_io import File, SyncInAsyncError, filesystem, require_backend
+from checkpoint_io._loop import io_loop
 
 from ._progress import Progress
 from ._snapshot import Snapshot, capture
@@ -386,7 +387,13 @@ class Checkpoint(BaseCheckpoint):
         source = _save_source(data)
         with self._pending_lock:
             self._settle_locked(why="a new save")
-            snapshot = capture(source)
+            try:
+                snapshot = capture(source)
+            except Exception as exc:
+                raise CheckpointSaveError(
+                    f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
+                    f" the data could not be frozen for a background save:"
+                    f" {type(exc).__name__}: {exc}", self._dest) from exc
             background = _Background(self, snapshot)
             self._pending = background
         logger.info("checkpoint save: in the background to %s, %s", self._dest,
@@ -405,7 +412,8 @@ class Checkpoint(BaseCheckpoint):
             if not pending.future.done():
                 logger.info("checkpoint save: %s waits for the background save to %s",
                             why, self._dest)
-            pending.join()
+            if pending.thread is not threading.current_thread():  # a future's done-callback
+                pending.join()
             self._pending = None
         failed, self._failed = self._failed, None
         if failed is not None:
@@ -491,7 +499,9 @@ class _Background:
 
     def _run(self) -> None:
         owner = self.owner
+        io_loop()  # started (if not yet) at normal priority: it serves foreground I/O too
         _give_way()
+        error: CheckpointSaveError | None = None
         try:
             owner._save_blocking(self.snapshot.source, threading.Event(), self.snapshot)
         except BaseException as exc:
@@ -502,13 +512,15 @@ class _Background:
                 error.__cause__ = exc
             logger.error("checkpoint save: background save failed: %s", error)
             owner._failed = error
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(None)
         finally:
+            # Gone before the future completes: whoever waits on it finds no snapshot left.
             self.snapshot.cleanup()
             with _pending_lock:
                 _pending_saves.discard(self)
+        if error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(error)
 
 
 #: Niceness of the threads that upload in the background (and of the compression and hashing

@@ -7,8 +7,9 @@ The object a background save publishes must hold exactly what the source held wh
 - ``bytes``: immutable, kept by reference (no copy).
 - ``bytearray``, ``memoryview`` and other buffers: copied into ``bytes`` (about 0.1 s per GiB
   here); the caller may mutate the original right after.
-- files and directory trees: rebuilt in a snapshot directory beside the source (on the same
-  file system), each file by the cheapest means that works:
+- files and directory trees: rebuilt in a snapshot directory on the source's file system (in
+  the temporary directory when that is on the same file system, else beside the source),
+  each file by the cheapest means that works:
 
   1. a reflink (``FICLONE``: XFS, Btrfs, bcachefs...): a copy-on-write clone, independent of
      the source from then on;
@@ -21,8 +22,11 @@ The object a background save publishes must hold exactly what the source held wh
   3. a copy, when neither is possible (another file system, no permission): blocking, but
      always exact.
 
-The snapshot directory is removed when the save ends, published or not. One left behind by a
-process that was killed is removed by the next capture beside the same source.
+The snapshot directory is removed when the save ends, published or not, before the future
+completes. Each holds a lock while it lives; one left behind by a process that was killed
+(its lock is free) is removed by the next capture in the same place. Directories named like
+snapshots are never captured themselves (a snapshot beside a source must not end up inside a
+later save of the parent directory).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = ["Snapshot", "capture"]
 
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _PREFIX = ".flyte-checkpoint-snapshot-"
+_LOCK = ".lock"  # inside each snapshot root, flock()ed while the snapshot lives
 _no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
 
 
@@ -62,6 +67,7 @@ class Snapshot:
     linked: dict[Path, tuple[int, int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # files per mechanism
     seconds: float = 0.0
+    lock: int | None = None  # a descriptor holding the root's lock
 
     def verify(self) -> None:
         """Raise if a hard-linked file changed since capture (called before publishing)."""
@@ -80,6 +86,9 @@ class Snapshot:
         if self.root is not None:
             remove_tree(self.root)
             self.root = None
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def describe(self) -> str:
         if not self.counts:
@@ -102,8 +111,9 @@ def capture(source: Path | memoryview) -> Snapshot:
 
 
 def _capture_path(source: Path) -> Snapshot:
-    root = _snapshot_root(source)
-    snapshot = Snapshot(root / source.name, root=root,
+    source = Path(os.path.abspath(source))  # ".", "..", "x/..": a name to rebuild under
+    root, lock = _snapshot_root(source)
+    snapshot = Snapshot(root / (source.name or "source"), root=root, lock=lock,
                         counts={"reflink": 0, "hard link": 0, "copy": 0})
     try:
         if source.is_dir():
@@ -116,34 +126,54 @@ def _capture_path(source: Path) -> Snapshot:
     return snapshot
 
 
-def _snapshot_root(source: Path) -> Path:
-    """A fresh directory beside ``source`` (same file system, so links work), else in the
-    temporary directory. Snapshots that killed processes left beside it are removed."""
-    parent = source.absolute().parent
-    _remove_stale(parent)
-    try:
-        return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
+def _snapshot_root(source: Path) -> tuple[Path, int]:
+    """A fresh, locked directory on the source's file system, so that links work: in the
+    temporary directory if it is on that file system (nothing appears beside the user's
+    files), else beside the source, else (a read-only parent) in the temporary directory,
+    where files are then copied. Snapshots that killed processes left there are removed."""
+    device = os.stat(source).st_dev
+    temporary = Path(tempfile.gettempdir())
+    places = [source.parent, temporary]
+    with contextlib.suppress(OSError):
+        if os.stat(temporary).st_dev == device:
+            places = [temporary, source.parent]
+    for place in places:
+        _remove_stale(place)
+        try:
+            root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=place))
+        except OSError:
+            continue
+        lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return root, lock
+    raise OSError(errno.EACCES, "no writable place for a snapshot", str(source.parent))
 
 
 def _remove_stale(parent: Path) -> None:
+    """Remove snapshots whose lock nobody holds: their process is gone (a lock, unlike a
+    pid, also tells on a volume that other machines share)."""
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
         for entry in entries:
-            if not entry.name.startswith(_PREFIX):
-                continue
-            pid = entry.name[len(_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if entry.name.startswith(_PREFIX) and _abandoned(Path(entry.path)):
                 remove_tree(entry.path)
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(root: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(root / _LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        # Being set up (mkdtemp, then the lock) or torn down: leave it unless it is old.
+        with contextlib.suppress(OSError):
+            return time.time() - os.lstat(root).st_mtime > 3600
         return False
-    except PermissionError:
-        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: alive
+    finally:
+        os.close(fd)
     return True
 
 
@@ -154,6 +184,7 @@ def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
     target.mkdir()
     for here, dirs, files in os.walk(source):
         relative = Path(here).relative_to(source)
+        dirs[:] = [d for d in dirs if not d.startswith(_PREFIX)]  # another save's snapshot
         for name in dirs + files:
             src, dst = Path(here) / name, target / relative / name
             st = os.lstat(src)

@@ -79,8 +79,16 @@ class FlyteCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            self._mirror.finish(self._newest if self._newest and self._newest.exists()
-                                else None)
+            self._mirror.finish(self._final(pathlib.Path(args.output_dir)))
+
+    def _final(self, output_dir: pathlib.Path) -> pathlib.Path | None:
+        """The newest checkpoint still there: with ``save_total_limit=1`` and
+        ``load_best_model_at_end`` Trainer may have deleted the last one it wrote."""
+        if self._newest is not None and self._newest.exists():
+            return self._newest
+        steps = [(int(p.name.rsplit("-", 1)[1]), p) for p in output_dir.glob("checkpoint-*")
+                 if p.name.rsplit("-", 1)[1].isdigit() and (p / _STATE).is_file()]
+        return max(steps)[1] if steps else None
 
     def _offer(self) -> None:
         if self._newest is not None and self._newest.exists():
