@@ -8,7 +8,6 @@ Arguments (JSON): ``plan``, ``log``, ``out``, ``steps``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import tempfile
 
 import torch
 from flyte_checkpoint.integrations.transformers import FlyteCheckpointCallback
+from training import weights_digest
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -74,12 +74,8 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
                       callbacks=[mirror, KillWhere(mirror)])
     trainer.train(resume_from_checkpoint=resume)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
     pathlib.Path(ARGS["out"]).write_text(json.dumps(
-        {"step": trainer.state.global_step, "weights": digest.hexdigest(),
+        {"step": trainer.state.global_step, "weights": weights_digest(model),
          "uploads": mirror.uploads}))
 
 

@@ -8,7 +8,6 @@ appends to), ``out`` (the last attempt's result), ``epochs``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -19,6 +18,7 @@ import tempfile
 import lightning as L
 import torch
 from flyte_checkpoint.integrations.lightning import FlyteCheckpointCallback
+from training import regression_data, weights_digest
 
 ARGS = json.loads(sys.argv[1])
 
@@ -53,14 +53,6 @@ def kill_if_planned(step: int, mirror) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def data() -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 4, generator=generator)
-    y = (x @ torch.tensor([[0.5], [-1.0], [2.0], [0.1]])).tanh()
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
-                                       shuffle=False)
-
-
 def main() -> None:
     mirror = FlyteCheckpointCallback()
     resume = mirror.resume_path()
@@ -75,13 +67,10 @@ def main() -> None:
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, deterministic=True, accelerator="cpu",
                         default_root_dir=work)
-    trainer.fit(model, data(), ckpt_path=resume)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().numpy().tobytes())
+    trainer.fit(model, regression_data(), ckpt_path=resume)
     pathlib.Path(ARGS["out"]).write_text(json.dumps(
-        {"step": trainer.global_step, "weights": digest.hexdigest(), "uploads": mirror.uploads}))
+        {"step": trainer.global_step, "weights": weights_digest(model.net),
+         "uploads": mirror.uploads}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ one; the output is their digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 import tempfile
@@ -18,6 +17,7 @@ import flyte
 import lightning as L
 import torch
 from harness import ARGS, ATTEMPTS, FailurePlan, describe, run
+from training import regression_data, weights_digest
 
 env = flyte.TaskEnvironment(name="lightning_loop")
 plan = FailurePlan(ARGS.get("plan"))
@@ -52,14 +52,6 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         self.helper.save_sync(self.dirpath)
 
 
-def data() -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 4, generator=generator)
-    y = (x @ torch.tensor([[0.5], [-1.0], [2.0], [0.1]])).tanh()
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
-                                       shuffle=False)
-
-
 @env.task(retries=ARGS.get("retries", 3))
 def train() -> str:
     helper = flyte.ctx().checkpoint
@@ -77,12 +69,8 @@ def train() -> str:
     if resume is not None:
         start = torch.load(resume, weights_only=False)["global_step"]
     ATTEMPTS.append({**describe(helper), "start": start})
-    trainer.fit(model, data(), ckpt_path=str(resume) if resume else None)
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().numpy().tobytes())
-    return json.dumps({"step": trainer.global_step, "weights": h.hexdigest()})
+    trainer.fit(model, regression_data(), ckpt_path=str(resume) if resume else None)
+    return json.dumps({"step": trainer.global_step, "weights": weights_digest(model)})
 
 
 if __name__ == "__main__":

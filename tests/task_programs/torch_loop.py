@@ -9,7 +9,6 @@ the final weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 import tempfile
@@ -17,6 +16,7 @@ import tempfile
 import flyte
 import torch
 from harness import ARGS, ATTEMPTS, FailurePlan, describe, run
+from training import weights_digest
 
 env = flyte.TaskEnvironment(name="torch_loop")
 plan = FailurePlan(ARGS.get("plan"))
@@ -27,14 +27,6 @@ def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
-
-
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().numpy().tobytes())
-    return h.hexdigest()
 
 
 @env.task(retries=ARGS.get("retries", 3))
@@ -64,7 +56,7 @@ def train() -> str:
                         "rng": torch.get_rng_state(), "step": step}, work / "last.pt")
             helper.save_sync(work)
         plan.check(step)
-    return json.dumps({"step": step, "weights": digest(model), "loss": float(loss)})
+    return json.dumps({"step": step, "weights": weights_digest(model), "loss": float(loss)})
 
 
 if __name__ == "__main__":
