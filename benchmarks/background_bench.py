@@ -257,6 +257,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 and 64 MiB, file store only")
     parser.add_argument("--stores", default="file,s3", help="comma-separated: file, s3")
+    parser.add_argument("--sizes", default="256,1024", help="checkpoint sizes in MiB")
     parser.add_argument("--checkpoints", type=int, default=3)
     # Longer than one upload of ours (the targets' premise): 4.4 s for 1 GiB to the local
     # store right after the loop wrote it, 12-14 s to moto.
@@ -269,7 +270,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.stores = [s for s in args.stores.split(",") if s]
-    args.sizes = [16 * MiB, 64 * MiB] if args.quick else [256 * MiB, 1 << 30]
+    args.sizes = ([16 * MiB, 64 * MiB] if args.quick
+                  else [int(size) * MiB for size in args.sizes.split(",")])
     if args.quick:
         args.stores = ["file"]
     args.interval = {"file": args.interval_file, "s3": args.interval_s3}

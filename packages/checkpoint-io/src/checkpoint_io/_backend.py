@@ -67,6 +67,9 @@ class Upload(abc.ABC):
     """
 
     ordered: bool = False
+    #: Parts are objects of their own until the upload ends (GCS composite uploads): an
+    #: abort lets parts in flight finish, so that its cleanup finds all of them.
+    parts_are_objects: bool = False
 
     async def begin(self) -> None:
         """Start a multipart/resumable session (nothing visible yet)."""

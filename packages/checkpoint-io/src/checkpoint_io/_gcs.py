@@ -131,6 +131,7 @@ class _GCSComposeUpload(Upload):
     and on abort; a process killed mid-upload leaves some behind, never a torn object."""
 
     ordered = False
+    parts_are_objects = True
 
     def __init__(self, backend: GCSBackend, bucket: str, key: str) -> None:
         self._b = backend

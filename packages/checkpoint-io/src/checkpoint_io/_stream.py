@@ -25,6 +25,8 @@ log = logging.getLogger("checkpoint_io")
 
 # Aborting is best effort (the object is never published either way), so it gets a short
 # budget instead of the caller's full deadline.
+#: How long an abort lets part uploads in flight end when parts are visible objects.
+_PARTS_SETTLE_SECONDS = 30.0
 _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline=10.0,
                             attempt_timeout=10.0)
 
@@ -189,10 +191,15 @@ class StreamWriter:
             return
         self._state = "aborted"
         self._buffer = bytearray()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        if tasks and self._upload.parts_are_objects:
+            # A part request cancelled after the server took it whole would create its
+            # object after the cleanup below: let parts in flight end first (bounded).
+            await asyncio.wait(tasks, timeout=_PARTS_SETTLE_SECONDS)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await call_with_retries(_ABORT_POLICY, self._t.uri, "abort upload",
                                     self._upload.abort)
