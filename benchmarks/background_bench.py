@@ -34,20 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoint_bench import UPSTREAM_VENV, DiskWatch, Moto
+from checkpoint_bench import PROC_STATUS, UPSTREAM_VENV, DiskWatch, Moto
 
 MiB = 1 << 20
 FILE = 4 * MiB
 
-LOOP = r"""
+LOOP = PROC_STATUS + r"""
 import hashlib, json, os, pathlib, sys, time
 args = json.loads(sys.argv[1])
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 block = os.urandom(4 << 20)
 def work(rounds):

@@ -43,17 +43,21 @@ UPSTREAM_VENV = Path(
     )
 )
 
-# The child: identical for both implementations, since the API is the same.
-CHILD = r"""
-import json, os, pathlib, sys, time
-args = json.loads(sys.argv[1])
-import flyte
-
+#: Prepended to every child script (they run in other interpreters, so cannot import it):
+#: a field of /proc/self/status in bytes, e.g. VmRSS, or VmHWM for the peak.
+PROC_STATUS = r"""
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+"""
+
+# The child: identical for both implementations, since the API is the same.
+CHILD = PROC_STATUS + r"""
+import json, os, pathlib, sys, time
+args = json.loads(sys.argv[1])
+import flyte
 
 def tree_size(root):
     root = pathlib.Path(root)

@@ -33,18 +33,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "packages" / "checkpoint-io" / "tests"))
 
-from checkpoint_bench import UPSTREAM_VENV, Moto, _cpu_seconds  # noqa: E402
+from checkpoint_bench import PROC_STATUS, UPSTREAM_VENV, Moto, _cpu_seconds  # noqa: E402
 from checkpoint_io_shaper import ShapingProxy  # noqa: E402
 
 MiB = 1 << 20
 
-CHILD = r"""
+CHILD = PROC_STATUS + r"""
 import asyncio, json, os, sys, time
 args = json.loads(sys.argv[1])
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
 op = args["op"]
 if op == "plain-get":
     import boto3, botocore.config
@@ -109,7 +105,7 @@ else:
         else:
             cp.load_sync()
 cpu = os.times()
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak(),
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": status("VmHWM"),
                   "cpu": cpu.user + cpu.system}))
 """
 

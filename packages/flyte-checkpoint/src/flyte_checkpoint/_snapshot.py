@@ -5,8 +5,9 @@ The object a background save publishes must hold exactly what the source held wh
 ``save(..., wait=False)`` returned, or the save must fail. Per kind of data:
 
 - ``bytes``: immutable, kept by reference (no copy).
-- ``bytearray``, ``memoryview`` and other buffers: copied into ``bytes`` (about 0.1 s per GiB
-  here); the caller may mutate the original right after.
+- ``bytearray``, ``memoryview`` and other buffers: copied into ``bytes`` (about 1.7 s per GiB
+  on the development VM, where fresh pages are slow); the caller may mutate the original
+  right after.
 - files and directory trees: rebuilt in a snapshot directory on the source's file system (in
   the temporary directory when that is on the same file system, else beside the source),
   each file by the cheapest means that works:

@@ -3,14 +3,11 @@ directory in the background without ever making the training loop wait for an up
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 from concurrent.futures import Future
 
 from .._checkpoint import Checkpoint
-
-logger = logging.getLogger("flyte_checkpoint")
 
 
 def task_checkpoint(checkpoint: Checkpoint | None = None) -> Checkpoint:
@@ -54,11 +51,9 @@ class DirectoryMirror:
         if directory is None:
             return False
         directory = pathlib.Path(directory)
-        if self._in_flight is not None:
-            if not self._in_flight.done():
-                return False
-            self._in_flight.result()  # a failure surfaces here, in the training loop
-            self._in_flight = None
+        if self._in_flight is not None and not self._in_flight.done():
+            return False
+        self._wait()  # done: a failure surfaces here, in the training loop
         state = _fingerprint(directory)
         if not state or state == self._uploaded.get(directory):
             return False
@@ -69,12 +64,14 @@ class DirectoryMirror:
 
     def finish(self, directory: pathlib.Path | str | None) -> None:
         """Wait for the upload in flight, upload what changed since, and wait for that."""
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            future.result()
+        self._wait()
         self.offer(directory)
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
+        self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the upload in flight, if any; raise its failure."""
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
             future.result()
 
 
