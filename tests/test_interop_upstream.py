@@ -501,7 +501,7 @@ def test_our_tarballs_are_what_our_reader_and_validator_expect(upstream_loaded):
     for name in ("tree", "large-tree"):
         with upstream_loaded[name].object.open("rb") as stream:
             report = validate(stream)
-        assert (report.valid, report.format_version) == (True, "1.0"), report.violations
+        assert (report.valid, report.format_version) == (True, "1.1"), report.violations
         regular = [m for m in report.members if m.type == "file"]
         assert report.digests_present == len(regular) > 0
 

@@ -279,6 +279,13 @@ def upstream_sdk(spec: list[tuple]) -> bytes:
         return sink.getvalue()
 
 
+def zlib_inflate(member: bytes) -> bytes:
+    """What one whole gzip member inflates to."""
+    import zlib
+
+    return zlib.decompressobj(wbits=31).decompress(member)
+
+
 def split_gzip_members(data: bytes) -> list[int]:
     """Offsets at which each member of a multi-member gzip stream ends."""
     import zlib
@@ -794,6 +801,59 @@ def integ_vectors(v: Vectors) -> None:
         stream + bytes(10240 - len(stream) % 10240) + bytes(100), expect_ok)
     add("zeros-after-gzip.tar.gz", "CF-INTEG-05", "zero bytes after the last gzip member",
         good + bytes(64), expect_ok)
+
+    # CF-WRITE-11 / CF-INTEG-06: the member-size record of our writer's gzip members.
+    members = [multi[start:end] for start, end in zip([0, *ends], ends)]
+    assert all(member[3] & 0x04 and member[12:14] == b"FK" for member in members)
+    expect_multi = tarball(F("a.bin", payload), F("b.txt", HELLO))
+
+    def recorded(member: bytes, length: int | None = None, inflated: int | None = None,
+                 subfield_length: int = 16) -> bytes:
+        """``member`` with its record rewritten (our header: the record's data at 16..32)."""
+        old_length, old_inflated = struct.unpack_from("<QQ", member, 16)
+        patched = bytearray(member)
+        struct.pack_into("<QQ", patched, 16, old_length if length is None else length,
+                         old_inflated if inflated is None else inflated)
+        struct.pack_into("<H", patched, 14, subfield_length)
+        return bytes(patched)
+
+    def swap(index: int, member: bytes) -> bytes:
+        return b"".join(members[:index] + [member] + members[index + 1:])
+
+    middle = len(members) // 2
+    length, inflated = struct.unpack_from("<QQ", members[middle], 16)
+    add("size-record-multi-member.tar.gz", "CF-WRITE-11",
+        "our writer's stream of 512-byte slices: every gzip member carries a member-size record",
+        multi, expect_multi)
+    add("size-record-mixed.tar.gz", "CF-WRITE-11",
+        "gzip members with a member-size record, then plain members without one",
+        b"".join(members[:middle]) + gz(b"".join(
+            zlib_inflate(member) for member in members[middle:])), expect_multi)
+    add("size-record-long.tar.gz", "CF-INTEG-06",
+        "a gzip member's record says it is one byte longer than it is",
+        swap(middle, recorded(members[middle], length=length + 1)),
+        error(CORRUPT, "CF-INTEG-06", "a.bin"))
+    add("size-record-short.tar.gz", "CF-INTEG-06",
+        "a gzip member's record says it is one byte shorter than it is",
+        swap(middle, recorded(members[middle], length=length - 1)),
+        error(CORRUPT, "CF-INTEG-06", "a.bin"))
+    add("size-record-inflated.tar.gz", "CF-INTEG-06",
+        "a gzip member's record says it inflates to one byte less than it does",
+        swap(middle, recorded(members[middle], inflated=inflated - 1)),
+        error(CORRUPT, "CF-INTEG-06", "a.bin"))
+    add("size-record-large-wrong.tar.gz", "CF-INTEG-06",
+        "a record over 16 MiB (a reader may stream such a member) that disagrees with the member",
+        swap(middle, recorded(members[middle], inflated=(32 << 20) + 1)),
+        error(CORRUPT, "CF-INTEG-06", None))
+    add("size-record-bad-len.tar.gz", "CF-INTEG-06",
+        "the member-size subfield's LEN is 15, not 16 (its data still fits the extra field)",
+        swap(middle, recorded(members[middle], subfield_length=15)),
+        error(CORRUPT, "CF-INTEG-06", "a.bin"))
+    last_length = struct.unpack_from("<Q", members[-1], 16)[0]
+    add("size-record-past-end.tar.gz", "CF-INTEG-01",
+        "the last gzip member's record says it runs 100 bytes past the end of the object",
+        swap(len(members) - 1, recorded(members[-1], length=last_length + 100)),
+        error(CORRUPT, "CF-INTEG-01", None))
 
 
 def valid_vectors(v: Vectors) -> None:

@@ -42,7 +42,7 @@ def evil(tmp_path: Path) -> Path:
 
 def test_validate_valid(good: Path, capsys) -> None:
     assert main(["validate", str(good)]) == 0
-    assert capsys.readouterr().out.strip() == f"{good}: valid tarball (format 1.0, 2 members)"
+    assert capsys.readouterr().out.strip() == f"{good}: valid tarball (format 1.1, 2 members)"
 
 
 def test_validate_reports_every_violation(evil: Path, capsys) -> None:
@@ -68,7 +68,7 @@ def test_usage_error_is_exit_2(capsys) -> None:
 def test_inspect_text(good: Path, capsys) -> None:
     assert main(["inspect", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "tarball" in out and "format version:  1.0" in out
+    assert "tarball" in out and "format version:  1.1" in out
     assert "digests present: 2 of 2 files" in out
     assert "model.pt" in out
 
@@ -77,7 +77,7 @@ def test_inspect_json(good: Path, capsys) -> None:
     assert main(["inspect", "--json", str(good)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["kind"] == "tarball" and doc["compression"] == "gzip"
-    assert doc["format_version"] == "1.0" and doc["legacy"] is False
+    assert doc["format_version"] == "1.1" and doc["legacy"] is False
     assert [m["name"] for m in doc["members"]] == ["model.pt", "step.txt"]
     assert all(len(m["sha256"]) == 64 for m in doc["members"])
 

@@ -75,7 +75,7 @@ def test_random_trees_round_trip(tmp_path_factory, tree: dict) -> None:
     result = restore(io.BytesIO(blob.getvalue()), target)
     assert result.kind == "tarball"
     # CF-MARK-01: an empty archive is the end-of-archive marker alone, without the marker.
-    assert result.format_version == ("1.0" if tree else None)
+    assert result.format_version == ("1.1" if tree else None)
     assert snapshot(target) == snapshot(src)
     assert validate(io.BytesIO(blob.getvalue())).valid
 
@@ -119,7 +119,7 @@ def test_layout_is_what_the_spec_says(tmp_path: Path) -> None:
     blob = io.BytesIO()
     write_tarball(src, blob)
     with tarfile.open(fileobj=io.BytesIO(blob.getvalue()), mode="r:gz") as tar:
-        assert tar.pax_headers["FLYTECKPT.version"] == "1.0"  # CF-MARK-01
+        assert tar.pax_headers["FLYTECKPT.version"] == "1.1"  # CF-MARK-01
         members = tar.getmembers()
     assert [m.name for m in members] == ["B.txt", "a.txt", "b", "b/z.txt"]  # CF-WRITE-03/04
     for m in members:

@@ -80,7 +80,7 @@ def test_inspect_and_validate_a_stored_object(tmp_path, capsys) -> None:
     uri = f"file://{tmp_path}/obj"
     Checkpoint(uri).save_sync(src)
     assert main(["validate", uri]) == 0
-    assert "valid tarball (format 1.0, 1 members)" in capsys.readouterr().out
+    assert "valid tarball (format 1.1, 1 members)" in capsys.readouterr().out
     assert main(["inspect", "--json", uri]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["members"][0]["name"] == "w.bin"

@@ -7,9 +7,19 @@ compute on every core before it writes the member's header.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+from concurrent.futures import Executor, Future
 
-__all__ = ["PIECE", "PLAIN_KEY", "TREE_KEY", "TreeHasher", "piece_digest"]
+__all__ = [
+    "PIECE",
+    "PLAIN_KEY",
+    "TREE_KEY",
+    "PieceHashing",
+    "PooledTreeHasher",
+    "TreeHasher",
+    "piece_digest",
+]
 
 PLAIN_KEY = "FLYTECKPT.sha256"
 TREE_KEY = "FLYTECKPT.sha256-pieces"
@@ -46,4 +56,66 @@ class TreeHasher:
         outer = self._outer.copy()
         if self._filled:
             outer.update(self._piece.digest())
+        return outer.hexdigest()
+
+
+def _hash_views(views: list[memoryview]) -> bytes:
+    hasher = hashlib.sha256()
+    for view in views:
+        hasher.update(view)
+    return hasher.digest()
+
+
+class PieceHashing:
+    """Hashes the complete pieces of several :class:`PooledTreeHasher` on a thread pool, at
+    most ``window`` pieces at a time across all of them (each piece keeps the decoded chunks
+    it lies in alive until it is hashed)."""
+
+    def __init__(self, pool: Executor, window: int) -> None:
+        self._pool = pool
+        self._window = window
+        self._in_flight: collections.deque[tuple[PooledTreeHasher, Future[bytes]]] = (
+            collections.deque()
+        )
+
+    def submit(self, hasher: PooledTreeHasher, views: list[memoryview]) -> None:
+        self._in_flight.append((hasher, self._pool.submit(_hash_views, views)))
+        while len(self._in_flight) > self._window:
+            self._settle()
+
+    def drain(self) -> None:
+        """Wait for every piece submitted so far."""
+        while self._in_flight:
+            self._settle()
+
+    def _settle(self) -> None:
+        hasher, future = self._in_flight.popleft()  # in submission order: per hasher too
+        hasher._outer.update(future.result())
+
+
+class PooledTreeHasher:
+    """The piecewise digest of :class:`TreeHasher`, its complete pieces hashed on a pool.
+    ``hexdigest`` is valid once the shared :class:`PieceHashing` has been drained."""
+
+    def __init__(self, hashing: PieceHashing) -> None:
+        self._hashing = hashing
+        self._outer = hashlib.sha256()
+        self._views: list[memoryview] = []
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            part = view[: PIECE - self._filled]
+            self._views.append(part)
+            self._filled += len(part)
+            view = view[len(part) :]
+            if self._filled == PIECE:
+                views, self._views, self._filled = self._views, [], 0
+                self._hashing.submit(self, views)
+
+    def hexdigest(self) -> str:
+        outer = self._outer.copy()
+        if self._filled:
+            outer.update(_hash_views(self._views))
         return outer.hexdigest()

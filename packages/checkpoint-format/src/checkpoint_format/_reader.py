@@ -12,6 +12,7 @@ import hashlib
 import queue
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Literal
 
@@ -23,7 +24,7 @@ from ._errors import (
     UnsafeMemberError,
     UnsupportedFormatError,
 )
-from ._digest import PLAIN_KEY, TREE_KEY, TreeHasher
+from ._digest import PIECE, PLAIN_KEY, TREE_KEY, PieceHashing, PooledTreeHasher, TreeHasher
 from ._limits import Limits
 from ._links import link_problem
 from ._tarheader import (
@@ -46,7 +47,7 @@ from ._tarheader import (
 
 __all__ = ["FORMAT_MAJOR", "FORMAT_VERSION", "Member", "TarReader"]
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 VERSION_KEY = "FLYTECKPT.version"
 WRITER_KEY = "FLYTECKPT.writer"
@@ -103,7 +104,13 @@ class _Blocks:
 
     def __init__(self, source: BinaryIO, compression: str, limits: Limits) -> None:
         self._source = source
-        self._decoder = _codec.Decoder(compression) if compression != _codec.NONE else None
+        # gzip (what every writer of this format and upstream produce) is cut into members
+        # and inflated on several cores; bzip2 and xz, read only, stream through one decoder.
+        self._decoder: _codec.Decoder | _codec.GzipMembers | None = None
+        if compression == _codec.GZIP:
+            self._decoder = _codec.GzipMembers(source.read, read_size=_READ_SIZE)
+        elif compression != _codec.NONE:
+            self._decoder = _codec.Decoder(compression)
         self._limits = limits
         self._chunks = self._decoded()
         self._buf = memoryview(b"")
@@ -164,6 +171,11 @@ class _Blocks:
             worker.join()
 
     def _decode_inline(self) -> Iterator[memoryview]:
+        if isinstance(self._decoder, _codec.GzipMembers):
+            for out in self._decoder.chunks():
+                yield memoryview(out)
+                self._check_ratio()
+            return
         while True:
             data = self._source.read(_READ_SIZE)
             if not data:
@@ -328,6 +340,11 @@ class TarReader:
         self._kinds: dict[str, MemberType] = {}
         self._symlinks: dict[str, str] = {}
         self._verifier = _Verifier()
+        # With more than one core, the pieces of large members' piecewise digests are hashed
+        # on a pool, their checks deferred to the end of the archive.
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._piece_hashing: PieceHashing | None = None
+        self._deferred: list[tuple[PooledTreeHasher, str, str]] = []
 
     # ---------------------------------------------------------------- public
 
@@ -339,6 +356,9 @@ class TarReader:
         """Stop reading: ends the decode and verify threads and releases the source."""
         self._blocks.close()
         self._verifier.close()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True, cancel_futures=True)
+            self._hash_pool = None
 
     def __enter__(self) -> TarReader:
         return self
@@ -495,11 +515,14 @@ class TarReader:
 
     def _data(self, member: Member, size: int) -> Iterator[memoryview]:
         hasher: Any = None
+        pooled = False
         if member.digest_key == PLAIN_KEY:
             hasher = hashlib.sha256()
         elif member.digest_key == TREE_KEY:
-            hasher = TreeHasher()
-        offload = hasher is not None and size > _VERIFY_INLINE
+            hashing = self._pieces() if size > PIECE else None
+            pooled = hashing is not None
+            hasher = PooledTreeHasher(hashing) if hashing is not None else TreeHasher()
+        offload = hasher is not None and size > _VERIFY_INLINE and not pooled
         self._blocks.member = member.name
         for piece in self._blocks.stream(size, "member data"):
             if offload:
@@ -515,10 +538,22 @@ class TarReader:
         if hasher is None:
             return
         assert member.sha256 is not None
-        if offload:
+        if pooled:
+            self._deferred.append((hasher, member.name, member.sha256))
+        elif offload:
             self._verifier.end(hasher, member.name, member.sha256)
         elif hasher.hexdigest() != member.sha256:
             self._digest_mismatch(member.name, hasher.hexdigest(), member.sha256)
+
+    def _pieces(self) -> PieceHashing | None:
+        """The shared piece hashing, started on first use; None on one core."""
+        if self._piece_hashing is None:
+            width = _codec.decode_width()
+            if width < 2:
+                return None
+            self._hash_pool = ThreadPoolExecutor(width, "checkpoint-hash")
+            self._piece_hashing = PieceHashing(self._hash_pool, window=2 * width)
+        return self._piece_hashing
 
     def _digest_mismatch(self, name: str, actual: str, expected: str) -> None:
         self._violation(
@@ -671,7 +706,14 @@ class TarReader:
         return True
 
     def _finish_archive(self, pax: dict[str, str], long_name: str | None, long_link: str | None) -> None:
-        for name, actual, expected in self._verifier.finish():
+        mismatches = self._verifier.finish()
+        if self._piece_hashing is not None:
+            self._piece_hashing.drain()
+            for hasher, name, expected in self._deferred:
+                if hasher.hexdigest() != expected:
+                    mismatches.append((name, hasher.hexdigest(), expected))
+        order = {name: position for position, name in enumerate(self._kinds)}
+        for name, actual, expected in sorted(mismatches, key=lambda m: order.get(m[0], 0)):
             self._digest_mismatch(name, actual, expected)
         if pax or long_name is not None or long_link is not None:
             raise CorruptArchiveError(
