@@ -10,6 +10,7 @@ leaves behind (the saved object on a local store, the restored tree after a load
     python benchmarks/checkpoint_bench.py                 # everything, file:// and S3 (moto)
     python benchmarks/checkpoint_bench.py --quick         # small sizes, a smoke run
     python benchmarks/checkpoint_bench.py --chart docs/benchmark.png --json out.json
+    python benchmarks/checkpoint_bench.py --stores file --transfers all   # + transfer_bench.py
 
 Targets on the 2-core development machine: directory save >= 10x upstream on incompressible
 data, load >= 3x, small-files load >= 5x, peak RSS < 200 MiB at any size, no temporary disk
@@ -594,7 +595,17 @@ def main() -> int:
                         " fastest counts (default 1)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--chart", help="write a PNG chart here")
+    parser.add_argument(
+        "--transfers", default="", metavar="PARTS",
+        help="also run these parts of transfer_bench.py (comma list of azure, s3, gcs, cores,"
+        " small, or 'all'): each store behind a shaping proxy, ours against upstream and one"
+        " plain connection, loads on one core and two, the small-file ratio")
+    from transfer_bench import PARTS, add_arguments
+
+    add_arguments(parser, prefix="transfer-")
     args = parser.parse_args()
+    if args.transfers == "all":
+        args.transfers = PARTS
     if args.quick:
         args.scale = 1 / 16
     print(
@@ -612,6 +623,13 @@ def main() -> int:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
     if args.chart:
         chart(rows, Path(args.chart))
+    if args.transfers:
+        import transfer_bench
+
+        print("\nTransfers (transfer_bench.py):")
+        transfer_bench.run(argparse.Namespace(
+            quick=args.quick, parts=args.transfers, workdir=None, down=args.transfer_down,
+            up=args.transfer_up, first_byte=args.transfer_first_byte))
     return 0
 
 

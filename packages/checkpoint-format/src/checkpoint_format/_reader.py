@@ -222,6 +222,16 @@ class _Blocks:
             return bytes(piece)
         return b"".join(self.stream(size, what))
 
+    def take(self, size: int, padding: int) -> memoryview | None:
+        """``size`` bytes and then ``padding`` skipped, if the current chunk holds them all."""
+        end = size + padding
+        if len(self._buf) < end:
+            return None
+        piece = self._buf[:size]
+        self._buf = self._buf[end:]
+        self.offset += end
+        return piece
+
     def stream(self, size: int, what: str) -> Iterator[memoryview]:
         """``size`` bytes as a sequence of views into the decoded chunks (no copies)."""
         remaining = size
@@ -508,10 +518,30 @@ class TarReader:
             for _ in self._blocks.stream(data_size + (-data_size % BLOCK), "member data"):
                 pass
             return
+        whole = self._small_file(member, data_size)
+        if whole is not None:
+            yield member, whole
+            return
         chunks = self._data(member, data_size)
         yield member, chunks
         for _ in chunks:  # whatever the consumer left is still read, hashed and verified
             pass
+
+    def _small_file(self, member: Member, size: int) -> tuple[memoryview] | None:
+        """The data of a small file that lies whole in the current chunk, read and verified
+        at once: most members of a tree of many small files take this path, without the
+        generators of :meth:`_data`. None when the file is large or crosses a chunk."""
+        if member.type != "file" or size > _VERIFY_INLINE or member.digest_key == TREE_KEY:
+            return None
+        piece = self._blocks.take(size, -size % BLOCK)
+        if piece is None:
+            return None
+        self._blocks.last_member = member.name
+        if member.sha256 is not None:
+            actual = hashlib.sha256(piece).hexdigest()
+            if actual != member.sha256:
+                self._digest_mismatch(member.name, actual, member.sha256)
+        return (piece,)
 
     def _data(self, member: Member, size: int) -> Iterator[memoryview]:
         hasher: Any = None
