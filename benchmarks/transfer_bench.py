@@ -7,6 +7,7 @@ down and 16 MiB/s up by default) and a first-byte delay per response (50 ms). Th
 a 1 GiB incompressible checkpoint:
 
 - load: ours, one plain single-connection GET, and on S3 upstream's sync and async load;
+  S3 twice: moto, and s3rver (npm), whose ranged GETs cost only their range;
 - save (a directory): ours, one plain single-connection PUT, and on S3 upstream's; on GCS
   ours with one resumable stream (the default) and with parallel composite uploads;
 - the local 1 GiB load pinned to one core (``taskset -c 0``) and to two;
@@ -48,8 +49,7 @@ args = json.loads(sys.argv[1])
 op = args["op"]
 if op == "plain-get":
     import boto3, botocore.config
-    s3 = boto3.client("s3", endpoint_url=args["endpoint"], aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1",
+    s3 = boto3.client("s3", endpoint_url=args["endpoint"], region_name="us-east-1",
                       config=botocore.config.Config(max_pool_connections=1))
     t = time.perf_counter()
     body = s3.get_object(Bucket="bench", Key=args["key"])["Body"]
@@ -57,8 +57,7 @@ if op == "plain-get":
         pass
 elif op == "plain-put":
     import boto3, botocore.config
-    s3 = boto3.client("s3", endpoint_url=args["endpoint"], aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1",
+    s3 = boto3.client("s3", endpoint_url=args["endpoint"], region_name="us-east-1",
                       config=botocore.config.Config(max_pool_connections=1))
     with open(args["file"], "rb") as f:
         t = time.perf_counter()
@@ -133,10 +132,64 @@ def _tree(root: Path, size: int) -> Path:
     return root
 
 
-def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
-    """moto behind the proxy: ours, upstream (sync and async) and one plain connection."""
+class S3rver:
+    """s3rver (npm) on loopback, with the interface of ``checkpoint_bench.Moto``: a second S3
+    server, whose ranged GETs read only their range (moto's read the whole object for each
+    one). Installed with npm into the cache directory on first use; its data lives in
+    /dev/shm, off the measured disk, as moto's spill files do."""
+
+    def __init__(self) -> None:
+        import socket
+
+        from checkpoint_bench import _free_port
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        home = cache / "flyte-checkpoint" / "s3rver"
+        binary = home / "node_modules" / ".bin" / "s3rver"
+        if not binary.exists():
+            if shutil.which("npm") is None:
+                raise RuntimeError("s3rver needs npm (or drop the s3rver part)")
+            print(f"installing s3rver with npm into {home}", flush=True)
+            subprocess.run(["npm", "install", "--prefix", str(home), "--no-audit", "--no-fund",
+                            "--loglevel=error", "s3rver@3"], check=True,
+                           stdout=subprocess.DEVNULL)
+        self.data = tempfile.mkdtemp(prefix="s3rver-", dir="/dev/shm")
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(binary), "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "-s",
+             "--configure-bucket", "bench"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("s3rver did not start") from None
+                time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "S3RVER",
+                "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
+                "FLYTE_AWS_ENDPOINT": self.endpoint, "FLYTE_AWS_ACCESS_KEY_ID": "S3RVER",
+                "FLYTE_AWS_SECRET_ACCESS_KEY": "S3RVER"}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple],
+              server: type = Moto, store: str = "s3 shaped") -> None:
+    """An S3 server behind the proxy: ours, upstream (sync and async) and one plain
+    connection."""
     upstream = str(UPSTREAM_VENV / "bin" / "python")
-    moto = Moto()
+    moto = server()
     try:
         data = work / "data" if (work / "data").exists() else _tree(work / "data", args.size)
         tarball = work / "object.bin"
@@ -149,11 +202,13 @@ def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
                                    "data": str(data)}, moto.env())
             import boto3
 
-            s3 = boto3.client("s3", endpoint_url=moto.endpoint, aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
+            credentials = moto.env()
+            s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
+                              aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
             s3.download_file("bench", "loaded/_flytecheckpoints", str(tarball))
             src = "s3://bench/loaded/_flytecheckpoints"
-            _measure(proxy, env, work, rows, "s3 shaped", "load", server_pid=moto.proc.pid, runs=[
+            _measure(proxy, env, work, rows, store, "load", server_pid=moto.proc.pid, runs=[
                 ("plain GET, one connection", sys.executable,
                  {"op": "plain-get", "endpoint": proxy.endpoint,
                   "key": "loaded/_flytecheckpoints"}),
@@ -164,7 +219,7 @@ def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
                 ("ours load_sync", sys.executable,
                  {"op": "load", "dest": "s3://bench/x/c", "src": src}),
             ])
-            _measure(proxy, env, work, rows, "s3 shaped", "save", server_pid=moto.proc.pid, runs=[
+            _measure(proxy, env, work, rows, store, "save", server_pid=moto.proc.pid, runs=[
                 ("plain PUT, one connection", sys.executable,
                  {"op": "plain-put", "endpoint": proxy.endpoint, "key": "put/one",
                   "file": str(tarball)}),
@@ -388,7 +443,7 @@ def main() -> int:
     return run(parser.parse_args())
 
 
-PARTS = "azure,s3,gcs,cores,small"
+PARTS = "azure,s3,s3rver,gcs,cores,small"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
             shaped_azure(args, work, rows)
         if "s3" in parts:
             shaped_s3(args, work, rows)
+        if "s3rver" in parts:
+            shaped_s3(args, work, rows, S3rver, "s3rver shaped")
         if "gcs" in parts:
             shaped_gcs(args, work, rows)
         if "cores" in parts:
@@ -417,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n({time.perf_counter() - started:.0f} s in all)")
     by = {(r[0], r[1], r[2]): r[3]["seconds"] for r in rows}
     ratios = []
-    for store in ("az shaped", "s3 shaped", "gcs shaped"):
+    for store in ("az shaped", "s3 shaped", "s3rver shaped", "gcs shaped"):
         if (store, "load", "ours load_sync") in by:
             plain = by[(store, "load", "plain GET, one connection")]
             ratios.append(f"{store}: load vs one plain GET:"

@@ -195,3 +195,41 @@ def test_the_thread_setting_is_checked():
             _codec.decode_width()
         patch.setenv("CHECKPOINT_DECODE_THREADS", "2")
         assert _codec.decode_width() == 2
+
+
+def test_a_plain_gzip_past_the_ratio_grace_is_judged_by_what_was_fed(tmp_path):
+    # Upstream's objects are one gzip member without a record: streamed, and the expansion
+    # ratio must count the compressed bytes as they go in, not when the member ends.
+    data = os.urandom(70 << 20)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        info = tarfile.TarInfo("model.bin")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    result = restore(io.BytesIO(gzip.compress(tar.getvalue(), 1)), tmp_path / "out")
+    assert result.members == 1 and (tmp_path / "out" / "model.bin").read_bytes() == data
+
+
+def test_pooled_digests_keep_no_view_of_a_member_once_its_data_has_ended(monkeypatch):
+    from checkpoint_format._reader import TarReader
+
+    monkeypatch.setenv("CHECKPOINT_DECODE_THREADS", "3")
+    tree = io.BytesIO()
+    with tarfile.open(fileobj=tree, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for i in range(4):
+            data = bytes([i]) * ((4 << 20) + 1)  # a full piece and a partial one
+            from checkpoint_format._digest import TreeHasher
+
+            hasher = TreeHasher()
+            hasher.update(data)
+            info = tarfile.TarInfo(f"f{i}.bin")
+            info.size = len(data)
+            info.pax_headers = {"FLYTECKPT.sha256-pieces": hasher.hexdigest()}
+            archive.addfile(info, io.BytesIO(data))
+    stream = gzip.compress(tree.getvalue(), 1)
+    with TarReader(io.BytesIO(stream), "gzip") as reader:
+        for member, chunks in reader.members():
+            for _ in chunks:
+                pass
+            assert all(not hasher._views for hasher, _, _ in reader._deferred)
+        assert len(reader._deferred) == 4

@@ -249,16 +249,22 @@ def inflate_member(pieces: list[bytes], inflated_size: int, offset: int) -> list
     problem = None
     try:
         for index, piece in enumerate(pieces):
-            out = decompressor.decompress(piece, inflated_size + 1 - produced)
-            produced += len(out)
-            outs.append(out)
+            data = piece
+            while data:  # outputs of at most OUT_CHUNK: what the tar reader is handed at once
+                out = decompressor.decompress(data, min(OUT_CHUNK, inflated_size + 1 - produced))
+                data = decompressor.unconsumed_tail
+                produced += len(out)
+                if out:
+                    outs.append(out)
+                if produced > inflated_size or decompressor.eof:
+                    break
             if produced > inflated_size:
                 problem = f"inflates to more than the {inflated_size} bytes its record says"
                 break
             if decompressor.eof:
                 unused = len(decompressor.unused_data) + sum(map(len, pieces[index + 1 :]))
                 if unused:
-                    problem = f"ends {unused} bytes before the {length} bytes its record says"
+                    problem = f"ends {unused} byte(s) before the {length} its record says"
                 break
     except Exception as exc:  # zlib.error, isal's IsalError
         raise CorruptArchiveError(
@@ -431,6 +437,7 @@ class GzipMembers:
         consumed = produced = 0
         while True:
             consumed += len(data)
+            self.compressed_in += len(data)  # as fed: the expansion ratio is judged meanwhile
             try:
                 out = member.decompress(data, OUT_CHUNK)
             except CorruptArchiveError:
@@ -454,7 +461,7 @@ class GzipMembers:
                     raise self._truncated("in the middle of it", start)
         length = consumed - len(self._head)
         self._offset = start + length
-        self.compressed_in += length
+        self.compressed_in -= len(self._head)
         if record is not None and record != (length, produced):
             raise CorruptArchiveError(
                 "CF-INTEG-06",

@@ -94,8 +94,8 @@ class PieceHashing:
 
 
 class PooledTreeHasher:
-    """The piecewise digest of :class:`TreeHasher`, its complete pieces hashed on a pool.
-    ``hexdigest`` is valid once the shared :class:`PieceHashing` has been drained."""
+    """The piecewise digest of :class:`TreeHasher`, its pieces hashed on a pool. ``hexdigest``
+    is valid after :meth:`end`, once the shared :class:`PieceHashing` has been drained."""
 
     def __init__(self, hashing: PieceHashing) -> None:
         self._hashing = hashing
@@ -114,8 +114,13 @@ class PooledTreeHasher:
                 views, self._views, self._filled = self._views, [], 0
                 self._hashing.submit(self, views)
 
-    def hexdigest(self) -> str:
-        outer = self._outer.copy()
+    def end(self) -> None:
+        """The data is complete: the last, partial piece goes to the pool too, so that no
+        view of a decoded chunk outlives the member's data."""
         if self._filled:
-            outer.update(_hash_views(self._views))
-        return outer.hexdigest()
+            views, self._views, self._filled = self._views, [], 0
+            self._hashing.submit(self, views)
+
+    def hexdigest(self) -> str:
+        assert not self._filled, "end() first"
+        return self._outer.hexdigest()

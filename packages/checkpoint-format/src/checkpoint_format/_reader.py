@@ -569,6 +569,7 @@ class TarReader:
             return
         assert member.sha256 is not None
         if pooled:
+            hasher.end()
             self._deferred.append((hasher, member.name, member.sha256))
         elif offload:
             self._verifier.end(hasher, member.name, member.sha256)
