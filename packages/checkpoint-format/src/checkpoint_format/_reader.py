@@ -53,7 +53,7 @@ VERSION_KEY = "FLYTECKPT.version"
 WRITER_KEY = "FLYTECKPT.writer"
 
 _READ_SIZE = 1 << 20
-_QUEUE_DEPTH = 8  # decoded chunks in flight between the decode thread and the writer
+_QUEUE_BYTES = 8 << 20  # decoded bytes in flight between the decode thread and the writer
 _VERIFY_DEPTH = 16  # data pieces queued for the verify thread (each a view of a chunk)
 _VERIFY_INLINE = 1 << 20  # members up to this size are hashed inline: a thread hop costs more
 _END = object()
@@ -127,17 +127,25 @@ class _Blocks:
     def _decoded(self) -> Iterator[memoryview]:
         """Decoded chunks, produced on a helper thread so that reading and inflating the
         object overlap with hashing and writing the files (both release the GIL)."""
-        chunks: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        chunks: queue.SimpleQueue[object] = queue.SimpleQueue()
         stop = threading.Event()
+        # Bounded in bytes, not chunks: a chunk is up to a whole gzip member (16 MiB).
+        room = threading.Condition()
+        queued = 0
 
         def put(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    chunks.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            nonlocal queued
+            size = len(item) if isinstance(item, memoryview) else 0
+            with room:
+                while queued and queued + size > _QUEUE_BYTES:
+                    if stop.is_set():
+                        return False
+                    room.wait(0.05)
+                if stop.is_set():
+                    return False
+                queued += size
+            chunks.put(item)
+            return True
 
         def produce() -> None:
             try:
@@ -153,6 +161,10 @@ class _Blocks:
         try:
             while True:
                 item = chunks.get()
+                if isinstance(item, memoryview):
+                    with room:
+                        queued -= len(item)
+                        room.notify()
                 if item is _END:
                     return
                 if isinstance(item, CheckpointFormatError) and item.member is None:

@@ -31,16 +31,19 @@ _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline
                             attempt_timeout=10.0)
 
 
-def _env_width() -> int | None:
-    """``CHECKPOINT_IO_READ_CONCURRENCY``: ranged GETs per streaming read, for every store
-    (1 reads with one long GET: for servers where a ranged GET costs as much as the whole
-    object, as moto's do)."""
-    value = os.environ.get("CHECKPOINT_IO_READ_CONCURRENCY", "").strip()
+def _env_width(name: str = "CHECKPOINT_IO_READ_CONCURRENCY") -> int | None:
+    """A width from the environment, for every store:
+
+    - ``CHECKPOINT_IO_READ_CONCURRENCY``: ranged GETs per streaming read (1 reads with one
+      long GET: for servers where a ranged GET costs as much as the whole object, as
+      moto's do);
+    - ``CHECKPOINT_IO_CONCURRENCY``: parts uploaded at once by a streaming write.
+    """
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"CHECKPOINT_IO_READ_CONCURRENCY={value!r}: expected a whole number"
-                         " of 1 or more")
+        raise ValueError(f"{name}={value!r}: expected a whole number of 1 or more")
     return int(value)
 
 
@@ -56,7 +59,8 @@ class Transfer:
         self.policy = policy
         size = max(part_size or backend.part_size, backend.min_part_size)
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
-        self.concurrency = max(1, concurrency or backend.concurrency)
+        self.concurrency = max(1, concurrency or _env_width("CHECKPOINT_IO_CONCURRENCY")
+                               or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
         self.read_concurrency = max(1, read_concurrency or _env_width()
                                     or backend.read_concurrency)
