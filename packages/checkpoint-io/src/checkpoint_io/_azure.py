@@ -101,9 +101,11 @@ class _AzureUpload(Upload):
 
 
 class AzureBackend(Backend):
-    part_size = 8 * MiB
+    # 4 MiB blocks, 8 in flight (the reasons are S3's, see there): 8 MiB blocks took a save
+    # to 268 MiB of peak RSS. Blocks grow past the first 5,000.
+    part_size = 4 * MiB
     max_parts = 50_000
-    concurrency = 4
+    concurrency = 8
     # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8

@@ -188,9 +188,12 @@ class _GCSComposeUpload(Upload):
                 "GET", f"b/{quote(self._bucket, safe='')}/o", prefix=self._prefix)
             names.update(item["name"] for item in json.loads(listing).get("items", []))
 
+        slots = asyncio.Semaphore(self._b.concurrency)  # as many requests as the upload used
+
         async def delete(name: str) -> None:
             try:
-                await self._b.request("DELETE", self._object(name))
+                async with slots:
+                    await self._b.request("DELETE", self._object(name))
             except FileNotFoundError:
                 pass
             except Exception as exc:
@@ -201,13 +204,13 @@ class _GCSComposeUpload(Upload):
 
 
 class GCSBackend(Backend):
-    # Composite parts go 4 at a time; a resumable session's chunks go one after another,
-    # where fewer, larger ones are faster (fake-gcs-server re-handles the whole upload per
-    # chunk). 16 MiB keeps either near 80 MiB of buffers.
+    # A resumable session's chunks go one after another, where fewer, larger ones are
+    # faster (fake-gcs-server re-handles the whole upload per chunk): 16 MiB. Composite
+    # parts go 8 at a time, 8 MiB each (see __init__), as S3's parts do.
     part_size = 16 * MiB
     min_part_size = 256 * 1024
     part_multiple = 256 * 1024  # resumable chunks other than the last
-    concurrency = 4
+    concurrency = 8
     # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
@@ -224,6 +227,8 @@ class GCSBackend(Backend):
         #: one resumable session, which leaves nothing visible until it is finalised.
         self.composite_uploads = os.environ.get(
             "CHECKPOINT_IO_GCS_COMPOSITE", "").strip().lower() in {"1", "on", "yes", "true"}
+        if self.composite_uploads:
+            self.part_size = 8 * MiB
 
         from ._loop import io_loop
 
