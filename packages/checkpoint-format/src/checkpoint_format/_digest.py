@@ -32,25 +32,43 @@ def piece_digest(piece: bytes | memoryview) -> bytes:
     return hashlib.sha256(piece).digest()
 
 
-class TreeHasher:
-    """Incremental piecewise digest, with the ``update``/``hexdigest`` interface of hashlib."""
+class _Pieces:
+    """Cuts the data of :meth:`update` at piece boundaries: ``_add`` gets each part, and
+    ``_complete`` is called whenever a piece is whole."""
 
-    def __init__(self) -> None:
-        self._outer = hashlib.sha256()
-        self._piece = hashlib.sha256()
-        self._filled = 0
+    _filled = 0
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         while view:
             part = view[: PIECE - self._filled]
-            self._piece.update(part)
+            self._add(part)
             self._filled += len(part)
             view = view[len(part) :]
             if self._filled == PIECE:
-                self._outer.update(self._piece.digest())
-                self._piece = hashlib.sha256()
                 self._filled = 0
+                self._complete()
+
+    def _add(self, part: memoryview) -> None:
+        raise NotImplementedError
+
+    def _complete(self) -> None:
+        raise NotImplementedError
+
+
+class TreeHasher(_Pieces):
+    """Incremental piecewise digest, with the ``update``/``hexdigest`` interface of hashlib."""
+
+    def __init__(self) -> None:
+        self._outer = hashlib.sha256()
+        self._piece = hashlib.sha256()
+
+    def _add(self, part: memoryview) -> None:
+        self._piece.update(part)
+
+    def _complete(self) -> None:
+        self._outer.update(self._piece.digest())
+        self._piece = hashlib.sha256()
 
     def hexdigest(self) -> str:
         outer = self._outer.copy()
@@ -93,7 +111,7 @@ class PieceHashing:
         hasher._outer.update(future.result())
 
 
-class PooledTreeHasher:
+class PooledTreeHasher(_Pieces):
     """The piecewise digest of :class:`TreeHasher`, its pieces hashed on a pool. ``hexdigest``
     is valid after :meth:`end`, once the shared :class:`PieceHashing` has been drained."""
 
@@ -101,25 +119,20 @@ class PooledTreeHasher:
         self._hashing = hashing
         self._outer = hashlib.sha256()
         self._views: list[memoryview] = []
-        self._filled = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            part = view[: PIECE - self._filled]
-            self._views.append(part)
-            self._filled += len(part)
-            view = view[len(part) :]
-            if self._filled == PIECE:
-                views, self._views, self._filled = self._views, [], 0
-                self._hashing.submit(self, views)
+    def _add(self, part: memoryview) -> None:
+        self._views.append(part)
+
+    def _complete(self) -> None:
+        views, self._views = self._views, []
+        self._hashing.submit(self, views)
 
     def end(self) -> None:
         """The data is complete: the last, partial piece goes to the pool too, so that no
         view of a decoded chunk outlives the member's data."""
         if self._filled:
-            views, self._views, self._filled = self._views, [], 0
-            self._hashing.submit(self, views)
+            self._filled = 0
+            self._complete()
 
     def hexdigest(self) -> str:
         assert not self._filled, "end() first"
