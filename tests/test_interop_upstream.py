@@ -204,11 +204,15 @@ def gzip_members(data: bytes) -> list[int]:
     """BTYPE of the first deflate block of each gzip member (0 stored, 1 fixed, 2 dynamic)."""
     btypes = []
     while data:
-        assert data[:4] == b"\x1f\x8b\x08\x00", "our writer sets no gzip header flags"
-        btypes.append((data[10] >> 1) & 0b11)
+        # CF-WRITE-11: FEXTRA alone, holding the member-size record (XLEN 20, subfield FK).
+        assert data[:4] == b"\x1f\x8b\x08\x04", "our writer sets FEXTRA and nothing else"
+        assert data[10:16] == b"\x14\x00FK\x10\x00", "the extra field is the size record"
+        length = int.from_bytes(data[16:24], "little")
+        btypes.append((data[32] >> 1) & 0b11)
         member = zlib.decompressobj(wbits=31)
         member.decompress(data)
         assert member.eof, "truncated gzip member"
+        assert len(data) - len(member.unused_data) == length, "the record gives its length"
         data = member.unused_data
     return btypes
 
