@@ -348,7 +348,7 @@ class GzipMembers:
 
     def chunks(self) -> Iterator[bytes]:
         pool = ThreadPoolExecutor(self._width, "checkpoint-inflate") if self._width > 1 else None
-        pending: collections.deque[Future[bytes] | bytes] = collections.deque()
+        pending: collections.deque[Future[list[bytes]] | list[bytes]] = collections.deque()
         try:
             yield from self._members(pool, pending)
         except CorruptArchiveError:
