@@ -753,8 +753,9 @@ class TarReader:
         if self._piece_hashing is not None:
             self._piece_hashing.drain()
             for hasher, name, expected in self._deferred:
-                if hasher.hexdigest() != expected:
-                    mismatches.append((name, hasher.hexdigest(), expected))
+                actual = hasher.hexdigest()
+                if actual != expected:
+                    mismatches.append((name, actual, expected))
         order = {name: position for position, name in enumerate(self._kinds)}
         for name, actual, expected in sorted(mismatches, key=lambda m: order.get(m[0], 0)):
             self._digest_mismatch(name, actual, expected)

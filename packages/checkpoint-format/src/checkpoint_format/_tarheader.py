@@ -112,32 +112,21 @@ class RawHeader:
 _FIELDS = struct.Struct("100s8s16x12s12s8x1s100s6s82x155s")
 
 
-def _number(field: bytes) -> int:
-    """``parse_number``, with a fast path for what writers emit: octal digits then a NUL."""
-    if field[-1:] == b"\0":
-        body = field[:-1]
-        if body.isdigit():
-            try:
-                return int(body, 8)
-            except ValueError:  # an 8 or a 9: the general path says what is wrong
-                pass
-    return parse_number(field)
-
-
 def parse_header(block: bytes) -> RawHeader:
     """Parse a block already known to verify (``is_header_block``)."""
     name, mode, size, mtime, typeflag, linkname, magic, prefix = _FIELDS.unpack_from(block)
     name = _field_str(name)
     if magic == b"ustar\x00":  # POSIX ustar: the prefix field extends the name
-        if prefix[:1] != b"\0":
-            name = f"{_field_str(prefix)}/{name}"
+        prefix = _field_str(prefix)
+        if prefix:
+            name = f"{prefix}/{name}"
     return RawHeader(
         name=name,
-        mode=_number(mode),
-        size=_number(size),
-        mtime=_number(mtime),
+        mode=parse_number(mode),
+        size=parse_number(size),
+        mtime=parse_number(mtime),
         typeflag=typeflag,
-        linkname=_field_str(linkname) if linkname[:1] != b"\0" else "",
+        linkname=_field_str(linkname),
     )
 
 
