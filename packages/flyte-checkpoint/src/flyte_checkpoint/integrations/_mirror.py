@@ -43,6 +43,7 @@ class DirectoryMirror:
         self.checkpoint = checkpoint
         self._in_flight: Future[None] | None = None
         self._uploaded: dict[pathlib.Path, tuple] = {}
+        self._offered: pathlib.Path | None = None
         self.saves = 0
 
     def offer(self, directory: pathlib.Path | str | None) -> bool:
@@ -50,7 +51,7 @@ class DirectoryMirror:
         upload is in flight. Returns whether one started."""
         if directory is None:
             return False
-        directory = pathlib.Path(directory)
+        directory = self._offered = pathlib.Path(directory)
         if self._in_flight is not None and not self._in_flight.done():
             return False
         self._wait()  # done: a failure surfaces here, in the training loop
@@ -67,6 +68,11 @@ class DirectoryMirror:
         self._wait()
         self.offer(directory)
         self._wait()
+
+    def flush(self) -> None:
+        """:meth:`finish` for the directory last offered: when this returns, its newest state
+        is the remote checkpoint (or the failure is raised)."""
+        self.finish(self._offered)
 
     def _wait(self) -> None:
         """Wait for the upload in flight, if any; raise its failure."""

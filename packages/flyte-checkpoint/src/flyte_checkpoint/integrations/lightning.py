@@ -76,6 +76,15 @@ class FlyteCheckpointCallback(Callback):
         """How many background saves this callback has started."""
         return self._mirror.saves
 
+    def flush(self) -> None:
+        """Wait until the newest checkpoint seen so far is the remote checkpoint, uploading it
+        now if it was waiting for an earlier upload; raises a failed upload's error.
+
+        For an attempt that must end soon (a preemption notice, say): the next attempt then
+        resumes from the newest save instead of an older one.
+        """
+        self._mirror.flush()
+
     def _directory(self, trainer: Any) -> pathlib.Path | None:
         if self.dirpath is not None:
             return self.dirpath

@@ -68,6 +68,15 @@ class FlyteCheckpointCallback(TrainerCallback):
         """How many background saves this callback has started."""
         return self._mirror.saves
 
+    def flush(self) -> None:
+        """Wait until the newest checkpoint seen so far is the remote checkpoint, uploading it
+        now if it was waiting for an earlier upload; raises a failed upload's error.
+
+        For an attempt that must end soon (a preemption notice, say): the next attempt then
+        resumes from the newest save instead of an older one.
+        """
+        self._mirror.flush()
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self._newest = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
