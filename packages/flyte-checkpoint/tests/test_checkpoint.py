@@ -79,7 +79,7 @@ def test_a_missing_client_library_fails_at_construction(which, tmp_path, monkeyp
         importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a)
     )
     args = ("gs://bucket/ckpt",) if which == "dest" else (tmp_path / "dest", "gs://bucket/prev")
-    with pytest.raises(MissingBackendError, match=r"checkpoint-io\[gcs\]"):
+    with pytest.raises(MissingBackendError, match=r"pip install 'flyte-checkpoint\[gcs\]'"):
         Checkpoint(*args)
 
 

@@ -88,6 +88,17 @@ def test_inspect_and_validate_a_stored_object(tmp_path, capsys) -> None:
     assert "no object at" in capsys.readouterr().err
 
 
+def test_inspect_without_the_client_library_names_the_extra(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "s3fs" else real(name, *a)
+    )
+    assert main(["inspect", "s3://bucket/ckpt"]) == 2
+    assert "pip install 'flyte-checkpoint[s3]'" in capsys.readouterr().err
+
+
 def test_demo_runs_end_to_end(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flyte_checkpoint._cli", "demo", "--steps", "30", "--every", "7",

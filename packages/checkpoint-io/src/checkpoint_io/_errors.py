@@ -14,13 +14,19 @@ __all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "StorageRetryEr
 class MissingBackendError(ImportError):
     """The client library for a URI scheme is not installed; the message names the extra."""
 
-    def __init__(self, scheme: str, extra: str, module: str) -> None:
+    def __init__(self, scheme: str, extra: str, module: str,
+                 distribution: str = "checkpoint-io") -> None:
         super().__init__(
             f"{scheme}:// needs the optional dependency {module!r}: "
-            f"pip install 'checkpoint-io[{extra}]'"
+            f"pip install '{distribution}[{extra}]'"
         )
         self.scheme = scheme
         self.extra = extra
+        self.module = module
+
+    def naming(self, distribution: str) -> MissingBackendError:
+        """The same error, naming ``distribution``'s extra (a package that re-exports ours)."""
+        return MissingBackendError(self.scheme, self.extra, self.module, distribution)
 
 
 class StorageRetryError(OSError):

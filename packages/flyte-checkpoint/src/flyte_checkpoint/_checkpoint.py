@@ -25,7 +25,13 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
-from checkpoint_io import File, SyncInAsyncError, filesystem, require_backend
+from checkpoint_io import (
+    File,
+    MissingBackendError,
+    SyncInAsyncError,
+    filesystem,
+    require_backend,
+)
 from checkpoint_io._loop import io_loop
 
 from ._progress import Progress
@@ -172,7 +178,10 @@ class Checkpoint(BaseCheckpoint):
         self._src = _location(checkpoint_src)
         for uri in (self._dest, self._src):
             if uri is not None:
-                require_backend(uri)  # and import the client now, not inside the first save
+                try:
+                    require_backend(uri)  # and import the client now, not in the first save
+                except MissingBackendError as missing:
+                    raise missing.naming("flyte-checkpoint") from None
         self._storage_options = storage_options
         self._workspace: pathlib.Path | None = None
         self._workspace_lock = threading.Lock()

@@ -19,7 +19,7 @@ import time
 import uuid
 
 from checkpoint_format import cli as format_cli
-from checkpoint_io import File
+from checkpoint_io import File, MissingBackendError
 
 from . import __version__
 from ._checkpoint import ENV_DEST, ENV_SRC
@@ -114,6 +114,10 @@ def _cmd_format(args: argparse.Namespace) -> int:
             return format_cli.run(args.which, args.uri, remote, as_json=getattr(args, "json", False))
     except FileNotFoundError:
         print(f"flyte-checkpoint {args.which}: no object at {args.uri}", file=sys.stderr)
+        return 2
+    except MissingBackendError as missing:
+        print(f"flyte-checkpoint {args.which}: {missing.naming('flyte-checkpoint')}",
+              file=sys.stderr)
         return 2
     except Exception as exc:  # an I/O error reaching the store: usage/I-O exit status
         print(f"flyte-checkpoint {args.which}: cannot read {args.uri}: {exc}", file=sys.stderr)
