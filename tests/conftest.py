@@ -11,11 +11,14 @@ Upstream (PyPI ``flyte``) lives in virtual environments of its own, made by
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +191,7 @@ class TaskVenv:
 
 
 @pytest.fixture(scope="session")
-def task_venv(tmp_path_factory) -> TaskVenv:
+def task_venv(tmp_path_factory) -> Iterator[TaskVenv]:
     """The in-task venv with our wheels freshly installed; skips (or fails, in CI) without it."""
     root = _cached_venv("CHECKPOINT_TASK_VENV", "task-venv")
     python = root / "bin" / "python"
@@ -199,14 +202,22 @@ def task_venv(tmp_path_factory) -> TaskVenv:
     if probe.returncode != 0:
         _missing(f"{root} cannot import flyte, torch and lightning: "
                  f"{probe.stderr.strip()[-500:]}")
-    wheels_dir = tmp_path_factory.mktemp("wheels")
-    venv = TaskVenv(root)
-    venv.pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels_dir),
-             *(str(REPO / "packages" / name) for name in OUR_PACKAGES))
-    venv.wheels = sorted(wheels_dir.glob("*.whl"))
-    venv.uninstall_ours()  # whatever an earlier run left
-    venv.install_ours()
-    return venv
+    # The venv is shared by every test run of this user, and this session installs into it:
+    # hold it until the session ends, so that a second run waits instead of mixing wheels.
+    with open(root / ".flyte-checkpoint-tests.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"\nwaiting for another test run to release {root}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        wheels_dir = tmp_path_factory.mktemp("wheels")
+        venv = TaskVenv(root)
+        venv.pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels_dir),
+                 *(str(REPO / "packages" / name) for name in OUR_PACKAGES))
+        venv.wheels = sorted(wheels_dir.glob("*.whl"))
+        venv.uninstall_ours()  # whatever an earlier run left
+        venv.install_ours()
+        yield venv
 
 
 @pytest.fixture(scope="session")
