@@ -9,7 +9,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from checkpoint_format import CorruptArchiveError, restore, validate, write_tarball
 from checkpoint_format._digest import PIECE, TreeHasher
 

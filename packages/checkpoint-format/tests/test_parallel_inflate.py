@@ -12,9 +12,7 @@ import threading
 import zlib
 
 import pytest
-
-from checkpoint_format import CorruptArchiveError, restore, write_tarball
-from checkpoint_format import _codec
+from checkpoint_format import CorruptArchiveError, _codec, restore, write_tarball
 from checkpoint_format._codec import GzipMembers, gzip_member, member_record
 
 

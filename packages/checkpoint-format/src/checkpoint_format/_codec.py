@@ -193,7 +193,7 @@ class Decoder:
 _NEED = object()  # member_record: the buffer does not yet hold the whole header
 
 
-def member_record(head: bytes | bytearray) -> tuple[int, int] | None | object:
+def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
     """The member-size record (CF-WRITE-11) of the gzip member starting ``head``.
 
     Returns ``(member_length, inflated_size)``, ``None`` when the member has no record, or

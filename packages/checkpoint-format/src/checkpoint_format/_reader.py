@@ -12,11 +12,12 @@ import hashlib
 import queue
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Literal
 
 from . import _codec
+from ._digest import PIECE, PLAIN_KEY, TREE_KEY, PieceHashing, PooledTreeHasher, TreeHasher
 from ._errors import (
     CheckpointFormatError,
     CorruptArchiveError,
@@ -24,7 +25,6 @@ from ._errors import (
     UnsafeMemberError,
     UnsupportedFormatError,
 )
-from ._digest import PIECE, PLAIN_KEY, TREE_KEY, PieceHashing, PooledTreeHasher, TreeHasher
 from ._limits import Limits
 from ._links import link_problem
 from ._tarheader import (

@@ -22,9 +22,9 @@ from typing import BinaryIO, Protocol
 
 from . import __version__
 from ._codec import codec_name, gzip_member
+from ._digest import PIECE, PLAIN_KEY, TREE_KEY, piece_digest
 from ._errors import WriteRefusedError
 from ._links import link_problem
-from ._digest import PIECE, PLAIN_KEY, TREE_KEY, piece_digest
 from ._reader import FORMAT_VERSION, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
     BLOCK,
