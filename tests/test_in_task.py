@@ -12,13 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import storage_fixtures
+
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 OURS = "flyte_checkpoint._upstream.FlyteCheckpoint"
+e2e_emulators = storage_fixtures.e2e_emulators
 
 
 def _resumed(result: dict) -> list[int]:
@@ -107,6 +113,37 @@ def test_each_retry_resumes_from_the_previous_attempt(task_venv, tmp_path, kind,
     # Saved at 3 and 9 before dying at 5 and 11; each retry starts from the last save.
     assert _resumed(result) == [0, 3, 9]
     assert result["output"] == {"step": 20, "total": sum(i * i for i in range(1, 21))}
+
+
+@pytest.fixture
+def s3_store(e2e_emulators, tmp_path):
+    yield from storage_fixtures.make_store("s3", e2e_emulators, tmp_path)
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("via", ["init", "env"])
+def test_the_store_upstream_is_configured_for_is_the_one_used(task_venv, tmp_path, s3_store,
+                                                               via):
+    """Raw data on an S3 store that is not AWS (moto here, a sandbox's MinIO in a
+    deployment), named to upstream by flyte.init(storage=S3(...)) or by FLYTE_AWS_*: our
+    helper saves and restores on that store with those credentials, as upstream's would.
+
+    Upstream's local mode stages the previous attempt's object only on local paths; here the
+    test stages it between two runs, as the platform does between attempts.
+    """
+    if task_venv.run("-c", "import s3fs", check=False).returncode != 0:
+        pytest.fail("the in-task venv has no s3fs: run bash .ci/install-upstream.sh",
+                    pytrace=False)
+    args = {"ours": True, "kind": "dir", "every": 3, "raw": s3_store.uri("raw"),
+            "s3": {"via": via, "endpoint": s3_store.server.endpoint}}
+    first = task_venv.program("resume", tmp_path, steps=20, **args)
+    assert _resumed(first) == [0]
+    assert "raw/checkpoint" in s3_store.names()
+    s3_store.put("raw/prev_checkpoint", s3_store.get("raw/checkpoint"))
+    second = task_venv.program("resume", tmp_path, steps=30, **args)
+    assert _resumed(second) == [18]  # the last save of the first run
+    assert second["attempts"][0]["source"] == s3_store.uri("raw/prev_checkpoint")
+    assert second["output"] == {"step": 30, "total": sum(i * i for i in range(1, 31))}
 
 
 def test_corrupt_previous_checkpoint_fails_the_attempt_loudly(task_venv, tmp_path):

@@ -9,6 +9,7 @@ ours): ``python PROGRAM.py '{"raw": ..., "out": ..., ...}'``. It writes one JSON
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 from typing import Any
@@ -21,6 +22,24 @@ if ARGS.get("ours"):
     import flyte_checkpoint
 
     flyte_checkpoint.install()  # the one line a task module adds
+
+if ARGS.get("s3"):
+    # An S3 store (moto) named to upstream the way a deployment names it: through
+    # flyte.init(storage=...), or through the FLYTE_AWS_* variables Flyte sets in task pods.
+    # The test process's own AWS_* settings must not be what finds it.
+    for variable in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(variable, None)
+    s3 = ARGS["s3"]
+    if s3["via"] == "init":
+        import flyte.storage
+
+        flyte.init(storage=flyte.storage.S3(
+            endpoint=s3["endpoint"], access_key_id="testing", secret_access_key="testing",
+            region="us-east-1"))
+    else:
+        os.environ.update({"FLYTE_AWS_ENDPOINT": s3["endpoint"],
+                           "FLYTE_AWS_ACCESS_KEY_ID": "testing",
+                           "FLYTE_AWS_SECRET_ACCESS_KEY": "testing"})
 
 #: What each attempt saw, appended by the task; attempts run in this process, one by one.
 ATTEMPTS: list[dict[str, Any]] = []

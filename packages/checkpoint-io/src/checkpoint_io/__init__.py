@@ -8,7 +8,7 @@
 from ._errors import MissingBackendError, ObjectChangedError, StorageRetryError
 from ._file import AsyncFile, File, SyncFile
 from ._loop import SyncInAsyncError
-from ._registry import filesystem, require_backend
+from ._registry import filesystem, require_backend, scheme_of
 from ._retry import RetryPolicy
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "SyncInAsyncError",
     "filesystem",
     "require_backend",
+    "scheme_of",
 ]

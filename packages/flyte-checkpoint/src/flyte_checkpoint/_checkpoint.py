@@ -36,6 +36,7 @@ from checkpoint_io._loop import io_loop
 
 from ._progress import Progress
 from ._snapshot import Snapshot, capture
+from ._storage import flyte_storage_options
 
 __all__ = [
     "ENV_DEST",
@@ -149,6 +150,11 @@ class Checkpoint(BaseCheckpoint):
     ``checkpoint_dest`` is where :meth:`save` writes; ``checkpoint_src`` is the previous
     attempt's checkpoint, if any. Both accept ``s3://``, ``gs://``, ``abfs://``/``az://``,
     ``memory://``, ``file://`` URIs, plain local paths and :class:`pathlib.Path`.
+
+    The store is reached as upstream's helper reaches it: with the endpoint and credentials
+    of ``flyte.init(storage=...)``, else of ``FLYTE_AWS_*`` (S3) and ``AZURE_*`` (Azure)
+    variables, else the clients' own credential lookup; ``storage_options`` (fsspec options
+    of s3fs, gcsfs or adlfs) take precedence over all of them.
 
     Saving a directory streams a gzip tar of its top-level entries into the object; saving a
     file or bytes stores them as they are. :meth:`load` restores a tarball under :attr:`path`
@@ -284,10 +290,16 @@ class Checkpoint(BaseCheckpoint):
     async def load(self) -> pathlib.Path | None:
         return await _in_thread(self._load_blocking)
 
+    def _options(self, uri: str) -> dict[str, Any]:
+        """The store's options: what upstream's storage settings give (read at each use, as
+        upstream does), with the ``storage_options`` given to the constructor over them."""
+        return {**flyte_storage_options(uri), **(self._storage_options or {})}
+
     def _file(self, uri: str) -> File:
         file = File(path=uri)
-        if self._storage_options:
-            file = file.with_options(storage_options=self._storage_options)
+        options = self._options(uri)
+        if options:
+            file = file.with_options(storage_options=options)
         return file
 
     def _objects_under(self, uri: str) -> list[str]:
@@ -296,7 +308,7 @@ class Checkpoint(BaseCheckpoint):
         if "://" not in uri or uri.startswith("file://"):
             return []
         try:
-            return list(filesystem(uri, self._storage_options).ls(uri, detail=False))
+            return list(filesystem(uri, self._options(uri)).ls(uri, detail=False))
         except Exception:  # nothing there, or listing not allowed: the object is just absent
             return []
 

@@ -1,0 +1,93 @@
+"""Upstream's storage settings turned into fsspec options: the same store, the same
+credentials, whichever helper a task gets. (With upstream's own ``flyte.init`` settings:
+``tests/test_in_task.py``.)"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from flyte_checkpoint import Checkpoint
+from flyte_checkpoint._storage import flyte_storage_options
+
+SANDBOX = {
+    "FLYTE_AWS_ENDPOINT": "http://minio.flyte:9000",
+    "FLYTE_AWS_ACCESS_KEY_ID": "minio",
+    "FLYTE_AWS_SECRET_ACCESS_KEY": "miniostorage",
+}
+
+
+def test_s3_from_the_variables_flyte_sets_in_task_pods():
+    assert flyte_storage_options("s3://bucket/ckpt", SANDBOX) == {
+        "endpoint_url": "http://minio.flyte:9000", "key": "minio", "secret": "miniostorage"}
+    assert flyte_storage_options("s3a://bucket/ckpt", SANDBOX)["key"] == "minio"
+
+
+@pytest.mark.parametrize(("style", "botocore"), [("virtual", "virtual"), ("path", "path")])
+def test_s3_addressing_style(style, botocore):
+    env = {**SANDBOX, "FLYTE_AWS_S3_ADDRESSING_STYLE": style}
+    options = flyte_storage_options("s3://bucket/ckpt", env)
+    assert options["config_kwargs"] == {"s3": {"addressing_style": botocore}}
+
+
+def test_s3_without_settings_leaves_the_clients_own_lookup():
+    assert flyte_storage_options("s3://bucket/ckpt", {}) == {}
+    # A key without its secret is no credential: the AWS chain decides.
+    assert flyte_storage_options("s3://b/c", {"FLYTE_AWS_ACCESS_KEY_ID": "k"}) == {}
+
+
+def test_azure_from_upstreams_variables():
+    env = {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_TENANT_ID": "t",
+           "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s"}
+    for uri in ("abfs://c/ckpt", "abfss://c/ckpt", "az://c/ckpt"):
+        assert flyte_storage_options(uri, env) == {
+            "account_name": "acct", "tenant_id": "t", "client_id": "c", "client_secret": "s"}
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/ckpt", "/tmp/ckpt", "file:///tmp/c", "memory://c"])
+def test_other_stores_take_nothing(uri):
+    assert flyte_storage_options(uri, {**SANDBOX, "AZURE_STORAGE_ACCOUNT_NAME": "a"}) == {}
+
+
+def test_flyte_init_settings_win_over_the_variables_and_are_not_mixed_with_them(monkeypatch):
+    """As upstream: a matching ``flyte.init(storage=...)`` object is used alone."""
+
+    class S3:  # what upstream's flyte.storage.S3 holds (matched by class name)
+        endpoint = "http://127.0.0.1:9000"
+        access_key_id = None
+        secret_access_key = None
+        region = "eu-west-1"
+        addressing_style = None
+
+    initialize = types.ModuleType("flyte._initialize")
+    initialize.get_storage = lambda: S3()
+    monkeypatch.setitem(sys.modules, "flyte", types.ModuleType("flyte"))
+    monkeypatch.setitem(sys.modules, "flyte._initialize", initialize)
+    assert flyte_storage_options("s3://bucket/ckpt", SANDBOX) == {
+        "endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"region_name": "eu-west-1"}}
+    # A setting for another store: the variables, as upstream's S3.auto() would.
+    initialize.get_storage = lambda: type("GCS", (), {})()
+    assert flyte_storage_options("s3://bucket/ckpt", SANDBOX)["key"] == "minio"
+
+
+def test_uninitialised_or_foreign_flyte_module_means_the_variables(monkeypatch):
+    def not_initialised():
+        raise RuntimeError("Configuration has not been initialized")
+
+    initialize = types.ModuleType("flyte._initialize")
+    initialize.get_storage = not_initialised
+    monkeypatch.setitem(sys.modules, "flyte", types.ModuleType("flyte"))
+    monkeypatch.setitem(sys.modules, "flyte._initialize", initialize)
+    assert flyte_storage_options("s3://b/c", SANDBOX)["endpoint_url"] == "http://minio.flyte:9000"
+    monkeypatch.delitem(sys.modules, "flyte._initialize")  # a flyte without it (our facade)
+    assert flyte_storage_options("s3://b/c", SANDBOX)["key"] == "minio"
+
+
+def test_checkpoint_options_given_explicitly_take_precedence(monkeypatch, tmp_path):
+    for variable, value in SANDBOX.items():
+        monkeypatch.setenv(variable, value)
+    checkpoint = Checkpoint("s3://bucket/ckpt", storage_options={"endpoint_url": "http://x:1"})
+    assert checkpoint._options("s3://bucket/ckpt") == {
+        "endpoint_url": "http://x:1", "key": "minio", "secret": "miniostorage"}
+    assert Checkpoint(str(tmp_path / "c"))._options(str(tmp_path / "c")) == {}
