@@ -215,6 +215,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """Return once a server started as ``proc`` accepts connections on ``port``; raise when
+    it exits first or does not within ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{what} did not start on port {port}") from None
+            time.sleep(0.1)
+
+
 class Moto:
     """A moto S3 server on loopback; its spill files go to /dev/shm, off the measured disk."""
 
@@ -228,13 +242,7 @@ class Moto:
             env=env,
         )
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(self.port, self.proc, "moto")
         import boto3
 
         boto3.client(

@@ -139,9 +139,7 @@ class S3rver:
     /dev/shm, off the measured disk, as moto's spill files do."""
 
     def __init__(self) -> None:
-        import socket
-
-        from checkpoint_bench import _free_port
+        from checkpoint_bench import _free_port, wait_for_port
 
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         home = cache / "flyte-checkpoint" / "s3rver"
@@ -160,16 +158,11 @@ class S3rver:
             [str(binary), "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "-s",
              "--configure-bucket", "bench"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("s3rver did not start") from None
-                time.sleep(0.1)
+        try:
+            wait_for_port(self.port, self.proc, "s3rver")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "S3RVER",
