@@ -76,3 +76,19 @@ def test_composite_uploads_are_off_by_default(remote_store, monkeypatch):
     with file.open_sync("rb") as back:
         assert back.read() == data
     assert _names(remote_store) == ["ckpt.bin"]
+
+
+def test_what_a_killed_process_leaves_is_marked_for_a_lifecycle_rule(gcs, monkeypatch):
+    """Parts and compose intermediates all end with PART_SUFFIX, so one bucket lifecycle rule
+    (matchesSuffix) sweeps what a process killed before its clean-up left behind."""
+    from checkpoint_io._gcs import PART_SUFFIX, _GCSComposeUpload
+
+    async def killed_before_clean_up(self):  # fault injection: the process died here
+        pass
+
+    monkeypatch.setattr(_GCSComposeUpload, "_delete_temporaries", killed_before_clean_up)
+    data = os.urandom(40 * 256 * KiB)  # 40 parts: one round of intermediates as well
+    _write(gcs.file("ckpt.bin", part_size=256 * KiB, retry=FAST), data)
+    left = [name for name in _names(gcs) if name != "ckpt.bin"]
+    assert len(left) == 40 + 2
+    assert all(name.startswith("ckpt.bin.") and name.endswith(PART_SUFFIX) for name in left)

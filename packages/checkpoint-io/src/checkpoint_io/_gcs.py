@@ -123,9 +123,14 @@ class _GCSUpload(Upload):
             await self._b.request("DELETE", session)
 
 
+#: Every temporary object of a composite upload ends with this, so that a bucket lifecycle
+#: rule (``matchesSuffix``) can delete what a killed process left behind.
+PART_SUFFIX = ".flyte-checkpoint-part"
+
+
 class _GCSComposeUpload(Upload):
     """A parallel composite upload: each part is a temporary object
-    (``<name>.flyte-checkpoint-part-<random>-<n>``), uploaded ``concurrency`` at a time; the
+    (``<name>.<random>-<n>.flyte-checkpoint-part``), uploaded ``concurrency`` at a time; the
     object itself appears only with the final compose request, which is atomic (rounds of
     32 sources first when there are more). The temporary objects are deleted afterwards,
     and on abort; a process killed mid-upload leaves some behind, never a torn object."""
@@ -136,7 +141,7 @@ class _GCSComposeUpload(Upload):
     def __init__(self, backend: GCSBackend, bucket: str, key: str) -> None:
         self._b = backend
         self._bucket, self._key = bucket, key
-        self._prefix = f"{key}.flyte-checkpoint-part-{secrets.token_hex(6)}-"
+        self._prefix = f"{key}.{secrets.token_hex(6)}-"  # this upload's own: listed on abort
         self._parts: dict[int, str] = {}
         self._temporaries: set[str] = set()
 
@@ -144,7 +149,7 @@ class _GCSComposeUpload(Upload):
         return f"b/{quote(self._bucket, safe='')}/o/{quote(name, safe='')}"
 
     async def put_part(self, number: int, data: bytes) -> None:
-        name = f"{self._prefix}{number:06d}"
+        name = f"{self._prefix}{number:06d}{PART_SUFFIX}"
         self._temporaries.add(name)
         await self._b.put_media(self._bucket, name, data)
         self._parts[number] = name
@@ -157,7 +162,8 @@ class _GCSComposeUpload(Upload):
         while len(sources) > _COMPOSE_SOURCES:
             groups = [sources[i:i + _COMPOSE_SOURCES]
                       for i in range(0, len(sources), _COMPOSE_SOURCES)]
-            names = [f"{self._prefix}c{level}-{i:06d}" for i in range(len(groups))]
+            names = [f"{self._prefix}c{level}-{i:06d}{PART_SUFFIX}"
+                     for i in range(len(groups))]
             self._temporaries.update(names)
             await asyncio.gather(*(self._compose(group, name)
                                    for group, name in zip(groups, names, strict=True)))
@@ -186,7 +192,8 @@ class _GCSComposeUpload(Upload):
         with contextlib.suppress(Exception):
             _, _, listing = await self._b.request(
                 "GET", f"b/{quote(self._bucket, safe='')}/o", prefix=self._prefix)
-            names.update(item["name"] for item in json.loads(listing).get("items", []))
+            names.update(item["name"] for item in json.loads(listing).get("items", [])
+                         if item["name"].endswith(PART_SUFFIX))
 
         slots = asyncio.Semaphore(self._b.concurrency)  # as many requests as the upload used
 
