@@ -49,7 +49,8 @@ def test_validate_reports_every_violation(evil: Path, capsys) -> None:
     assert main(["validate", str(evil)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        f"{evil}: member '../escape.txt': name '../escape.txt' has a '..' component (CF-EXTRACT-02)",
+        f"{evil}: member '../escape.txt': name '../escape.txt' has a '..' component"
+        " (CF-EXTRACT-02)",
         f"{evil}: member '/etc/passwd': absolute name '/etc/passwd' (CF-EXTRACT-01)",
     ]
 

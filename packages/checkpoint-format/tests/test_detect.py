@@ -92,7 +92,9 @@ def test_sniff_reads_a_bounded_prefix() -> None:
 def test_signed_checksum_header_is_a_tar_header() -> None:
     header = bytearray(build_header(b"x", mode=0o644, size=0, mtime=0, typeflag=b"0"))
     header[120] = 0xFF  # a high byte: signed and unsigned sums now differ
-    signed = 256 + sum(b if b < 128 else b - 256 for i, b in enumerate(header) if not 148 <= i < 156)
+    signed = 256 + sum(
+        b if b < 128 else b - 256 for i, b in enumerate(header) if not 148 <= i < 156
+    )
     header[148:156] = b"%06o\0 " % (signed & 0o777777) if signed >= 0 else bytes(8)
     if signed >= 0:
         assert is_header_block(bytes(header))

@@ -14,7 +14,9 @@ from checkpoint_format._digest import PIECE, TreeHasher
 
 
 def _reference(data: bytes) -> str:
-    pieces = b"".join(hashlib.sha256(data[i : i + PIECE]).digest() for i in range(0, len(data), PIECE))
+    pieces = b"".join(
+        hashlib.sha256(data[i : i + PIECE]).digest() for i in range(0, len(data), PIECE)
+    )
     return hashlib.sha256(pieces).hexdigest()
 
 
@@ -60,7 +62,8 @@ def test_writer_uses_the_piecewise_digest_past_one_piece(tmp_path: Path) -> None
 def test_piecewise_digest_mismatch_is_corrupt(tmp_path: Path) -> None:
     data = os.urandom(PIECE + 10)
     blob = _marked("w.bin", data, {"FLYTECKPT.sha256-pieces": _reference(data[::-1])})
-    with pytest.raises(CorruptArchiveError, match=r"member 'w.bin': SHA-256 mismatch.*\(CF-INTEG-04\)"):
+    with pytest.raises(CorruptArchiveError,
+                       match=r"member 'w.bin': SHA-256 mismatch.*\(CF-INTEG-04\)"):
         restore(io.BytesIO(blob), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -69,10 +72,14 @@ def test_both_digest_records_are_corrupt(tmp_path: Path) -> None:
     data = b"x" * 10
     records = {"FLYTECKPT.sha256": hashlib.sha256(data).hexdigest(),
                "FLYTECKPT.sha256-pieces": _reference(data)}
-    with pytest.raises(CorruptArchiveError, match=r"member 'w.bin': both FLYTECKPT.sha256 and FLYTECKPT.sha256-pieces records \(CF-INTEG-02\)"):
+    with pytest.raises(CorruptArchiveError,
+                       match=r"member 'w.bin': both FLYTECKPT.sha256 and "
+                             r"FLYTECKPT.sha256-pieces records \(CF-INTEG-02\)"):
         restore(io.BytesIO(_marked("w.bin", data, records)), tmp_path / "out")
 
 
 def test_marked_member_without_any_digest_is_corrupt(tmp_path: Path) -> None:
-    with pytest.raises(CorruptArchiveError, match=r"no FLYTECKPT.sha256 or FLYTECKPT.sha256-pieces record \(CF-MARK-04\)"):
+    with pytest.raises(CorruptArchiveError,
+                       match=r"no FLYTECKPT.sha256 or FLYTECKPT.sha256-pieces record "
+                             r"\(CF-MARK-04\)"):
         restore(io.BytesIO(_marked("w.bin", b"x", {})), tmp_path / "out")

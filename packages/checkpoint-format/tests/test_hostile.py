@@ -440,7 +440,9 @@ def test_setuid_setgid_sticky_are_cleared(tmp_path: Path) -> None:
         ),
         tmp_path,
     )
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target / "d", *(target / "d").iterdir()]}
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode) for p in [target / "d", *(target / "d").iterdir()]
+    }
     assert modes == {"d": 0o777, "suid": 0o755, "sgid": 0o750, "all": 0o777}
     for path in [target / "d", *(target / "d").iterdir()]:
         assert path.stat().st_uid == os.getuid()  # ownership is never restored
@@ -604,8 +606,8 @@ def _cuts(length: int, start: int, count: int = 20) -> list[int]:
     return sorted({start + round(i * step) for i in range(count)} | {length - 1})
 
 
-_TAR_CUTS = _cuts(len(_TAR), BLOCK) + [len(_TAR) - BLOCK, len(_TAR) - BLOCK - 1, 2 * BLOCK]
-_GZ_CUTS = _cuts(len(_GZ), _first_decodable(_GZ)) + [len(_GZ) - 4, len(_GZ) - 8]
+_TAR_CUTS = [*_cuts(len(_TAR), BLOCK), len(_TAR) - BLOCK, len(_TAR) - BLOCK - 1, 2 * BLOCK]
+_GZ_CUTS = [*_cuts(len(_GZ), _first_decodable(_GZ)), len(_GZ) - 4, len(_GZ) - 8]
 
 
 def _assert_truncation_refused(data: bytes, root: Path) -> None:

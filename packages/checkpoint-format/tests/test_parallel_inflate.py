@@ -129,7 +129,7 @@ def test_a_record_past_the_end_is_truncation():
 
 
 def test_garbage_after_the_last_member_is_refused_after_the_members_before_it():
-    slices, data = _members(3)
+    _slices, data = _members(3)
     with pytest.raises(CorruptArchiveError) as caught:
         _decode(data + b"junk", 2)
     assert caught.value.rule == "CF-INTEG-05"
@@ -226,7 +226,7 @@ def test_pooled_digests_keep_no_view_of_a_member_once_its_data_has_ended(monkeyp
             archive.addfile(info, io.BytesIO(data))
     stream = gzip.compress(tree.getvalue(), 1)
     with TarReader(io.BytesIO(stream), "gzip") as reader:
-        for member, chunks in reader.members():
+        for _member, chunks in reader.members():
             for _ in chunks:
                 pass
             assert all(not hasher._views for hasher, _, _ in reader._deferred)

@@ -35,7 +35,8 @@ def test_large_member_digest_mismatch_is_caught_off_thread(tmp_path: Path) -> No
     data = os.urandom(3 << 20)  # above the inline-hash size: verified on the verify thread
     wrong = hashlib.sha256(b"something else").hexdigest()
     blob = _marked_tar("weights.bin", data, wrong)
-    with pytest.raises(CorruptArchiveError, match=r"member 'weights.bin': SHA-256 mismatch.*\(CF-INTEG-04\)") as info:
+    with pytest.raises(CorruptArchiveError,
+                       match=r"member 'weights.bin': SHA-256 mismatch.*\(CF-INTEG-04\)") as info:
         restore(io.BytesIO(blob), tmp_path / "out")
     assert (info.value.rule, info.value.member) == ("CF-INTEG-04", "weights.bin")
     assert not (tmp_path / "out").exists()

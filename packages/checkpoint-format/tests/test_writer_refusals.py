@@ -20,7 +20,8 @@ def _write(src: Path) -> bytes:
 
 def test_fifo_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe")
-    with pytest.raises(WriteRefusedError, match=r"member 'pipe': a FIFO cannot be saved .*\(CF-WRITE-05\)") as info:
+    with pytest.raises(WriteRefusedError,
+                       match=r"member 'pipe': a FIFO cannot be saved .*\(CF-WRITE-05\)") as info:
         _write(tmp_path)
     assert (info.value.rule, info.value.member) == ("CF-WRITE-05", "pipe")
 
@@ -38,7 +39,9 @@ def test_socket_is_refused(tmp_path: Path) -> None:
 def test_absolute_symlink_is_refused(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "etc").symlink_to("/etc")
-    with pytest.raises(WriteRefusedError, match=r"member 'sub/etc': symbolic link target '/etc' is not a relative path") as info:
+    with pytest.raises(WriteRefusedError,
+                       match=r"member 'sub/etc': symbolic link target '/etc' is not a "
+                             r"relative path") as info:
         _write(tmp_path)
     assert info.value.rule == "CF-WRITE-05"
 
@@ -57,7 +60,8 @@ def test_link_that_leaves_and_comes_back_by_the_roots_name_is_refused(tmp_path: 
     (root / "d").mkdir(parents=True)
     (root / "f").write_text("x")
     (root / "d" / "l").symlink_to("../../ckpt/f")
-    with pytest.raises(WriteRefusedError, match=r"member 'd/l': .*points outside the target.*CF-WRITE-05"):
+    with pytest.raises(WriteRefusedError,
+                       match=r"member 'd/l': .*points outside the target.*CF-WRITE-05"):
         _write(root)
 
 
@@ -90,7 +94,8 @@ def test_symlink_to_the_root_itself_is_allowed(tmp_path: Path) -> None:
     assert _write(tmp_path)
 
 
-@pytest.mark.skipif(os.uname().sysname != "Linux", reason="needs a file system that stores raw bytes")
+@pytest.mark.skipif(os.uname().sysname != "Linux",
+                    reason="needs a file system that stores raw bytes")
 def test_non_utf8_name_is_refused(tmp_path: Path) -> None:
     with open(os.path.join(os.fsencode(tmp_path), b"bad-\xff.bin"), "wb") as f:
         f.write(b"x")
@@ -113,7 +118,8 @@ def test_file_growing_during_save_is_refused(tmp_path: Path) -> None:
                 SlowSink.grown = True
             return super().write(data)
 
-    with pytest.raises(WriteRefusedError, match=r"member 'big.bin': file changed during save") as info:
+    with pytest.raises(WriteRefusedError,
+                       match=r"member 'big.bin': file changed during save") as info:
         write_tarball(tmp_path, SlowSink(), chunk_size=1 << 20, workers=1)
     assert info.value.rule == "CF-WRITE-07"
 

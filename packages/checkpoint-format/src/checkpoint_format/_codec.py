@@ -217,7 +217,9 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
     record = None
     while position < end:
         if end - position < 4:
-            raise CorruptArchiveError("CF-INTEG-03", "gzip extra field ends inside a subfield header")
+            raise CorruptArchiveError(
+                "CF-INTEG-03", "gzip extra field ends inside a subfield header"
+            )
         subfield, length = struct.unpack_from("<2sH", head, position)
         position += 4
         if position + length > end:
@@ -476,7 +478,9 @@ class GzipMembers:
     def _trailing_zeros(self) -> None:
         while True:
             if self._head.strip(b"\0"):
-                raise CorruptArchiveError("CF-INTEG-05", "unexpected data after the last gzip member")
+                raise CorruptArchiveError(
+                    "CF-INTEG-05", "unexpected data after the last gzip member"
+                )
             self.compressed_in += len(self._head)
             self._head = b""
             if self._eof:

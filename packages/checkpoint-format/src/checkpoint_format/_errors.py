@@ -31,7 +31,8 @@ class CheckpointFormatError(Exception):
 
 
 class UnsafeMemberError(CheckpointFormatError):
-    """A member would escape the target, is of a forbidden type, or clashes with another (CF-EXTRACT)."""
+    """A member would escape the target, is of a forbidden type, or clashes with another
+    (CF-EXTRACT)."""
 
 
 class LimitExceededError(CheckpointFormatError):
@@ -39,7 +40,8 @@ class LimitExceededError(CheckpointFormatError):
 
 
 class CorruptArchiveError(CheckpointFormatError):
-    """The stream is truncated, fails a checksum or digest, or does not decode (CF-INTEG, CF-MARK-04)."""
+    """The stream is truncated, fails a checksum or digest, or does not decode
+    (CF-INTEG, CF-MARK-04)."""
 
 
 class UnsupportedFormatError(CheckpointFormatError):

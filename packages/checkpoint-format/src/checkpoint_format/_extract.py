@@ -45,7 +45,9 @@ class RestoreResult:
         return self.detection.kind
 
 
-def restore(source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits | None = None) -> RestoreResult:
+def restore(
+    source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits | None = None
+) -> RestoreResult:
     """Classify ``source`` and restore it into ``target``, all or nothing.
 
     ``target`` must be absent or an empty directory. A tarball is extracted under it, a raw
@@ -107,7 +109,9 @@ def _require_empty(target: Path) -> None:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"restore target {target} exists and is not a directory")
     if target.is_dir() and any(os.scandir(target)):
-        raise FileExistsError(f"restore target {target} is not empty; restore needs an empty directory")
+        raise FileExistsError(
+            f"restore target {target} is not empty; restore needs an empty directory"
+        )
 
 
 def _publish(staging: Path, target: Path) -> None:

@@ -266,7 +266,8 @@ class _Blocks:
         while self._buf or self._fill():
             if bytes(self._buf).strip(b"\0"):
                 raise CorruptArchiveError(
-                    "CF-INTEG-05", f"non-zero data after the end-of-archive marker at tar offset {self.offset}"
+                    "CF-INTEG-05",
+                    f"non-zero data after the end-of-archive marker at tar offset {self.offset}",
                 )
             count += len(self._buf)
             self.offset += len(self._buf)
@@ -625,7 +626,9 @@ class TarReader:
             return None
         if kind is None:
             label = _TYPE_NAMES.get(typeflag, f"unknown type {typeflag!r}")
-            return self._refuse(UnsafeMemberError("CF-EXTRACT-05", f"{label} members are refused", raw_name))
+            return self._refuse(
+                UnsafeMemberError("CF-EXTRACT-05", f"{label} members are refused", raw_name)
+            )
         if name == "":
             if kind != "dir":
                 return self._refuse(
@@ -658,13 +661,17 @@ class TarReader:
                 self.digests_present += 1
                 if not _DIGEST_RE.fullmatch(digest):
                     raise CorruptArchiveError(
-                        "CF-INTEG-02", f"{digest_key} {digest!r} is not a lowercase hex SHA-256", name
+                        "CF-INTEG-02",
+                        f"{digest_key} {digest!r} is not a lowercase hex SHA-256",
+                        name,
                     )
             elif self.marked:
                 self._violation(
                     CorruptArchiveError(
-                        "CF-MARK-04", f"marked v{self.format_version} tarball but no {PLAIN_KEY} or {TREE_KEY}"
-                        " record", name
+                        "CF-MARK-04",
+                        f"marked v{self.format_version} tarball but no {PLAIN_KEY} or {TREE_KEY}"
+                        " record",
+                        name,
                     )
                 )
 
@@ -674,7 +681,9 @@ class TarReader:
         if previous is not None and not (previous == "dir" and kind == "dir"):
             return self._refuse(
                 UnsafeMemberError(
-                    "CF-EXTRACT-07", f"duplicate name (an earlier {previous} has the same name)", name
+                    "CF-EXTRACT-07",
+                    f"duplicate name (an earlier {previous} has the same name)",
+                    name,
                 )
             )
 
@@ -742,13 +751,17 @@ class TarReader:
             elif kind != "dir":
                 self._refuse(
                     UnsafeMemberError(
-                        "CF-EXTRACT-08", f"lies below {parent!r}, which is a {kind}, not a directory", name
+                        "CF-EXTRACT-08",
+                        f"lies below {parent!r}, which is a {kind}, not a directory",
+                        name,
                     )
                 )
                 return False
         return True
 
-    def _finish_archive(self, pax: dict[str, str], long_name: str | None, long_link: str | None) -> None:
+    def _finish_archive(
+        self, pax: dict[str, str], long_name: str | None, long_link: str | None
+    ) -> None:
         mismatches = self._verifier.finish()
         if self._piece_hashing is not None:
             self._piece_hashing.drain()
@@ -761,11 +774,13 @@ class TarReader:
             self._digest_mismatch(name, actual, expected)
         if pax or long_name is not None or long_link is not None:
             raise CorruptArchiveError(
-                "CF-INTEG-01", "an extended header is followed by the end-of-archive marker, not a member"
+                "CF-INTEG-01",
+                "an extended header is followed by the end-of-archive marker, not a member",
             )
         if self._blocks.drain_zeros() < BLOCK:
             raise CorruptArchiveError(
-                "CF-INTEG-01", "stream ends after a single zero block (end-of-archive marker truncated)"
+                "CF-INTEG-01",
+                "stream ends after a single zero block (end-of-archive marker truncated)",
             )
         # Links resolved at their own position may be redirected by links that came later.
         for name, target in self._symlinks.items():

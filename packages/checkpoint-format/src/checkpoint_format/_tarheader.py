@@ -1,4 +1,5 @@
-"""Tar header blocks and pax records: the byte-level layer shared by detection, reader and writer."""
+"""Tar header blocks and pax records: the byte-level layer shared by detection, reader and
+writer."""
 
 from __future__ import annotations
 

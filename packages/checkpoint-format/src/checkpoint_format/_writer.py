@@ -239,7 +239,9 @@ def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, str, os.stat_resu
             entry.name.encode("utf-8")
         except UnicodeEncodeError:
             raise WriteRefusedError(
-                "CF-WRITE-02", "name is not valid UTF-8", prefix + os.fsencode(entry.name).decode("utf-8", "replace")
+                "CF-WRITE-02",
+                "name is not valid UTF-8",
+                prefix + os.fsencode(entry.name).decode("utf-8", "replace"),
             ) from None
         name = prefix + entry.name
         st = entry.stat(follow_symlinks=False)
