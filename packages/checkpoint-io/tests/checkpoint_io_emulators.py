@@ -458,7 +458,8 @@ class FaultProxy:
                     payload = response.read()
                     out = [(k, v) for k, v in response.getheaders()
                            if k.lower() not in _HOP_BY_HOP]
-                    length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    length = (response.getheader("Content-Length")
+                              if self.command == "HEAD" else None)
                     if cut_at is not None and response.status < 300 and len(payload) > cut_at:
                         self._send_cut(response.status, out, payload, cut_at)
                         return

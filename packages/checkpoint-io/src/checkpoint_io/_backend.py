@@ -42,7 +42,7 @@ class Source(abc.ABC):
             yield await self.read_range(start, stop)
             start = stop
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Release what ``open_source`` acquired."""
 
     #: Optional fast path for streaming reads: a blocking ``read_blocking(start, end)``
@@ -71,7 +71,7 @@ class Upload(abc.ABC):
     #: abort lets parts in flight finish, so that its cleanup finds all of them.
     parts_are_objects: bool = False
 
-    async def begin(self) -> None:
+    async def begin(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Start a multipart/resumable session (nothing visible yet)."""
 
     @abc.abstractmethod
@@ -131,7 +131,7 @@ class Backend(abc.ABC):
     def new_upload(self, path: str) -> Upload:
         """Prepare a write to ``path``; makes no request yet."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Release client sessions."""
 
 
