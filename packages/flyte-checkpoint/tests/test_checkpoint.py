@@ -171,7 +171,7 @@ def test_second_load_returns_the_first_result_without_downloading(tmp_path) -> N
 def test_saving_a_missing_path_raises(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Checkpoint(str(tmp_path / "obj")).save_sync(tmp_path / "nope")
-    with pytest.raises(TypeError, match="pathlib.Path, a str path or bytes"):
+    with pytest.raises(TypeError, match=r"pathlib.Path, a str path or bytes"):
         Checkpoint(str(tmp_path / "obj")).save_sync(12)  # type: ignore[arg-type]
 
 
@@ -222,7 +222,8 @@ def test_hostile_archive_cannot_escape(tmp_path) -> None:
             tar.addfile(info, io.BytesIO(b"evil"))
     (tmp_path / "obj").write_bytes(buf.getvalue())
     cp = Checkpoint(str(tmp_path / "d"), str(tmp_path / "obj"))
-    with pytest.raises(CheckpointLoadError, match=r"member '\.\./\.\./escaped\.txt'.*CF-EXTRACT-02"):
+    with pytest.raises(CheckpointLoadError,
+                       match=r"member '\.\./\.\./escaped\.txt'.*CF-EXTRACT-02"):
         cp.load_sync()
     assert not any(cp.path.iterdir())
     assert not (cp.path.parent.parent / "escaped.txt").exists()
@@ -242,7 +243,8 @@ def test_failed_save_keeps_the_previous_object(tmp_path) -> None:
     Checkpoint(str(dest)).save_sync(b"previous")
     src = _tree(tmp_path / "src")
     os.mkfifo(src / "a-fifo")
-    with pytest.raises(CheckpointSaveError, match=r"previous object is unchanged.*'a-fifo'.*CF-WRITE-05"):
+    with pytest.raises(CheckpointSaveError,
+                       match=r"previous object is unchanged.*'a-fifo'.*CF-WRITE-05"):
         Checkpoint(str(dest)).save_sync(src)
     assert dest.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".obj")) == []

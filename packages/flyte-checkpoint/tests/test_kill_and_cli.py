@@ -32,7 +32,8 @@ def test_sigkill_during_save_leaves_the_previous_object(tmp_path) -> None:
         print("saved", flush=True)
         """
     )
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          text=True) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "saving"
         time.sleep(0.15)
@@ -60,7 +61,8 @@ def test_run_retries_and_passes_locations(tmp_path, capsys) -> None:
         )
     )
     store = tmp_path / "store"
-    assert main(["run", "--retries", "4", "--store", str(store), "--", sys.executable, str(script)]) == 0
+    assert main(["run", "--retries", "4", "--store", str(store), "--",
+                 sys.executable, str(script)]) == 0
     out = capsys.readouterr().out
     assert "attempt 3: succeeded" in out and "attempt 4" not in out
     (final,) = store.glob("run-*/attempt-3/_flytecheckpoints")
@@ -68,7 +70,8 @@ def test_run_retries_and_passes_locations(tmp_path, capsys) -> None:
 
 
 def test_run_reports_exhausted_retries(tmp_path, capsys) -> None:
-    code = main(["run", "--retries", "1", "--store", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(3)"])
+    code = main(["run", "--retries", "1", "--store", str(tmp_path), "--",
+                 sys.executable, "-c", "raise SystemExit(3)"])
     assert code == 3
     assert "all 2 attempts failed" in capsys.readouterr().err
 
@@ -154,7 +157,10 @@ def test_run_skips_attempts_that_saved_nothing(tmp_path, capsys) -> None:
             """
         )
     )
-    assert main(["run", "--retries", "3", "--store", str(tmp_path / "s"), "--", sys.executable, str(script)]) == 0
+    assert main(["run", "--retries", "3", "--store", str(tmp_path / "s"), "--",
+                 sys.executable, str(script)]) == 0
     out = capsys.readouterr().out
     assert "attempt 2: saved no checkpoint; the next attempt resumes from" in out
-    assert "attempt 3: resume from" in out and "attempt-1/_flytecheckpoints" in out.split("attempt 3: resume from")[1].splitlines()[0]
+    assert "attempt 3: resume from" in out and (
+        "attempt-1/_flytecheckpoints" in out.split("attempt 3: resume from")[1].splitlines()[0]
+    )

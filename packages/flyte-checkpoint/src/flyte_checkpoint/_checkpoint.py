@@ -456,7 +456,9 @@ class Checkpoint(BaseCheckpoint):
                     sink = _WriteSink(remote, progress, cancelled)
                     if isinstance(source, pathlib.Path) and source.is_dir():
                         stats = write_tarball(source, sink)
-                        kind, size = f"directory as tarball ({stats.members} members)", stats.file_bytes
+                        kind, size = (
+                            f"directory as tarball ({stats.members} members)", stats.file_bytes
+                        )
                     elif isinstance(source, pathlib.Path):
                         kind, size = "file", _copy_file(source, sink)
                     else:
@@ -468,9 +470,13 @@ class Checkpoint(BaseCheckpoint):
             except _Cancelled:
                 raise
             except Exception as exc:
-                reason = str(exc) if isinstance(exc, CheckpointFormatError) else f"{type(exc).__name__}: {exc}"
+                reason = (
+                    str(exc) if isinstance(exc, CheckpointFormatError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 raise CheckpointSaveError(
-                    f"checkpoint not saved to {uri} (the previous object is unchanged): {reason}", uri
+                    f"checkpoint not saved to {uri} (the previous object is unchanged): {reason}",
+                    uri,
                 ) from exc
             seconds = time.perf_counter() - started
             progress.done()
@@ -683,7 +689,10 @@ def _copy_file(path: pathlib.Path, sink: _WriteSink) -> int:
             sink.write(chunk)
             size += len(chunk)
         after = os.fstat(handle.fileno())
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
+    if (
+        (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+        or size != after.st_size
+    ):
         raise OSError(f"{path} changed while it was being saved; not publishing a torn copy")
     return size
 

@@ -2,8 +2,9 @@
 
 ``run`` plays the platform's part: every attempt of a command gets a fresh checkpoint
 destination and, as its source, the destination of the newest earlier attempt that saved a
-checkpoint, in the environment variables ``FLYTE_CHECKPOINT_PATH`` and ``FLYTE_PREV_CHECKPOINT_PATH`` (plus ``FLYTE_ATTEMPT``),
-which ``flyte.Checkpoint.from_env()`` reads.
+checkpoint, in the environment variables ``FLYTE_CHECKPOINT_PATH`` and
+``FLYTE_PREV_CHECKPOINT_PATH`` (plus ``FLYTE_ATTEMPT``), which ``flyte.Checkpoint.from_env()``
+reads.
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def run_attempts(
         scratch = tempfile.mkdtemp(prefix=f"flyte-checkpoint-attempt{number}-")
         child_env = {**os.environ, **(env or {})}
         child_env.update(
-            {ENV_DEST: destination, ENV_SRC: previous or "", ENV_ATTEMPT: str(number), "TMPDIR": scratch}
+            {
+                ENV_DEST: destination,
+                ENV_SRC: previous or "",
+                ENV_ATTEMPT: str(number),
+                "TMPDIR": scratch,
+            }
         )
         echo(f"attempt {number}: checkpoint -> {destination}")
         if previous:
@@ -74,7 +80,8 @@ def run_attempts(
         if returncode == 0:
             echo(f"attempt {number}: succeeded in {attempt.seconds:.1f} s")
             break
-        echo(f"attempt {number}: failed with exit status {returncode} after {attempt.seconds:.1f} s")
+        echo(f"attempt {number}: failed with exit status {returncode}"
+             f" after {attempt.seconds:.1f} s")
         # The next attempt resumes from the newest checkpoint there is: an attempt that died
         # before saving must not hide its predecessor's (that would restart from scratch).
         if _file(destination).exists_sync():
@@ -99,7 +106,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("flyte-checkpoint run: no command given (usage: run --retries N -- CMD ...)", file=sys.stderr)
+        print("flyte-checkpoint run: no command given (usage: run --retries N -- CMD ...)",
+              file=sys.stderr)
         return 2
     store = args.store or _default_store()
     attempts = run_attempts(command, retries=args.retries, store=store)
@@ -112,13 +120,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
-    return _demo.run_demo(store=args.store, steps=args.steps, every=args.every, kill_at=args.kill_at)
+    return _demo.run_demo(store=args.store, steps=args.steps, every=args.every,
+                          kill_at=args.kill_at)
 
 
 def _cmd_format(args: argparse.Namespace) -> int:
     try:
         with _file(args.uri).open_sync("rb") as remote:
-            return format_cli.run(args.which, args.uri, remote, as_json=getattr(args, "json", False))
+            return format_cli.run(args.which, args.uri, remote,
+                                  as_json=getattr(args, "json", False))
     except FileNotFoundError:
         print(f"flyte-checkpoint {args.which}: no object at {args.uri}", file=sys.stderr)
         return 2
@@ -136,8 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    demo = sub.add_parser("demo", help="train a small model through injected failures, resuming each time")
-    demo.add_argument("--store", help="where checkpoints go: a directory or URI (default: a temp directory)")
+    demo = sub.add_parser(
+        "demo", help="train a small model through injected failures, resuming each time"
+    )
+    demo.add_argument(
+        "--store", help="where checkpoints go: a directory or URI (default: a temp directory)"
+    )
     demo.add_argument("--steps", type=int, default=100)
     demo.add_argument("--every", type=int, default=17, help="checkpoint every N steps")
     demo.add_argument(
@@ -147,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a command with retries, passing checkpoint locations")
     run.add_argument("--retries", type=int, default=3)
-    run.add_argument("--store", help="a directory or URI for checkpoints (default: a temp directory)")
+    run.add_argument(
+        "--store", help="a directory or URI for checkpoints (default: a temp directory)"
+    )
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(func=_cmd_run)
 

@@ -55,12 +55,12 @@ class State:
         loss = 0.0
         for _ in range(BATCH):
             x = [rng.gauss(0, 1) for _ in range(FEATURES)]
-            y = sum(w * xi for w, xi in zip(self.true_weights, x)) + rng.gauss(0, 0.1)
-            err = sum(w * xi for w, xi in zip(self.weights, x)) - y
+            y = sum(w * xi for w, xi in zip(self.true_weights, x, strict=True)) + rng.gauss(0, 0.1)
+            err = sum(w * xi for w, xi in zip(self.weights, x, strict=True)) - y
             loss += err * err / BATCH
             for i in range(FEATURES):
                 grad[i] += 2 * err * x[i] / BATCH
-        self.weights = [w - LEARNING_RATE * g for w, g in zip(self.weights, grad)]
+        self.weights = [w - LEARNING_RATE * g for w, g in zip(self.weights, grad, strict=True)]
         for _ in range(TOUCHED_PER_STEP):
             self.embeddings[rng.randrange(EMBEDDINGS)] += rng.gauss(0, 0.01)
         self.step += 1

@@ -49,7 +49,9 @@ class Progress:
         amount = f"{self._done / 1e6:,.1f} MB"
         if self._total:
             amount += f" / {self._total / 1e6:,.1f} MB ({100 * self._done / self._total:.0f}%)"
-        sys.stderr.write(f"\r\x1b[2Kcheckpoint {self._verb}: {amount} at {rate:,.0f} MB/s  {self._uri}")
+        sys.stderr.write(
+            f"\r\x1b[2Kcheckpoint {self._verb}: {amount} at {rate:,.0f} MB/s  {self._uri}"
+        )
         sys.stderr.flush()
         self._drawn = True
 
