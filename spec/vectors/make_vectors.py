@@ -84,10 +84,7 @@ def with_checksum(block: bytes | bytearray, style: str = "octal") -> bytes:
     """Recompute a block's checksum: ``octal`` (unsigned sum), ``signed`` or ``base256``."""
     block = bytearray(block)
     block[148:156] = b" " * 8
-    if style == "signed":
-        value = sum(struct.unpack("512b", bytes(block)))
-    else:
-        value = sum(block)
+    value = sum(struct.unpack("512b", bytes(block))) if style == "signed" else sum(block)
     if style == "base256":
         block[148:156] = b"\x80" + value.to_bytes(7, "big")
     else:
@@ -272,10 +269,12 @@ def upstream_sdk(spec: list[tuple]) -> bytes:
         sink = io.BytesIO()
         # tarfile's "w:gz" stamps the current time into the gzip header; the same GzipFile
         # with MTIME 0 is otherwise byte-for-byte what it writes.
-        with gzip.GzipFile("checkpoint.tar.gz", "wb", 9, sink, mtime=0) as gzf:
-            with tarfile.open(fileobj=gzf, mode="w") as tar:
-                for child in sorted(root.iterdir()):
-                    tar.add(child, arcname=child.name, filter=_anonymous)
+        with (
+            gzip.GzipFile("checkpoint.tar.gz", "wb", 9, sink, mtime=0) as gzf,
+            tarfile.open(fileobj=gzf, mode="w") as tar,
+        ):
+            for child in sorted(root.iterdir()):
+                tar.add(child, arcname=child.name, filter=_anonymous)
         return sink.getvalue()
 
 
@@ -413,7 +412,8 @@ def detect_vectors(v: Vectors) -> None:
           tarball(F("base256.txt", HELLO)))
     spaced = bytearray(header("spaced.txt", size=len(HELLO)))
     spaced[148:156] = b" " * 8
-    spaced[148:156] = b"  %04o\0 " % sum(spaced) if sum(spaced) < 0o10000 else b" %05o\0 " % sum(spaced)
+    spaced[148:156] = (b"  %04o\0 " % sum(spaced) if sum(spaced) < 0o10000
+                       else b" %05o\0 " % sum(spaced))
     v.add("detect", "spaced-checksum.tar", legacy(bytes(spaced) + HELLO + padding(len(HELLO))),
           "CF-DETECT-03", "octal checksum with leading spaces", tarball(F("spaced.txt", HELLO)))
     bad_sum = bytearray(header("bad.txt", size=len(HELLO)))
@@ -447,7 +447,8 @@ def raw_vectors(v: Vectors) -> None:
 
 def mark_vectors(v: Vectors) -> None:
     body = file_member("model.bin", HELLO)
-    v.add("mark", "marker-1.0.tar.gz", gz(marker("1.0", ("FLYTECKPT.writer", "vectors 1")) + body + END),
+    v.add("mark", "marker-1.0.tar.gz",
+          gz(marker("1.0", ("FLYTECKPT.writer", "vectors 1")) + body + END),
           "CF-MARK-01", "marked v1.0 tarball with a writer record", tarball(F("model.bin", HELLO)))
     v.add("mark", "marker-1.7.tar.gz", gz(marker("1.7") + body + END), "CF-MARK-02",
           "a greater minor version is read", tarball(F("model.bin", HELLO)))
@@ -569,7 +570,8 @@ def extract_vectors(v: Vectors) -> None:
     for flag, label in ((b"3", "chardev"), (b"4", "blockdev"), (b"6", "fifo"),
                         (b"S", "gnu-sparse"), (b"Z", "unknown-type")):
         add(f"type-{label}.tar.gz", "CF-EXTRACT-05", f"member of type {flag.decode()!r} refused",
-            marked(ok, header(f"node-{label}", flag)), error(UNSAFE, "CF-EXTRACT-05", f"node-{label}"))
+            marked(ok, header(f"node-{label}", flag)),
+            error(UNSAFE, "CF-EXTRACT-05", f"node-{label}"))
     add("pax-gnu-sparse.tar.gz", "CF-EXTRACT-05",
         "pax-format GNU sparse file (GNU.sparse.* records) refused",
         marked(file_member("sparse.bin", HELLO, records=(
@@ -803,7 +805,7 @@ def integ_vectors(v: Vectors) -> None:
         good + bytes(64), expect_ok)
 
     # CF-WRITE-11 / CF-INTEG-06: the member-size record of our writer's gzip members.
-    members = [multi[start:end] for start, end in zip([0, *ends], ends)]
+    members = [multi[start:end] for start, end in zip([0, *ends], ends, strict=False)]
     assert all(member[3] & 0x04 and member[12:14] == b"FK" for member in members)
     expect_multi = tarball(F("a.bin", payload), F("b.txt", HELLO))
 
@@ -818,7 +820,7 @@ def integ_vectors(v: Vectors) -> None:
         return bytes(patched)
 
     def swap(index: int, member: bytes) -> bytes:
-        return b"".join(members[:index] + [member] + members[index + 1:])
+        return b"".join([*members[:index], member, *members[index + 1:]])
 
     middle = len(members) // 2
     length, inflated = struct.unpack_from("<QQ", members[middle], 16)
@@ -942,7 +944,8 @@ def generate(out: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=HERE, help="output directory (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=HERE,
+                        help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
     index = generate(args.out)
     print(f"wrote {len(index)} vectors to {args.out}", file=sys.stderr)
