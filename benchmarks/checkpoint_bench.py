@@ -527,14 +527,15 @@ def targets(rows: list[Row]) -> list[str]:
             value = ratio(workload, store, op)
             if value is not None:
                 out.append(
-                    f"{'PASS' if value >= goal else 'MISS'}  {store}: {label} {value:.1f}x (target >= {goal}x)"
+                    f"{'PASS' if value >= goal else 'MISS'}  {store}: {label} {value:.1f}x"
+                    f" (target >= {goal}x)"
                 )
         ours = [r for r in rows if r.impl == "ours" and r.store == store]
         worst = max(ours, key=lambda r: r.rss_growth)
         out.append(
-            f"{'PASS' if worst.rss_growth < 200 * MiB else 'MISS'}  {store}: peak RSS growth during an"
-            f" operation {worst.rss_growth / MiB:.0f} MiB ({worst.workload} {worst.op}; target < 200 MiB;"
-            " a bytes save also holds the payload itself)"
+            f"{'PASS' if worst.rss_growth < 200 * MiB else 'MISS'}  {store}: peak RSS growth"
+            f" during an operation {worst.rss_growth / MiB:.0f} MiB ({worst.workload} {worst.op};"
+            " target < 200 MiB; a bytes save also holds the payload itself)"
         )
         temp = max(r.temp_disk for r in ours)
         out.append(
@@ -566,7 +567,7 @@ def chart(rows: list[Row], path: Path) -> None:
             xs = range(len(names))
             ax.bar([x - 0.2 for x in xs], up, 0.4, label="upstream flyte", color="#b0b0b0")
             ax.bar([x + 0.2 for x in xs], ours, 0.4, label="flyte-checkpoint", color="#2a7ab0")
-            for x, (u, o) in enumerate(zip(up, ours)):
+            for x, (u, o) in enumerate(zip(up, ours, strict=True)):
                 ax.text(x + 0.2, o, f"{o / u:.1f}x", ha="center", va="bottom", fontsize=8)
             ax.set_xticks(list(xs), names, rotation=15, fontsize=8)
             ax.set_ylabel("MB/s (payload bytes)")

@@ -30,9 +30,10 @@ _EMULATORS = Path(__file__).resolve().parents[1] / "packages" / "checkpoint-io" 
 if str(_EMULATORS) not in sys.path:
     sys.path.insert(0, str(_EMULATORS))
 
-from checkpoint_io._loop import run_sync
-from checkpoint_io._registry import close_backends
-from checkpoint_io_emulators import (
+# Imported after the sys.path insertion above, which makes checkpoint_io_emulators importable.
+from checkpoint_io._loop import run_sync  # noqa: E402
+from checkpoint_io._registry import close_backends  # noqa: E402
+from checkpoint_io_emulators import (  # noqa: E402
     INSTALL_HINT,
     Azurite,
     EmulatorMissing,
@@ -40,7 +41,7 @@ from checkpoint_io_emulators import (
     MotoS3,
     notify_through_pytest,
 )
-from flyte_checkpoint import Checkpoint
+from flyte_checkpoint import Checkpoint  # noqa: E402
 
 MiB = 1 << 20
 REMOTE = ("s3", "gcs", "azure")

@@ -207,7 +207,9 @@ def _snapshot(root: Path, skip: Path) -> dict[str, tuple]:
             digest = None
             if stat.S_ISREG(st.st_mode):
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            entries[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), st.st_size, digest)
+            entries[path.relative_to(root).as_posix()] = (
+                stat.S_IFMT(st.st_mode), st.st_size, digest
+            )
     return entries
 
 
