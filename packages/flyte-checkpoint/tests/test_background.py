@@ -34,6 +34,29 @@ def own_tempdir(tmp_path, monkeypatch):
     return scratch
 
 
+@pytest.fixture
+def release_once_logged(caplog):
+    """``arm(gate, text)``: release held uploads when the helper logs ``text``, i.e. once the
+    caller is waiting for the upload in flight. (A timer could fire, and the upload end,
+    before a slow caller gets there: then nothing waits and nothing is logged.)"""
+    logger = logging.getLogger("flyte_checkpoint")
+    caplog.set_level(logging.INFO, logger="flyte_checkpoint")  # the line must be emitted
+    armed: list[logging.Handler] = []
+
+    def arm(gate, text: str) -> None:
+        class Release(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if text in record.getMessage():
+                    gate.set()
+
+        armed.append(Release())
+        logger.addHandler(armed[-1])
+
+    yield arm
+    for handler in armed:
+        logger.removeHandler(handler)
+
+
 def _tree(root: pathlib.Path, tag: bytes) -> pathlib.Path:
     (root / "shards").mkdir(parents=True, exist_ok=True)
     (root / "shards" / "0.bin").write_bytes(tag * 100_000)
@@ -148,12 +171,12 @@ def test_close_raises_a_failure_nothing_raised_yet(tmp_path):
     checkpoint.close()  # raised once
 
 
-def test_saves_stay_ordered_one_in_flight(tmp_path, caplog):
+def test_saves_stay_ordered_one_in_flight(tmp_path, caplog, release_once_logged):
     dest = tmp_path / "store" / "ckpt"
     checkpoint = Checkpoint(str(dest))
     gate = _hold_uploads(checkpoint)
     first = checkpoint.save_sync(b"first", wait=False)
-    threading_gate_release_later(gate)
+    release_once_logged(gate, "a new save waits for the background save")
     with caplog.at_level(logging.INFO, logger="flyte_checkpoint"):
         second = checkpoint.save_sync(b"second", wait=False)  # waits for the first
     assert first.done()
@@ -163,24 +186,26 @@ def test_saves_stay_ordered_one_in_flight(tmp_path, caplog):
     assert dest.read_bytes() == b"second"
 
 
-def test_a_blocking_save_waits_for_the_background_one(tmp_path):
+def test_a_blocking_save_waits_for_the_background_one(tmp_path, caplog,
+                                                      release_once_logged):
     dest = tmp_path / "store" / "ckpt"
     with Checkpoint(str(dest)) as checkpoint:
         gate = _hold_uploads(checkpoint)
         background = checkpoint.save_sync(b"background", wait=False)
-        threading_gate_release_later(gate)
-        checkpoint.save_sync(b"blocking")
+        release_once_logged(gate, "a new save waits for the background save")
+        checkpoint.save_sync(b"blocking")  # releases the upload once it waits for it
         assert background.done()
+        assert "a new save waits for the background save" in caplog.text
     assert dest.read_bytes() == b"blocking"
 
 
-def test_close_and_context_exit_wait_and_say_so(tmp_path, caplog):
+def test_close_and_context_exit_wait_and_say_so(tmp_path, caplog, release_once_logged):
     dest = tmp_path / "store" / "ckpt"
     with caplog.at_level(logging.INFO, logger="flyte_checkpoint"):
         with Checkpoint(str(dest)) as checkpoint:
             gate = _hold_uploads(checkpoint)
             future = checkpoint.save_sync(b"payload", wait=False)
-            threading_gate_release_later(gate)
+            release_once_logged(gate, "close() waits for the background save to")
         assert future.done() and dest.read_bytes() == b"payload"
     assert "close() waits for the background save to" in caplog.text
 
@@ -340,12 +365,6 @@ def _hold_uploads(checkpoint: Checkpoint):
 
     checkpoint._save_blocking = held
     return gate
-
-
-def threading_gate_release_later(gate, seconds: float = 0.3) -> None:
-    import threading
-
-    threading.Timer(seconds, gate.set).start()
 
 
 def test_the_upload_gives_way_to_the_training_loop(tmp_path):
