@@ -86,9 +86,29 @@ def test_flush_publishes_the_newest_state(tmp_path):
     mirror = DirectoryMirror(checkpoint)
     for step in range(1, 6):
         _write(work, step)
+        mirror.note_save()  # as the callbacks do when the framework saves
         mirror.offer(work)
     mirror.flush()
     with open(remote, "rb") as stream:
         restore(stream, tmp_path / "restored")
     assert (tmp_path / "restored" / "model.bin").read_bytes() == b"step 5"
     checkpoint.close()
+
+
+def test_a_noted_save_is_uploaded_even_when_the_fingerprint_looks_the_same(tmp_path,
+                                                                          monkeypatch):
+    """A replaced file can match the old one in every field (a reused inode number, a time
+    stamped in the same clock tick): a save the framework reported is uploaded anyway."""
+    uploads, work = HeldUploads(), tmp_path / "ckpt"
+    uploads.hold = False
+    mirror = DirectoryMirror(uploads)
+    _write(work, 1)
+    monkeypatch.setattr("flyte_checkpoint.integrations._mirror._fingerprint",
+                        lambda directory: (("model.bin", 6, 1, 7),))  # a look-alike
+    assert mirror.offer(work) is True
+    _write(work, 2)
+    assert mirror.offer(work) is False  # nothing says it changed
+    mirror.note_save()
+    assert mirror.offer(work) is True
+    assert mirror.offer(work) is False  # the note is spent
+    assert [files["model.bin"] for files, _ in uploads.saves] == [b"step 1", b"step 2"]

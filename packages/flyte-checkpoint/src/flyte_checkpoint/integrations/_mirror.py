@@ -44,7 +44,19 @@ class DirectoryMirror:
         self._in_flight: Future[None] | None = None
         self._uploaded: dict[pathlib.Path, tuple] = {}
         self._offered: pathlib.Path | None = None
+        self._saved_since = False  # note_save() since the last upload started
         self.saves = 0
+
+    def note_save(self) -> None:
+        """Say that the framework saved: the next :meth:`offer` uploads even when the
+        directory's fingerprint looks unchanged.
+
+        A fingerprint can miss a save. A file replaced by rename gets a new inode, but once
+        the last upload's snapshot link is gone the old inode's number is free for the next
+        new file; where the kernel stamps file times once per clock tick, a same-size file
+        written in the same tick as the one it replaces then matches in every field.
+        """
+        self._saved_since = True
 
     def offer(self, directory: pathlib.Path | str | None) -> bool:
         """Start a background save of ``directory`` if it changed since the last one and no
@@ -56,8 +68,9 @@ class DirectoryMirror:
             return False
         self._wait()  # done: a failure surfaces here, in the training loop
         state = _fingerprint(directory)
-        if not state or state == self._uploaded.get(directory):
+        if not state or (state == self._uploaded.get(directory) and not self._saved_since):
             return False
+        self._saved_since = False
         self._in_flight = self.checkpoint.save_sync(directory, wait=False)
         self._uploaded[directory] = state
         self.saves += 1

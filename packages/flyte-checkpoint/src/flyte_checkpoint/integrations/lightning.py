@@ -96,6 +96,11 @@ class FlyteCheckpointCallback(Callback):
         if trainer.is_global_zero:
             self._mirror.offer(self._directory(trainer))
 
+    def on_save_checkpoint(self, trainer: Any, *args: Any) -> None:
+        # Called while the checkpoint is assembled, before its file is written: the upload
+        # starts at the next boundary, and is not skipped for a look-alike fingerprint.
+        self._mirror.note_save()
+
     def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
         self._offer(trainer)
 

@@ -80,6 +80,7 @@ class FlyteCheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self._newest = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._mirror.note_save()
             self._offer()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
