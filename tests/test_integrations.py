@@ -42,6 +42,15 @@ def test_lightning_callback_resumes_killed_attempts(task_venv, tmp_path):
     assert killed["uploads"] >= 1
 
 
+def test_lightning_callback_uploads_the_newest_save_when_training_fails(task_venv, tmp_path):
+    # Uploads held 3 s in flight, so the epoch-2 save (step 16) still waits behind the
+    # epoch-1 upload when the error at step 19 ends the attempt; on_exception uploads it.
+    starts, result = _run(task_venv, tmp_path / "raised", "lightning_integration.py", [19],
+                          fail="raise", slow_uploads=3)
+    assert starts == [0, 16]
+    assert result["step"] == 32
+
+
 def test_transformers_callback_resumes_killed_attempts(task_venv, tmp_path):
     # save_steps=4 with save_total_limit=2: killed at steps 6 and 19.
     starts, killed = _run(task_venv, tmp_path / "killed", "hf_integration.py", [6, 19])

@@ -3,17 +3,21 @@ each attempt is a process of its own, killed with SIGKILL where the plan says, a
 resumes from what the callback uploaded in the background.
 
 Arguments (JSON): ``plan`` (the failure plan file), ``log`` (a JSON-lines file each attempt
-appends to), ``out`` (the last attempt's result), ``epochs``.
+appends to), ``out`` (the last attempt's result), ``epochs``, ``fail`` ("kill", the default,
+or "raise": an exception instead of SIGKILL), ``slow_uploads`` (seconds each upload is held
+in flight).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import signal
 import sys
 import tempfile
+import threading
 
 import lightning as L
 import torch
@@ -46,15 +50,33 @@ def kill_if_planned(step: int, mirror) -> None:
     if step in steps:
         steps.remove(step)
         plan.write_text(json.dumps(steps))
+        if ARGS.get("fail") == "raise":  # the callback's on_exception uploads the newest
+            raise RuntimeError(f"planned failure at step {step}")
         # Upload the newest save first, so that the resume point is the same however slow
         # the uploads run (a kill during an upload is tested on its own).
         mirror.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def slow_uploads(mirror, seconds: float) -> None:
+    """Each background upload is reported done ``seconds`` after it really is, as on a slow
+    store: a newer save is then still waiting its turn when training fails."""
+    save_sync = mirror.checkpoint.save_sync
+
+    def slow(data, *, wait=True):
+        future = save_sync(data, wait=wait)
+        later = concurrent.futures.Future()
+        threading.Timer(seconds, lambda: later.set_result(future.result())).start()
+        return later
+
+    mirror.checkpoint.save_sync = slow
+
+
 def main() -> None:
     mirror = FlyteCheckpointCallback()
     resume = mirror.resume_path()
+    if ARGS.get("slow_uploads"):
+        slow_uploads(mirror, ARGS["slow_uploads"])
     work = pathlib.Path(tempfile.mkdtemp(prefix="lightning-"))
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "ckpts", save_last=True,
                                                 save_top_k=1, every_n_epochs=1)

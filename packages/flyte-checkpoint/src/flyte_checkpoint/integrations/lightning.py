@@ -17,6 +17,7 @@ background save never sees a half-written file, and the loop waits only for that
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -36,6 +37,8 @@ except ImportError:  # the standalone package
 
 __all__ = ["FlyteCheckpointCallback"]
 
+logger = logging.getLogger("flyte_checkpoint")
+
 
 class FlyteCheckpointCallback(Callback):
     """Upload the ``ModelCheckpoint`` directory after each save, without blocking training.
@@ -50,8 +53,9 @@ class FlyteCheckpointCallback(Callback):
     every other callback) and uploaded in the background, one at a time: while one upload
     runs, newer saves wait for it to end and only the newest is uploaded. When training
     ends, the callback waits for the last upload, so a finished task has published its
-    final checkpoint. A failed upload raises :class:`CheckpointSaveError` at the next
-    boundary.
+    final checkpoint; when it stops on an exception (SIGTERM included), it uploads the
+    newest checkpoint before the exception goes on. A failed upload raises
+    :class:`CheckpointSaveError` at the next boundary.
     """
 
     def __init__(self, checkpoint: Checkpoint | None = None, *,
@@ -113,3 +117,16 @@ class FlyteCheckpointCallback(Callback):
     def on_train_end(self, trainer: Any, *args: Any) -> None:
         if trainer.is_global_zero:
             self._mirror.finish(self._directory(trainer))
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """The attempt is ending (an error, Ctrl-C, or SIGTERM, which Lightning raises in the
+        loop): upload the newest checkpoint first, so the retry resumes from it rather than
+        from the one before. A failed upload is logged, not raised: it must not hide the
+        exception that ended training."""
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._mirror.flush()
+        except Exception as failure:
+            logger.error("flyte-checkpoint: the newest checkpoint was not uploaded while"
+                         " training stopped on %s: %s", type(exception).__name__, failure)
