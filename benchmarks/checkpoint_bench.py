@@ -8,6 +8,7 @@ space of the temporary-file system to find the peak temporary disk beyond what t
 leaves behind (the saved object on a local store, the restored tree after a load).
 
     python benchmarks/checkpoint_bench.py                 # everything, file:// and S3 (moto)
+    python benchmarks/checkpoint_bench.py --s3-server s3rver   # S3 on s3rver instead
     python benchmarks/checkpoint_bench.py --quick         # small sizes, a smoke run
     python benchmarks/checkpoint_bench.py --chart docs/benchmark.png --json out.json
     python benchmarks/checkpoint_bench.py --stores file --transfers all   # + transfer_bench.py
@@ -108,7 +109,7 @@ class Row:
     peak_rss: int
     rss_growth: int
     temp_disk: int
-    #: CPU seconds the storage server (moto) used during the operation, on the same cores.
+    #: CPU seconds the S3 server used during the operation, on the same cores.
     server_cpu: float = 0.0
     #: CPU seconds of the measured process itself during the operation (all its threads).
     cpu_user: float = 0.0
@@ -385,6 +386,16 @@ def _discard(tree: Path, files: int, trash: Path) -> None:
         shutil.rmtree(tree, ignore_errors=True)
 
 
+def _s3_server(kind: str):
+    """moto, or s3rver (npm, installed on first use), whose ranged GETs cost only their
+    range: moto reads the whole object for each one, which parallel ranged loads pay for."""
+    if kind == "s3rver":
+        from transfer_bench import S3rver
+
+        return S3rver()
+    return Moto()
+
+
 def bench(args: argparse.Namespace) -> list[Row]:
     upstream_python = str(UPSTREAM_VENV / "bin" / "python")
     if not Path(upstream_python).exists():
@@ -392,14 +403,14 @@ def bench(args: argparse.Namespace) -> list[Row]:
     work = Path(args.workdir)
     workloads = make_workloads(work / "data", args.scale)
     stores = ["file"] + (["s3"] if "s3" in args.stores else [])
-    moto = Moto() if "s3" in stores else None
+    server = _s3_server(args.s3_server) if "s3" in stores else None
     rows: list[Row] = []
     impls = {"upstream": upstream_python, "ours": sys.executable}
     trash = work / "trash"
     shutil.rmtree(trash, ignore_errors=True)
     try:
         for store in stores:
-            env = moto.env() if (store == "s3" and moto) else {}
+            env = server.env() if (store == "s3" and server) else {}
             for wi, (name, (data, as_bytes, size)) in enumerate(workloads.items()):
                 for op in ("save", "load"):
                     best: dict[str, Row] = {}
@@ -432,7 +443,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
                             shutil.rmtree(local_store, ignore_errors=True)
                         r = run_child(
                             python, child_args, env, work / "tmp", local_store, trash,
-                            moto.proc.pid if (store == "s3" and moto) else None,
+                            server.proc.pid if (store == "s3" and server) else None,
                         )
                         row = Row(
                             name,
@@ -459,8 +470,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
                         best[impl] = _better(best.get(impl), row)
                     rows.extend(best.values())
     finally:
-        if moto:
-            moto.stop()
+        if server:
+            server.stop()
         shutil.rmtree(trash, ignore_errors=True)
     return rows
 
@@ -594,6 +605,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1/16 of the sizes: a smoke run")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--stores", default="file,s3", help="comma list: file, s3")
+    parser.add_argument("--s3-server", choices=("moto", "s3rver"), default="moto",
+                        help="the S3 server on loopback (s3rver needs npm; default moto)")
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "flyte-checkpoint-bench")
     )
