@@ -36,7 +36,7 @@ from checkpoint_io._loop import io_loop
 
 from ._progress import Progress
 from ._snapshot import Snapshot, capture
-from ._storage import flyte_storage_options
+from ._storage import file_for, storage_options_for
 
 __all__ = [
     "ENV_DEST",
@@ -291,16 +291,11 @@ class Checkpoint(BaseCheckpoint):
         return await _in_thread(self._load_blocking)
 
     def _options(self, uri: str) -> dict[str, Any]:
-        """The store's options: what upstream's storage settings give (read at each use, as
-        upstream does), with the ``storage_options`` given to the constructor over them."""
-        return {**flyte_storage_options(uri), **(self._storage_options or {})}
+        """The store's options: upstream's storage settings, ``storage_options`` over them."""
+        return storage_options_for(uri, self._storage_options)
 
     def _file(self, uri: str) -> File:
-        file = File(path=uri)
-        options = self._options(uri)
-        if options:
-            file = file.with_options(storage_options=options)
-        return file
+        return file_for(uri, self._storage_options)
 
     def _objects_under(self, uri: str) -> list[str]:
         """What an object store lists under ``uri`` taken as a prefix (one request, made

@@ -20,11 +20,11 @@ import time
 import uuid
 
 from checkpoint_format import cli as format_cli
-from checkpoint_io import File, MissingBackendError
+from checkpoint_io import MissingBackendError
 
 from . import __version__
 from ._checkpoint import ENV_DEST, ENV_SRC
-from ._storage import flyte_storage_options
+from ._storage import file_for
 
 ENV_ATTEMPT = "FLYTE_ATTEMPT"
 OBJECT_NAME = "_flytecheckpoints"
@@ -84,17 +84,11 @@ def run_attempts(
              f" after {attempt.seconds:.1f} s")
         # The next attempt resumes from the newest checkpoint there is: an attempt that died
         # before saving must not hide its predecessor's (that would restart from scratch).
-        if _file(destination).exists_sync():
+        if file_for(destination).exists_sync():
             previous = destination
         elif previous:
             echo(f"attempt {number}: saved no checkpoint; the next attempt resumes from {previous}")
     return attempts
-
-
-def _file(uri: str) -> File:
-    """``uri`` on the store upstream's settings point at (as :class:`Checkpoint` does)."""
-    options = flyte_storage_options(uri)
-    return File(path=uri).with_options(storage_options=options) if options else File(path=uri)
 
 
 def _default_store() -> str:
@@ -126,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_format(args: argparse.Namespace) -> int:
     try:
-        with _file(args.uri).open_sync("rb") as remote:
+        with file_for(args.uri).open_sync("rb") as remote:
             return format_cli.run(args.which, args.uri, remote,
                                   as_json=getattr(args, "json", False))
     except FileNotFoundError:

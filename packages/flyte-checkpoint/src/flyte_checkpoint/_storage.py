@@ -15,9 +15,9 @@ import os
 import sys
 from typing import Any
 
-from checkpoint_io import scheme_of
+from checkpoint_io import File, scheme_of
 
-__all__ = ["flyte_storage_options"]
+__all__ = ["file_for", "flyte_storage_options", "storage_options_for"]
 
 #: The environment variables upstream reads for each field (``S3.auto()``, ``ABFS.auto()``).
 _S3_ENV = {
@@ -46,6 +46,18 @@ def flyte_storage_options(uri: str, environ: dict[str, str] | None = None) -> di
         return {key: value for key, value in _settings("ABFS", _AZURE_ENV, environ).items()
                 if value}
     return {}
+
+
+def storage_options_for(uri: str, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What reaches ``uri``'s store: upstream's settings (read at each use, as upstream
+    does), with ``explicit`` options over them."""
+    return {**flyte_storage_options(uri), **(explicit or {})}
+
+
+def file_for(uri: str, explicit: dict[str, Any] | None = None) -> File:
+    """A :class:`~checkpoint_io.File` for ``uri`` with :func:`storage_options_for`."""
+    options = storage_options_for(uri, explicit)
+    return File(path=uri).with_options(storage_options=options) if options else File(path=uri)
 
 
 def _settings(kind: str, variables: dict[str, str],
