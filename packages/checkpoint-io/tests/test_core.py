@@ -252,3 +252,28 @@ class TestExtras:
         fs.pipe_file("memory://helper/x", b"1")
         assert fs.cat_file("memory://helper/x") == b"1"
         assert filesystem(str(tmp_path)).exists(str(tmp_path))
+
+
+@pytest.mark.parametrize("variable, attribute", [
+    ("CHECKPOINT_IO_CONCURRENCY", "concurrency"),
+    ("CHECKPOINT_IO_READ_CONCURRENCY", "read_concurrency"),
+])
+def test_widths_from_the_environment(monkeypatch, variable, attribute):
+    from checkpoint_io._memory import MemoryBackend
+    from checkpoint_io._stream import Transfer
+
+    def transfer(**explicit):
+        return Transfer(MemoryBackend({}), "b/k", "memory://b/k", RetryPolicy(), None,
+                        explicit.get("concurrency"),
+                        read_concurrency=explicit.get("read_concurrency"))
+
+    default = getattr(transfer(), attribute)
+    monkeypatch.setenv(variable, " 3 ")
+    assert getattr(transfer(), attribute) == 3
+    assert getattr(transfer(**{attribute: 5}), attribute) == 5  # an explicit width wins
+    monkeypatch.setenv(variable, "")
+    assert getattr(transfer(), attribute) == default
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(ValueError, match=rf"{variable}='{bad}': expected a whole number"):
+            transfer()

@@ -31,7 +31,7 @@ _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline
                             attempt_timeout=10.0)
 
 
-def _env_width(name: str = "CHECKPOINT_IO_READ_CONCURRENCY") -> int | None:
+def _env_width(name: str) -> int | None:
     """A width from the environment, for every store:
 
     - ``CHECKPOINT_IO_READ_CONCURRENCY``: ranged GETs per streaming read (1 reads with one
@@ -62,7 +62,8 @@ class Transfer:
         self.concurrency = max(1, concurrency or _env_width("CHECKPOINT_IO_CONCURRENCY")
                                or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
-        self.read_concurrency = max(1, read_concurrency or _env_width()
+        self.read_concurrency = max(1, read_concurrency
+                                    or _env_width("CHECKPOINT_IO_READ_CONCURRENCY")
                                     or backend.read_concurrency)
         # Whole blocks, so each range hands out whole blocks like one long GET does.
         self.read_range = max(backend.read_range // backend.read_block, 1) * backend.read_block
