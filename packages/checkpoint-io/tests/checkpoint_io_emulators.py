@@ -475,7 +475,6 @@ class FaultProxy:
                         proxy.gets.append(self.headers.get("Range")
                                           or self.headers.get("x-ms-range"))
                         if proxy._cuts_left > 0:
-                            proxy._cuts_left -= 1
                             cut_at = proxy._cut_at
                         if proxy._misranges_left > 0:
                             skip = proxy._misrange_skip
@@ -499,8 +498,13 @@ class FaultProxy:
                                 proxy.misranged += 1
                                 out, payload = falsified
                     if cut_at is not None and response.status < 300 and len(payload) > cut_at:
-                        self._send_cut(response.status, out, payload, cut_at)
-                        return
+                        with proxy._lock:  # counted only for bodies long enough to cut
+                            cutting = proxy._cuts_left > 0
+                            if cutting:
+                                proxy._cuts_left -= 1
+                        if cutting:
+                            self._send_cut(response.status, out, payload, cut_at)
+                            return
                     self._send(response.status, out, payload, length)
                 finally:
                     upstream.close()
@@ -554,8 +558,10 @@ class FaultProxy:
             self.failures_left = count
 
     def cut_next_bodies(self, count: int, after: int, on_cut=None) -> None:
-        """Cut the body of the next ``count`` successful GETs after ``after`` bytes (the
-        headers still promise all of it), calling ``on_cut()`` just before dropping."""
+        """Cut the body of the next ``count`` successful GETs longer than ``after`` bytes
+        after ``after`` bytes (the headers still promise all of it), calling ``on_cut()``
+        just before dropping. Shorter answers (metadata, small ranges) pass untouched and
+        do not count."""
         with self._lock:
             self._cuts_left, self._cut_at, self._on_cut = count, after, on_cut
 
