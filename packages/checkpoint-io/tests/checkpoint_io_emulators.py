@@ -374,10 +374,34 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                "proxy-connection", "content-length"}
 
 
+def _skip_into_range(headers: list[tuple[str, str]], payload: bytes,
+                     skip: int) -> tuple[list[tuple[str, str]], bytes] | None:
+    """A 206 answer for bytes ``first+skip``-``last`` made from the answer for
+    ``first``-``last``; ``None`` when the range is too short to lie about."""
+    for key, value in headers:
+        if key.lower() == "content-range":
+            first, last, total = _parse_content_range(value)
+            break
+    else:
+        return None
+    if skip <= 0 or skip >= len(payload):
+        return None
+    label = f"bytes {first + skip}-{last}/{total}"
+    out = [(k, label if k.lower() == "content-range" else v) for k, v in headers]
+    return out, payload[skip:]
+
+
+def _parse_content_range(value: str) -> tuple[int, int, str]:
+    span, _, total = value.removeprefix("bytes ").partition("/")
+    first, _, last = span.partition("-")
+    return int(first), int(last), total
+
+
 class FaultProxy:
     """Forwards HTTP to ``upstream``; can answer the first N requests with an error, stop
-    dead (refusing and dropping connections) once N requests have gone through, or cut
-    the body of the next GET responses short (see :meth:`cut_next_bodies`)."""
+    dead (refusing and dropping connections) once N requests have gone through, cut
+    the body of the next GET responses short (see :meth:`cut_next_bodies`), or answer
+    the next ranged GETs with other bytes than asked (see :meth:`misrange_next`)."""
 
     def __init__(self, upstream_port: int, flavor: str) -> None:
         self.upstream_port = upstream_port
@@ -389,6 +413,10 @@ class FaultProxy:
         self._cuts_left = 0
         self._cut_at = 0
         self._on_cut = None
+        self._misranges_left = 0
+        self._misrange_skip = 0
+        #: How many ranged answers were falsified so far.
+        self.misranged = 0
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         proxy = self
@@ -440,14 +468,16 @@ class FaultProxy:
                     self._send(*proxy.error_response())
                     return
                 cut_at = None
+                skip = None
                 if self.command == "GET":
                     with proxy._lock:
                         # Azure names it x-ms-range.
                         proxy.gets.append(self.headers.get("Range")
                                           or self.headers.get("x-ms-range"))
                         if proxy._cuts_left > 0:
-                            proxy._cuts_left -= 1
                             cut_at = proxy._cut_at
+                        if proxy._misranges_left > 0:
+                            skip = proxy._misrange_skip
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port,
                                                       timeout=120)
                 try:
@@ -460,9 +490,21 @@ class FaultProxy:
                            if k.lower() not in _HOP_BY_HOP]
                     length = (response.getheader("Content-Length")
                               if self.command == "HEAD" else None)
+                    if skip is not None and response.status == 206:
+                        falsified = _skip_into_range(out, payload, skip)
+                        with proxy._lock:  # counted only for answers actually falsified
+                            if falsified is not None and proxy._misranges_left > 0:
+                                proxy._misranges_left -= 1
+                                proxy.misranged += 1
+                                out, payload = falsified
                     if cut_at is not None and response.status < 300 and len(payload) > cut_at:
-                        self._send_cut(response.status, out, payload, cut_at)
-                        return
+                        with proxy._lock:  # counted only for bodies long enough to cut
+                            cutting = proxy._cuts_left > 0
+                            if cutting:
+                                proxy._cuts_left -= 1
+                        if cutting:
+                            self._send_cut(response.status, out, payload, cut_at)
+                            return
                     self._send(response.status, out, payload, length)
                 finally:
                     upstream.close()
@@ -476,7 +518,9 @@ class FaultProxy:
                 self.send_header("Content-Length", length or str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(payload)
+                    # A client that refused the answer (say, a falsified range) hangs up.
+                    with contextlib.suppress(ConnectionError):
+                        self.wfile.write(payload)
 
             def _send_cut(self, status: int, headers: list[tuple[str, str]], payload: bytes,
                           cut_at: int) -> None:
@@ -514,10 +558,20 @@ class FaultProxy:
             self.failures_left = count
 
     def cut_next_bodies(self, count: int, after: int, on_cut=None) -> None:
-        """Cut the body of the next ``count`` successful GETs after ``after`` bytes (the
-        headers still promise all of it), calling ``on_cut()`` just before dropping."""
+        """Cut the body of the next ``count`` successful GETs longer than ``after`` bytes
+        after ``after`` bytes (the headers still promise all of it), calling ``on_cut()``
+        just before dropping. Shorter answers (metadata, small ranges) pass untouched and
+        do not count."""
         with self._lock:
             self._cuts_left, self._cut_at, self._on_cut = count, after, on_cut
+
+    def misrange_next(self, count: int, skip: int) -> None:
+        """Answer the next ``count`` ranged GETs (206 answers) with the bytes that start
+        ``skip`` bytes later than asked, labelled as such (``Content-Range``,
+        ``Content-Length``): a server or cache serving the wrong range. A client that does
+        not check the label takes the bytes of one offset for another's."""
+        with self._lock:
+            self._misranges_left, self._misrange_skip = count, skip
 
     def error_response(self) -> tuple[int, list[tuple[str, str]], bytes]:
         if self.flavor == "s3":

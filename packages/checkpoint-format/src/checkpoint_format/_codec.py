@@ -353,9 +353,11 @@ class GzipMembers:
         pending: collections.deque[Future[list[bytes]] | list[bytes]] = collections.deque()
         try:
             yield from self._members(pool, pending)
-        except CorruptArchiveError:
-            # A fault found while cutting the stream lies after every member in flight:
-            # those come first, with their own faults if they have any.
+        except Exception:
+            # A fault found while cutting the stream (a corrupt header, or the source
+            # failing: a store that died) lies after every member in flight: those come
+            # first, with their own faults if they have any, so that the fault reaches the
+            # consumer at the member whose data it cut short.
             yield from self._deliver(pending, 0)
             raise
         finally:

@@ -161,7 +161,7 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
                         os.link(member.linkname, member.name, src_dir_fd=root, dst_dir_fd=root,
                                 follow_symlinks=False)
                 except OSError as exc:
-                    raise _naming(exc, member.name) from None
+                    raise _naming(exc, member.name)  # noqa: B904 -- _naming keeps the cause
         # CF-EXTRACT-10: directory modes and times last, deepest first, so that writing their
         # contents neither needed nor disturbed them.
         for name in sorted(directories, key=lambda n: n.count("/"), reverse=True):
@@ -185,9 +185,31 @@ def _make_parents(name: str, made: set[str], root: int) -> None:
 
 
 def _naming(exc: OSError, member: str) -> OSError:
-    """The same OSError, saying which member was being restored."""
-    error = type(exc)(exc.errno, f"{exc.strerror} (while restoring member {member!r})")
-    error.filename = exc.filename
+    """The error to raise for ``exc``, saying which member was being restored.
+
+    A builtin OSError (a local write that failed: ENOSPC, EACCES, ...) is raised again as
+    the same class with the member in its message, ``exc`` as its cause. Any other class (a
+    storage error raised while the member's bytes were being read: ``StorageRetryError``,
+    ``ObjectChangedError``, ...) has a constructor of its own and already names its URI:
+    it is raised as it is, its message and cause untouched, with the member as a note
+    (``__notes__``; ``add_note`` on 3.11+, the attribute itself on 3.10).
+    """
+    note = f"while restoring member {member!r}"
+    if type(exc).__module__ != "builtins":
+        notes = getattr(exc, "__notes__", None)
+        if not (isinstance(notes, list) and note in notes):
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+            else:  # Python 3.10
+                exc.__notes__ = [*(notes or ()), note]
+        return exc
+    if exc.errno is None or exc.strerror is None:  # OSError("message"): no errno to keep
+        error = type(exc)(f"{exc} ({note})")
+    else:
+        error = type(exc)(exc.errno, f"{exc.strerror} ({note})")
+        if exc.filename is not None:  # set to None, str() would end in ": None"
+            error.filename = exc.filename
+    error.__cause__ = exc
     return error
 
 

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload, streamed_body
+from ._backend import Backend, MiB, Source, Upload, check_range, joined_range, streamed_body
 
 __all__ = ["AzureBackend"]
 
@@ -23,21 +23,11 @@ class _AzureSource(Source):
         self._etag = props.etag
 
     async def read_range(self, start: int, end: int) -> bytes:
-        from azure.core import MatchConditions
-
-        downloader = await self._blob.download_blob(
-            offset=start, length=end - start, etag=self._etag,
-            match_condition=MatchConditions.IfNotModified, max_concurrency=1, **_ONCE,
-        )
-        data = await downloader.readall()
-        if len(data) != end - start:
-            raise ConnectionResetError(
-                f"short read: got {len(data)} of {end - start} bytes at offset {start}"
-            )
-        return data
+        return await joined_range(self, start, end)
 
     async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """One GET for ``[start, end)`` pinned by ``If-Match``, yielded as it arrives.
+        """One GET for ``[start, end)`` pinned by ``If-Match``, yielded as it arrives once
+        the answer is known to carry that range.
 
         The public ``download_blob`` reads its first 32 MiB range whole into memory, then
         fetches 4 MiB ranges one request at a time, and retries on its own; the generated
@@ -56,6 +46,10 @@ class _AzureSource(Source):
         if getattr(body, "block_size", MiB) < MiB:
             body.block_size = MiB
         try:
+            response = body.response
+            check_range(start, end, self.size, response.status_code,
+                        response.headers.get("Content-Range"),
+                        response.headers.get("Content-Length"))
             async for chunk in body:
                 yield chunk
         finally:

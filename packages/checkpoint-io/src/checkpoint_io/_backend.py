@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import abc
 import io
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-__all__ = ["Backend", "Source", "Upload"]
+from ._errors import RangeMismatch
+
+__all__ = ["Backend", "Source", "Upload", "check_range", "joined_range"]
 
 MiB = 1024 * 1024
 
@@ -140,3 +143,49 @@ def streamed_body(data: bytes) -> io.BytesIO | bytes:
     file-like body in pieces; a large ``bytes`` body it sends whole, with a ResourceWarning
     that strict runs turn into a failed upload. Make a new one per attempt."""
     return io.BytesIO(data) if len(data) > MiB else data
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def check_range(start: int, end: int, size: int, status: int,
+                content_range: str | None, content_length: str | int | None) -> None:
+    """Raise :class:`RangeMismatch` unless the answer to a GET of bytes ``[start, end)`` of
+    a ``size``-byte object serves exactly those bytes: a 206 whose ``Content-Range`` is
+    ``bytes start-(end-1)/size`` (or ``/*``), or a 200 without one when the whole object
+    was asked; and a ``Content-Length``, when the answer gives one, of ``end - start``.
+
+    Call it on the response headers before handing out any of the body: a server (or a
+    cache in front of it) that answers with another range would otherwise have the bytes
+    of one offset taken for another's, silently.
+    """
+    asked = f"bytes {start}-{end - 1}/{size}"
+    length = None if content_length in (None, "") else int(content_length)
+    if content_range:
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        served = f"{status} {content_range.strip()}"
+        good = (status == 206 and match is not None and int(match[1]) == start
+                and int(match[2]) == end - 1 and match[3] in ("*", str(size)))
+    else:
+        served = f"{status} without Content-Range"
+        if status == 200:
+            served += " (the whole object)"
+        good = status == 200 and start == 0 and end == size
+    if good and length is not None and length != end - start:
+        served += f", Content-Length {length}"
+        good = False
+    if not good:
+        raise RangeMismatch(asked, served)
+
+
+async def joined_range(source: Source, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` read whole through ``source.stream_range`` (one request, its
+    range checked by the backend); a body that ends early is a dropped connection."""
+    data = b"".join([chunk async for chunk in source.stream_range(start, end)])
+    if len(data) > end - start:
+        raise RangeMismatch(f"bytes {start}-{end - 1}", f"a body of {len(data)} bytes")
+    if len(data) < end - start:
+        raise ConnectionResetError(
+            f"short read: got {len(data)} of {end - start} bytes at offset {start}"
+        )
+    return data

@@ -7,8 +7,8 @@ import enum
 import errno
 import socket
 
-__all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "StorageRetryError",
-           "VersionMismatch", "classify"]
+__all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "RangeMismatch",
+           "StorageRetryError", "VersionMismatch", "classify"]
 
 
 class MissingBackendError(ImportError):
@@ -91,6 +91,22 @@ class ObjectChangedError(OSError):
 
 class VersionMismatch(Exception):
     """Raised by a backend hook when the version it was pinned to is gone."""
+
+
+class RangeMismatch(Exception):
+    """Raised by a backend hook when a ranged GET is answered with other bytes than asked
+    (another ``Content-Range``, a whole object, another length). Transient: a server or
+    cache that served the wrong range once may serve the right one on the next request;
+    after the policy's attempts the read fails with :class:`StorageRetryError` whose
+    message and ``__cause__`` carry this error's ``asked`` and ``served``."""
+
+    def __init__(self, asked: str, served: str) -> None:
+        super().__init__(f"asked for {asked}, the server answered with {served}")
+        self.asked = asked
+        self.served = served
+
+    def __reduce__(self):
+        return (RangeMismatch, (self.asked, self.served))
 
 
 class Fault(enum.Enum):
@@ -188,6 +204,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 def _classify_one(exc: BaseException) -> Fault | None:
     if isinstance(exc, VersionMismatch):
         return Fault.CHANGED
+    if isinstance(exc, RangeMismatch):
+        return Fault.TRANSIENT
     if isinstance(exc, FileNotFoundError):
         return Fault.MISSING
     if isinstance(exc, PermissionError):

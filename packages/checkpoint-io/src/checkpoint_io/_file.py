@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -85,6 +86,13 @@ class File(BaseModel):
         return copy
 
     def _transfer(self) -> Transfer:
+        if self.path.endswith("/"):
+            # Every store would take it for another object: local paths drop the '/' (the
+            # object became a file beside the directory meant), S3 and GCS keep it in the
+            # key (a "folder" marker). A File is one object; say so, whatever the store.
+            raise IsADirectoryError(
+                errno.EISDIR, "the path ends in '/', so it names a directory or prefix, not "
+                "an object (drop the trailing '/')", self.path)
         opts = self._options
         backend = backend_for(self.path, opts.storage_options)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-from ._backend import Backend, MiB, Source, Upload, streamed_body
+from ._backend import Backend, MiB, Source, Upload, check_range, joined_range, streamed_body
 from ._errors import VersionMismatch
 
 __all__ = ["GCSBackend"]
@@ -42,21 +42,11 @@ class _GCSSource(Source):
         self._generation = meta.get("generation")
 
     async def read_range(self, start: int, end: int) -> bytes:
-        params = {"alt": "media"}
-        if self._generation:
-            params["generation"] = self._generation
-        _, _, data = await self._b.request(
-            "GET", f"b/{quote(self._bucket, safe='')}/o/{quote(self._key, safe='')}",
-            headers={"Range": f"bytes={start}-{end - 1}"}, **params,
-        )
-        if len(data) != end - start:
-            raise ConnectionResetError(
-                f"short read: got {len(data)} of {end - start} bytes at offset {start}"
-            )
-        return data
+        return await joined_range(self, start, end)
 
     async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """One GET of the pinned generation for ``[start, end)``, yielded as it arrives."""
+        """One GET of the pinned generation for ``[start, end)``, yielded as it arrives,
+        once the answer is known to carry that range."""
         params = {"alt": "media"}
         if self._generation:
             params["generation"] = self._generation
@@ -64,8 +54,11 @@ class _GCSSource(Source):
             async with self._b.stream(
                 f"b/{quote(self._bucket, safe='')}/o/{quote(self._key, safe='')}",
                 headers={"Range": f"bytes={start}-{end - 1}"}, **params,
-            ) as content:
-                while chunk := await content.read(MiB):
+            ) as response:
+                check_range(start, end, self.size, response.status,
+                            response.headers.get("Content-Range"),
+                            response.headers.get("Content-Length"))
+                while chunk := await response.content.read(MiB):
                     yield chunk
         except FileNotFoundError as exc:
             # The object was there when it was opened: its generation is gone (replaced,
@@ -261,7 +254,8 @@ class GCSBackend(Backend):
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, headers: dict[str, str], **params: Any):
-        """A GET whose body is read incrementally: yields aiohttp's ``StreamReader``.
+        """A GET whose body is read incrementally: yields aiohttp's response (its status
+        and headers; the body is its ``content`` stream).
 
         The same request as ``request`` (session, auth headers, error mapping), minus
         reading the whole body into memory.
@@ -280,7 +274,7 @@ class GCSBackend(Backend):
         ) as response:
             if response.status >= 400:
                 validate_response(response.status, await response.read(), path)
-            yield response.content
+            yield response
 
     def split(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from ._backend import Backend, MiB, Source, Upload
-from ._stream import _fsync_dir, _pwrite_all, _temp_sibling
+from ._stream import _fsync_dir, _open_temp_sibling, _pwrite_all, _sweep_partials
 
 __all__ = ["LocalBackend"]
 
@@ -155,6 +155,12 @@ def _unmap(buffer: mmap.mmap | None) -> None:
             buffer.close()
 
 
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class _LocalUpload(Upload):
     """A temp sibling, written at fixed offsets, fsynced and renamed into place.
 
@@ -172,6 +178,7 @@ class _LocalUpload(Upload):
         self._path = path
         self._temp: str | None = None
         self._fd = -1
+        self._hold = -1  # keeps the temp file's flock until it is renamed or removed
         self._offset = 0  # where the next part goes (advanced once a part is written)
         self._writer: _DirectWriter | None = None
         self._lock = threading.Lock()
@@ -182,14 +189,18 @@ class _LocalUpload(Upload):
     def _open_temp(self) -> None:
         directory = os.path.dirname(self._path)
         os.makedirs(directory, exist_ok=True)
-        temp = _temp_sibling(self._path)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        # What a save killed mid-write left beside the object goes now; a live save's temp
+        # file is locked and stays (see _sweep_partials).
+        _sweep_partials(self._path)
+        temp, fd = _open_temp_sibling(self._path)
         with self._lock:
             if self._state == "new":
-                self._temp, self._fd, self._state = temp, fd, "open"
+                # The lock on the temp file lives as long as one descriptor of it does: this
+                # one is kept until the file is renamed into place or removed.
+                self._temp, self._fd, self._hold, self._state = temp, fd, os.dup(fd), "open"
                 return
-        os.close(fd)  # a late first attempt: the retry's file is the one in use
-        os.unlink(temp)
+        os.unlink(temp)  # a late first attempt: the retry's file is the one in use
+        os.close(fd)
 
     def _write(self, data: bytes, offset: int, direct: bool) -> None:
         with self._lock:
@@ -271,6 +282,8 @@ class _LocalUpload(Upload):
             os.replace(self._temp, self._path)
             self._temp, self._state = None, "published"
             writer, self._writer = self._writer, None
+            hold, self._hold = self._hold, -1
+        _close_quietly(hold)
         if writer is not None:
             writer.close()
         _fsync_dir(os.path.dirname(self._path))
@@ -283,14 +296,14 @@ class _LocalUpload(Upload):
             writer, self._writer = self._writer, None
             fd, self._fd = self._fd, -1
             temp, self._temp = self._temp, None
+            hold, self._hold = self._hold, -1
         if writer is not None:
             writer.close()
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if temp is not None:
+        if temp is not None:  # removed while still locked: no sweep races for it
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+        _close_quietly(fd)
+        _close_quietly(hold)
 
     async def abort(self) -> None:
         self._discard()  # never waits on anything: no executor hop
@@ -320,4 +333,9 @@ class LocalBackend(Backend):
         return _LocalSource(fd)
 
     def new_upload(self, path: str) -> Upload:
-        return _LocalUpload(self.local_path(path))
+        local = self.local_path(path)
+        if os.path.isdir(local):
+            # os.replace would refuse it only after the whole object was written.
+            raise IsADirectoryError(errno.EISDIR, "write: a directory is there, and an "
+                                    "object is one file, not a directory", path)
+        return _LocalUpload(local)

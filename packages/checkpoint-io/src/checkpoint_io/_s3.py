@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload
+from ._backend import Backend, MiB, Source, Upload, check_range, joined_range
 
 __all__ = ["S3Backend"]
 
@@ -28,28 +28,21 @@ class _S3Source(Source):
         self._etag = head.get("ETag")
 
     async def read_range(self, start: int, end: int) -> bytes:
-        extra = {"IfMatch": self._etag} if self._etag else {}
-        response = await self._b.call(
-            "get_object", Bucket=self._bucket, Key=self._key,
-            Range=f"bytes={start}-{end - 1}", **extra,
-        )
-        async with response["Body"] as body:
-            data = await body.read()
-        if len(data) != end - start:
-            raise ConnectionResetError(
-                f"short read: got {len(data)} of {end - start} bytes at offset {start}"
-            )
-        return data
+        return await joined_range(self, start, end)
 
     async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         """One GET for ``[start, end)``, pinned by ``If-Match``; the body is yielded as it
-        arrives (aiohttp hands out what it has, at most 1 MiB at a time)."""
+        arrives (aiohttp hands out what it has, at most 1 MiB at a time), once the answer
+        is known to carry that range."""
         extra = {"IfMatch": self._etag} if self._etag else {}
         response = await self._b.call(
             "get_object", Bucket=self._bucket, Key=self._key,
             Range=f"bytes={start}-{end - 1}", **extra,
         )
         async with response["Body"] as body:
+            check_range(start, end, self.size,
+                        response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                        response.get("ContentRange"), response.get("ContentLength"))
             while chunk := await body.read(MiB):
                 yield chunk
 

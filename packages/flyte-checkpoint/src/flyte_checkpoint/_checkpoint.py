@@ -606,6 +606,8 @@ def _load_error(uri: str, exc: Exception) -> CheckpointLoadError:
         reason = f"cannot be restored: {exc}"
     else:
         reason = f"could not be read: {type(exc).__name__}: {exc}"
+    # The restorer notes the member a storage error cut short (the error itself is kept).
+    reason += "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
     return CheckpointLoadError(
         f"checkpoint at {uri} {reason}; nothing was restored (not treating this as"
         " 'no checkpoint', which would restart training from scratch)",
