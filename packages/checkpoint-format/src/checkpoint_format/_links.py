@@ -54,6 +54,7 @@ class NameTree:
     def __init__(self) -> None:
         self.root = Dir(None)
         self.links: list[Link] = []
+        self.implied = 0  #: directories made by :meth:`parent`, not (yet) seen as members
 
     def parent(self, parts: list[str]) -> Dir | int:
         """The directory that holds ``parts[-1]``, made (as implied parents) where missing;
@@ -63,6 +64,7 @@ class NameTree:
             child = node.children.get(parts[index])
             if child is None:
                 child = node.children[parts[index]] = Dir(node)
+                self.implied += 1
             elif type(child) is not Dir:
                 return index
             node = child

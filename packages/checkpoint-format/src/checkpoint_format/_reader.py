@@ -688,6 +688,14 @@ class TarReader:
         parent = self._check_parents(name, parts)
         if parent is None:
             return None
+        if self._names.implied > self.limits.max_implied_dirs:
+            raise LimitExceededError(
+                "CF-LIMIT-01",
+                f"its parent directories make more than max_implied_dirs="
+                f"{self.limits.max_implied_dirs} directories that are not members (raise it"
+                " with CHECKPOINT_MAX_IMPLIED_DIRS)",
+                name,
+            )
         previous = parent.children.get(parts[-1])
         if previous is not None and not (type(previous) is Dir and kind == "dir"):
             return self._refuse(
