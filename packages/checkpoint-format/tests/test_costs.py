@@ -89,6 +89,14 @@ def traced(function) -> tuple[object, int, float]:
         tracemalloc.stop()
 
 
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path):
+    """pytest removes old temporary directories with shutil.rmtree, which recurses on
+    Python 3.10-3.12: the deep trees made here are removed here."""
+    yield
+    remove_tree(tmp_path)
+
+
 def _staging_left(root: Path) -> list[str]:
     return [entry for entry in os.listdir(root) if ".partial-" in entry]
 
