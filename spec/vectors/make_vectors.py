@@ -339,6 +339,9 @@ def detect_vectors(v: Vectors) -> None:
     expect_one = tarball(F("hello.txt", HELLO))
     v.add("detect", "empty-object.bin", b"", "CF-OBJ-03", "zero-byte object: no checkpoint",
           {"kind": "none"})
+    v.add("raw", "empty-payload.bin", b"", "CF-WRITE-12",
+          "what a writer must refuse to store for an empty file or byte string: it reads as"
+          " no checkpoint (CF-OBJ-03)", {"kind": "none"})
     v.add("detect", "gzip-tar.tar.gz", gz(one_file), "CF-DETECT-02",
           "gzip magic 1F 8B 08, first decompressed block is a tar header", expect_one)
     v.add("detect", "bzip2-tar.tar.bz2", bz(one_file), "CF-DETECT-02",
@@ -664,6 +667,19 @@ def limit_vectors(v: Vectors) -> None:
         error(LIMIT, "CF-LIMIT-01", "f3.txt", limit="max_members"), {"max_members": 3})
     add("max-members-ok.tar.gz", "4 members, max_members=4", gz(marked(*files)),
         tarball(*(F(f"f{i}.txt", HELLO) for i in range(4))), {"max_members": 4})
+    nested = gz(marked(file_member("a/b/c/f.txt", HELLO)))
+    add("max-implied-dirs.tar.gz", "'a/b/c/f.txt' with no directory members implies 3,"
+        " max_implied_dirs=2", nested,
+        error(LIMIT, "CF-LIMIT-01", "a/b/c/f.txt", limit="max_implied_dirs"),
+        {"max_implied_dirs": 2})
+    add("max-implied-dirs-ok.tar.gz", "'a/b/c/f.txt' implies 3 directories,"
+        " max_implied_dirs=3", nested,
+        tarball(D("a"), D("a/b"), D("a/b/c"), F("a/b/c/f.txt", HELLO)),
+        {"max_implied_dirs": 3})
+    many = b"".join(pax((f"X.unknown-{i}", "v" * 4000)) for i in range(64))
+    v.add("limit", "many-pax-headers.tar.gz", gz(marked(many + file_member("f.txt", HELLO))),
+          "CF-LIMIT-02", "64 consecutive pax headers of unknown keys before one member: only"
+          " what applies is kept, the member restores", tarball(F("f.txt", HELLO)), None)
     add("max-total-size.tar.gz", "two 18-byte files, max_total_size=30",
         gz(marked(*files[:2])), error(LIMIT, "CF-LIMIT-01", "f1.txt", limit="max_total_size"),
         {"max_total_size": 30})

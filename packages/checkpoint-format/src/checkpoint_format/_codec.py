@@ -225,10 +225,13 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
         if position + length > end:
             raise CorruptArchiveError("CF-INTEG-03", "gzip extra subfield overruns the extra field")
         if subfield == SIZE_RECORD_ID:
-            if length != _SIZE_RECORD.size or record is not None:
+            if record is not None:
                 raise CorruptArchiveError(
-                    "CF-INTEG-06",
-                    f"gzip member-size subfield has LEN {length} (must be 16) or appears twice",
+                    "CF-INTEG-06", "gzip member-size subfield appears twice in one extra field"
+                )
+            if length != _SIZE_RECORD.size:
+                raise CorruptArchiveError(
+                    "CF-INTEG-06", f"gzip member-size subfield has LEN {length} (must be 16)"
                 )
             record = _SIZE_RECORD.unpack_from(head, position)
         position += length
@@ -464,12 +467,27 @@ class GzipMembers:
         length = consumed - len(self._head)
         self._offset = start + length
         self.compressed_in -= len(self._head)
+        if record is not None and record[0] > length and self._ends_within(record[0] - length):
+            # CF-INTEG-06: a record that says the member extends past the end of the object
+            # is truncation, as it is for a member cut by its record (see _members).
+            raise self._truncated(f"its record says {record[0]} bytes", start)
         if record is not None and record != (length, produced):
             raise CorruptArchiveError(
                 "CF-INTEG-06",
                 f"gzip member at offset {start} is {length} bytes inflating to {produced},"
                 f" its record says {record[0]} and {record[1]}",
             )
+
+    def _ends_within(self, size: int) -> bool:
+        """Whether the stream ends within ``size`` more bytes. Reads (and drops) them: only
+        asked on the way to an error, to tell which rule the error falls under."""
+        have = len(self._head)
+        while have < size and not self._eof:
+            data = self._read(min(size - have, self._read_size))
+            if not data:
+                self._eof = True
+            have += len(data)
+        return have < size
 
     def _truncated(self, where: str, offset: int | None = None) -> CorruptArchiveError:
         at = self._offset if offset is None else offset

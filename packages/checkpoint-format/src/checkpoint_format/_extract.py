@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import sys
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ __all__ = ["PAYLOAD_NAME", "RestoreResult", "remove_tree", "restore"]
 PAYLOAD_NAME = "payload"
 
 _COPY_CHUNK = 4 << 20
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -87,22 +87,112 @@ def restore(
 def remove_tree(root: str | os.PathLike[str]) -> None:
     """Remove a tree that :func:`restore` wrote (or was writing), including the read-only
     directories it restores faithfully, which ``shutil.rmtree`` alone cannot empty as a
-    normal user. What still cannot be removed is left in place; a missing tree is fine."""
+    normal user. What still cannot be removed is left in place; a missing tree is fine.
 
-    def make_writable_and_retry(function, path, _exc) -> None:
-        parent = os.path.dirname(path)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, os.stat(parent).st_mode | 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode | 0o700)
-            function(path)
-
-    if not os.path.lexists(root):
+    Iterative, on directory descriptors: a tree thousands of levels deep needs neither
+    recursion (``shutil.rmtree`` recurses on Python 3.10-3.12, and fails past ~1,000 levels)
+    nor paths longer than PATH_MAX, and only two descriptors are open at any time. Links
+    are removed, never followed.
+    """
+    path = os.fspath(root)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(root, onexc=make_writable_and_retry)
-    else:
-        shutil.rmtree(root, onerror=make_writable_and_retry)
+    if not stat.S_ISDIR(st.st_mode):
+        _unlink_or_rmdir(path, None, False)
+        return
+    with contextlib.suppress(OSError):
+        top = _open_dir(path, None, st)
+        try:
+            _empty_tree(top)
+        finally:
+            os.close(top)
+    _unlink_or_rmdir(path, None, True)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_dir(name: str, dir_fd: int | None, st: os.stat_result) -> int:
+    """A descriptor of the directory ``name``, first made readable, writable and searchable
+    by its owner if it was not (what emptying it needs)."""
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dir_fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _empty_tree(top: int) -> None:
+    """Remove everything below the directory open as ``top`` (which stays open).
+
+    Depth first, holding the current directory's descriptor and, per level, the names left
+    to remove; the way back up is ``..``, checked against the device and inode recorded on
+    the way down, so that a directory moved meanwhile stops the walk instead of redirecting
+    it. What cannot be removed is skipped."""
+    fd = top
+    # (names left, this directory's name in its parent, the parent's (st_dev, st_ino))
+    levels: list[tuple[list[str], str, tuple[int, int]]] = [(os.listdir(top), "", (0, 0))]
+    try:
+        while True:
+            names, name_in_parent, parent_id = levels[-1]
+            if not names:
+                if len(levels) == 1:
+                    return
+                levels.pop()
+                parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                up = os.fstat(fd)
+                if (up.st_dev, up.st_ino) != parent_id:
+                    return  # moved meanwhile: leave the rest
+                _unlink_or_rmdir(name_in_parent, fd, True)
+                continue
+            name = names.pop()
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                _unlink_or_rmdir(name, fd, False)
+                continue
+            try:
+                child = _open_dir(name, fd, st)
+            except OSError:
+                continue  # cannot be entered: left in place
+            try:
+                here = os.fstat(fd)
+                levels.append((os.listdir(child), name, (here.st_dev, here.st_ino)))
+            except OSError:
+                os.close(child)
+                continue
+            if fd != top:
+                os.close(fd)
+            fd = child
+    finally:
+        if fd != top:
+            os.close(fd)
+
+
+def _unlink_or_rmdir(name: str, dir_fd: int | None, directory: bool) -> None:
+    """Remove one entry; on a permission error make its directory writable and retry once.
+    Failures are left in place, as the docstring of :func:`remove_tree` says."""
+    remove = os.rmdir if directory else os.unlink
+    try:
+        remove(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        pass
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        if dir_fd is None:
+            parent = os.path.dirname(os.path.abspath(name))
+            os.chmod(parent, os.stat(parent).st_mode | 0o700)
+        else:
+            os.fchmod(dir_fd, os.fstat(dir_fd).st_mode | 0o700)
+        remove(name, dir_fd=dir_fd)
 
 
 def _require_empty(target: Path) -> None:
@@ -134,7 +224,7 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
     """Write every member under ``staging``. All paths are relative to a descriptor of the
     staging directory, so a name as long as the limit allows never meets PATH_MAX."""
     root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    made: set[str] = {""}
+    made: dict[str, dict] = {}  # the directories made so far, as a trie of components
     directories: dict[str, Member] = {}
     restored = 0
     size = 0
@@ -142,14 +232,15 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
         with reader:
             for member, chunks in reader.members():
                 try:
-                    _make_parents(member.name, made, root)
+                    parent = _make_parents(member.name, made, root)
                     restored += 1
                     if member.type == "file":
                         size += _write_file(member, chunks, root)
                     elif member.type == "dir":
-                        if member.name not in made:
+                        leaf = member.name.rpartition("/")[2]
+                        if leaf not in parent:
                             os.mkdir(member.name, 0o700, dir_fd=root)
-                            made.add(member.name)
+                            parent[leaf] = {}
                         directories[member.name] = member  # a later entry's metadata wins
                     elif member.type == "symlink":
                         assert member.linkname is not None
@@ -173,15 +264,33 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
     return restored, size
 
 
-def _make_parents(name: str, made: set[str], root: int) -> None:
-    parent = name.rpartition("/")[0]
-    missing = []
-    while parent not in made:
-        missing.append(parent)
-        parent = parent.rpartition("/")[0]
-    for directory in reversed(missing):  # implicit parents: created 0o755 (CF-EXTRACT-10)
-        os.mkdir(directory, 0o755, dir_fd=root)
-        made.add(directory)
+def _make_parents(name: str, made: dict[str, dict], root: int) -> dict[str, dict]:
+    """Create the missing parents of ``name`` (implicit parents: 0o755, CF-EXTRACT-10) and
+    return the trie node of its directory. Each missing level is made relative to a
+    descriptor of the one above, so a member thousands of levels deep costs one walk of its
+    name, not one per level."""
+    parts = name.split("/")[:-1]
+    node = made
+    index = 0
+    while index < len(parts) and parts[index] in node:
+        node = node[parts[index]]
+        index += 1
+    if index == len(parts):
+        return node
+    existing = "/".join(parts[:index])
+    fd = os.open(existing, _DIR_OPEN, dir_fd=root) if existing else root
+    try:
+        for part in parts[index:]:
+            os.mkdir(part, 0o755, dir_fd=fd)
+            below = os.open(part, _DIR_OPEN, dir_fd=fd)
+            if fd != root:
+                os.close(fd)
+            fd = below
+            node = node.setdefault(part, {})
+    finally:
+        if fd != root:
+            os.close(fd)
+    return node
 
 
 def _naming(exc: OSError, member: str) -> OSError:

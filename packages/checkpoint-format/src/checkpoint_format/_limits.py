@@ -17,7 +17,8 @@ class Limits:
     Raise a cap by passing a new value (``Limits(max_total_size=4 << 40)``) or, for the
     defaults, through the environment: ``CHECKPOINT_MAX_MEMBERS``, ``CHECKPOINT_MAX_TOTAL_SIZE``,
     ``CHECKPOINT_MAX_NAME_LENGTH``, ``CHECKPOINT_MAX_EXPANSION_RATIO`` and
-    ``CHECKPOINT_MAX_EXTENDED_HEADER`` (see :meth:`from_env`).
+    ``CHECKPOINT_MAX_EXTENDED_HEADER`` and ``CHECKPOINT_MAX_IMPLIED_DIRS`` (see
+    :meth:`from_env`).
     """
 
     max_members: int = 1_000_000
@@ -25,6 +26,10 @@ class Limits:
     max_name_length: int = 4096
     max_expansion_ratio: float = 1100.0
     max_extended_header: int = 1 << 20
+    #: Parent directories a reader creates because members lie below them without a member
+    #: of their own (CF-EXTRACT-10). One 4 KiB name can imply 2,048 of them, each a mkdir:
+    #: this bounds the directories a small object can make the reader create.
+    max_implied_dirs: int = 16_384
     #: The expansion ratio is only judged once this many bytes have been decompressed, so
     #: that small, highly compressible archives (an empty directory) are never refused.
     ratio_grace_bytes: int = 64 << 20

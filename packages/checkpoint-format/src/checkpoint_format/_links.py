@@ -1,61 +1,161 @@
-"""CF-EXTRACT-03: where a symbolic link leads, judged on names alone.
+"""The names of an archive as a tree of components, and CF-EXTRACT-03 judged on it.
 
 The reader and the writer share this one resolution, so that the writer refuses exactly the
 links the reader would refuse: a checkpoint that saved must load.
+
+Names are kept as a trie of components (one node per directory, one entry per member), not as
+full path strings: a member ``a/a/.../a/f`` two thousand components deep costs two thousand
+small entries, where a set of every parent's full name would cost their lengths' sum, which
+grows with the square of the depth. Every resolution walks the trie, one dictionary look-up
+per component, and each link's own resolution is computed once and reused whenever another
+link passes through it, so judging every link of an archive costs time proportional to the
+sum of their targets' lengths.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_LINK_HOPS", "link_problem"]
+from collections.abc import Iterator
+
+__all__ = ["MAX_LINK_HOPS", "Dir", "Link", "NameTree", "target_problem"]
 
 MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
 
+_UNSEEN, _BUSY, _DONE = 0, 1, 2
+_INSIDE, _OUTSIDE, _LOOP = "inside", "outside", "loop"
 
-class _Loop(Exception):
-    pass
+
+class Dir:
+    """A directory of the tree: an explicit member or an implied parent."""
+
+    __slots__ = ("children", "parent")
+
+    def __init__(self, parent: Dir | None) -> None:
+        self.parent = parent
+        self.children: dict[str, Dir | Link | str] = {}
 
 
-def link_problem(name: str, target: str, links: dict[str, str]) -> str | None:
-    """Why the link ``name -> target`` is refused, or None when it stays inside the root.
+class Link:
+    """A symbolic link; ``outcome`` caches its resolution during :meth:`NameTree.problems`."""
 
-    ``links`` maps the names of the archive's symbolic links to their targets; links met
-    while resolving are followed. Names never seen are taken as plain directories or files.
-    """
+    __slots__ = ("name", "outcome", "parent", "state", "target")
+
+    def __init__(self, parent: Dir, name: str, target: str) -> None:
+        self.parent = parent
+        self.name = name
+        self.target = target
+        self.state = _UNSEEN
+        self.outcome: tuple[str, Dir | None, int, int] = (_INSIDE, None, 0, 0)
+
+
+class NameTree:
+    """Member names as a trie. Entries are :class:`Dir`, :class:`Link`, or a string naming
+    the kind of any other member (``"file"``, ``"hardlink"``)."""
+
+    def __init__(self) -> None:
+        self.root = Dir(None)
+        self.links: list[Link] = []
+        self.implied = 0  #: directories made by :meth:`parent`, not (yet) seen as members
+
+    def parent(self, parts: list[str]) -> Dir | int:
+        """The directory that holds ``parts[-1]``, made (as implied parents) where missing;
+        or, when a component on the way is not a directory, its index in ``parts``."""
+        node = self.root
+        for index in range(len(parts) - 1):
+            child = node.children.get(parts[index])
+            if child is None:
+                child = node.children[parts[index]] = Dir(node)
+                self.implied += 1
+            elif type(child) is not Dir:
+                return index
+            node = child
+        return node
+
+    def lookup(self, parts: list[str]) -> Dir | Link | str | None:
+        """The entry named by ``parts``, without creating anything; None if there is none."""
+        node: Dir | Link | str | None = self.root
+        for part in parts:
+            if type(node) is not Dir:
+                return None
+            node = node.children.get(part)
+        return node
+
+    def add_link(self, parent: Dir, name: str, component: str, target: str) -> None:
+        link = parent.children[component] = Link(parent, name, target)
+        self.links.append(link)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """``(name, why)`` for every link, in the order they were added, that leads outside
+        the root or into a loop, judged with every link of the tree known."""
+        for link in self.links:
+            link.state = _UNSEEN
+        for link in self.links:
+            kind = _resolve(link)[0]
+            what = f"symbolic link target {link.target!r}"
+            if kind == _LOOP:
+                yield link.name, f"{what} is part of a symbolic link loop"
+            elif kind == _OUTSIDE:
+                yield link.name, f"{what} points outside the target"
+
+
+def target_problem(target: str) -> str | None:
+    """What is wrong with a link target on its own (CF-EXTRACT-03), before any resolution."""
     if not target or target.startswith("/"):
         return f"symbolic link target {target!r} is not a relative path"
-    try:
-        inside = _resolve(name.split("/")[:-1], target.split("/"), links, [0])
-    except _Loop:
-        return f"symbolic link target {target!r} is part of a symbolic link loop"
-    if inside is None:
-        return f"symbolic link target {target!r} points outside the target"
     return None
 
 
-def _resolve(
-    stack: list[str], components: list[str], links: dict[str, str], hops: list[int]
-) -> list[str] | None:
-    """The resolved path as components, or None if it climbs above the root."""
-    stack = list(stack)
-    for part in components:
+def _resolve(link: Link) -> tuple[str, Dir | None, int, int]:
+    """Where ``link`` leads: ``(kind, directory, depth below it, hops)``.
+
+    The place is a directory of the tree and a count of components below it that name
+    nothing in the tree (taken as plain directories, so no link can lie under them). Hops
+    count the link replacements made; for a link that leads outside, those made before it
+    got there, so that a caller adds them in the same order a plain resolution would.
+    Recursion is bounded by the hop limit: every level is one more hop.
+    """
+    if link.state == _DONE:
+        return link.outcome
+    if link.state == _BUSY:  # reached itself again: a cycle, however many hops it allows
+        return (_LOOP, None, 0, MAX_LINK_HOPS + 1)
+    link.state = _BUSY
+    link.outcome = _follow(link)
+    link.state = _DONE
+    return link.outcome
+
+
+def _follow(link: Link) -> tuple[str, Dir | None, int, int]:
+    if link.target.startswith("/"):
+        return (_OUTSIDE, None, 0, 0)
+    node, below, hops = link.parent, 0, 0
+    for part in link.target.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
-            if not stack:
-                return None
-            stack.pop()
+            if below:
+                below -= 1
+            elif node.parent is None:
+                return (_OUTSIDE, None, 0, hops)
+            else:
+                node = node.parent
             continue
-        link = links.get("/".join([*stack, part]))
-        if link is None:
-            stack.append(part)
+        if below:
+            below += 1
             continue
-        hops[0] += 1
-        if hops[0] > MAX_LINK_HOPS:
-            raise _Loop
-        if link.startswith("/"):
-            return None
-        resolved = _resolve(stack, link.split("/"), links, hops)
-        if resolved is None:
-            return None
-        stack = resolved
-    return stack
+        child = node.children.get(part)
+        if type(child) is Dir:
+            node = child
+        elif type(child) is Link:
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                return (_LOOP, None, 0, hops)
+            kind, place, depth, more = _resolve(child)
+            hops += more
+            if kind == _LOOP or hops > MAX_LINK_HOPS:
+                return (_LOOP, None, 0, hops)
+            if kind == _OUTSIDE:
+                return (_OUTSIDE, None, 0, hops)
+            assert place is not None
+            node, below = place, depth
+        else:  # a file, or a name the tree does not hold: a plain component
+            below = 1
+    return (_INSIDE, node, below, hops)

@@ -26,7 +26,7 @@ from ._errors import (
     UnsupportedFormatError,
 )
 from ._limits import Limits
-from ._links import link_problem
+from ._links import Dir, Link, NameTree, target_problem
 from ._tarheader import (
     BLOCK,
     DIRECTORY,
@@ -63,6 +63,7 @@ _VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(r"[0-9]{1,30}")
 _REFUSED_GLOBAL_KEYS = ("path", "linkpath", "size")
+_MEMBER_KEYS = ("path", "linkpath", "size", "mtime", PLAIN_KEY, TREE_KEY)
 
 MemberType = Literal["file", "dir", "symlink", "hardlink"]
 
@@ -360,8 +361,10 @@ class TarReader:
         self.member_count = 0
         self.total_size = 0
         self.digests_present = 0
-        self._kinds: dict[str, MemberType] = {}
-        self._symlinks: dict[str, str] = {}
+        self._names = NameTree()  # every member and implied parent, as a trie of components
+        #: Archive positions of the members whose digests are checked off the main thread,
+        #: so that mismatches are reported in archive order.
+        self._positions: dict[str, int] = {}
         self._verifier = _Verifier()
         # With more than one core, the pieces of large members' piecewise digests are hashed
         # on a pool, their checks deferred to the end of the archive.
@@ -416,7 +419,11 @@ class TarReader:
             if raw.typeflag in EXTENDED_TYPES:
                 payload = self._read_extended(raw.typeflag, raw.size, header_offset)
                 if raw.typeflag == PAX_LOCAL:
-                    pax.update(self._parse_pax(payload, header_offset))
+                    # Only the records a member uses are kept (CF-MARK-05: the rest are
+                    # ignored), so that however many headers precede a member, what is held
+                    # is at most one value per key, each within max_extended_header.
+                    records = self._parse_pax(payload, header_offset)
+                    pax.update((key, records[key]) for key in _MEMBER_KEYS if key in records)
                 elif raw.typeflag == PAX_GLOBAL:
                     self._apply_global(self._parse_pax(payload, header_offset), header_offset)
                 elif raw.typeflag == GNU_LONGNAME:
@@ -566,6 +573,8 @@ class TarReader:
             pooled = hashing is not None
             hasher = PooledTreeHasher(hashing) if hashing is not None else TreeHasher()
         offload = hasher is not None and size > _VERIFY_INLINE and not pooled
+        if offload or pooled:  # checked later: its mismatch is sorted back into place
+            self._positions[member.name] = self.member_count
         self._blocks.member = member.name
         for piece in self._blocks.stream(size, "member data"):
             if offload:
@@ -675,30 +684,42 @@ class TarReader:
                     )
                 )
 
-        if not self._check_parents(name):
+        parts = name.split("/")
+        parent = self._check_parents(name, parts)
+        if parent is None:
             return None
-        previous = self._kinds.get(name)
-        if previous is not None and not (previous == "dir" and kind == "dir"):
+        if self._names.implied > self.limits.max_implied_dirs:
+            raise LimitExceededError(
+                "CF-LIMIT-01",
+                f"its parent directories make more than max_implied_dirs="
+                f"{self.limits.max_implied_dirs} directories that are not members (raise it"
+                " with CHECKPOINT_MAX_IMPLIED_DIRS)",
+                name,
+            )
+        previous = parent.children.get(parts[-1])
+        if previous is not None and not (type(previous) is Dir and kind == "dir"):
             return self._refuse(
                 UnsafeMemberError(
                     "CF-EXTRACT-07",
-                    f"duplicate name (an earlier {previous} has the same name)",
+                    f"duplicate name (an earlier {_kind_name(previous)} has the same name)",
                     name,
                 )
             )
 
         target: str | None = None
         if kind == "symlink":
-            problem = link_problem(name, linkname, self._symlinks)
+            # Where the link leads is judged once the archive ends, with every link known
+            # (a later link can redirect it): NameTree.problems, from _finish_archive.
+            problem = target_problem(linkname)
             if problem is not None:
                 return self._refuse(UnsafeMemberError("CF-EXTRACT-03", problem, name))
             target = linkname
-            self._symlinks[name] = linkname
+            self._names.add_link(parent, name, parts[-1], linkname)
         elif kind == "hardlink":
             target = self._normalise(linkname, for_link_of=name)
             if target is None:
                 return None
-            if self._kinds.get(target) not in ("file", "hardlink"):
+            if self._names.lookup(target.split("/")) not in ("file", "hardlink"):
                 return self._refuse(
                     UnsafeMemberError(
                         "CF-EXTRACT-04",
@@ -706,7 +727,11 @@ class TarReader:
                         name,
                     )
                 )
-        self._kinds[name] = kind
+        if kind == "dir":
+            if previous is None:
+                parent.children[parts[-1]] = Dir(parent)
+        elif kind != "symlink":
+            parent.children[parts[-1]] = kind
         if kind != "file":
             digest = digest_key = None
         return Member(
@@ -741,23 +766,22 @@ class TarReader:
                 )
         return "/".join(parts)
 
-    def _check_parents(self, name: str) -> bool:
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            kind = self._kinds.get(parent)
-            if kind is None:
-                self._kinds[parent] = "dir"  # created implicitly by the extractor
-            elif kind != "dir":
-                self._refuse(
-                    UnsafeMemberError(
-                        "CF-EXTRACT-08",
-                        f"lies below {parent!r}, which is a {kind}, not a directory",
-                        name,
-                    )
-                )
-                return False
-        return True
+    def _check_parents(self, name: str, parts: list[str]) -> Dir | None:
+        """The directory node that holds ``name``, its missing parents added as directories
+        (the extractor creates them implicitly); None when one of them is not a directory."""
+        found = self._names.parent(parts)
+        if isinstance(found, Dir):
+            return found
+        blocker = "/".join(parts[: found + 1])
+        kind = _kind_name(self._names.lookup(parts[: found + 1]))
+        self._refuse(
+            UnsafeMemberError(
+                "CF-EXTRACT-08",
+                f"lies below {blocker!r}, which is a {kind}, not a directory",
+                name,
+            )
+        )
+        return None
 
     def _finish_archive(
         self, pax: dict[str, str], long_name: str | None, long_link: str | None
@@ -769,7 +793,7 @@ class TarReader:
                 actual = hasher.hexdigest()
                 if actual != expected:
                     mismatches.append((name, actual, expected))
-        order = {name: position for position, name in enumerate(self._kinds)}
+        order = self._positions
         for name, actual, expected in sorted(mismatches, key=lambda m: order.get(m[0], 0)):
             self._digest_mismatch(name, actual, expected)
         if pax or long_name is not None or long_link is not None:
@@ -782,13 +806,10 @@ class TarReader:
                 "CF-INTEG-01",
                 "stream ends after a single zero block (end-of-archive marker truncated)",
             )
-        # Links resolved at their own position may be redirected by links that came later.
-        for name, target in self._symlinks.items():
-            problem = link_problem(name, target, self._symlinks)
-            if problem is not None:
-                self._violation(
-                    UnsafeMemberError("CF-EXTRACT-03", f"{problem} (through a later link)", name)
-                )
+        # CF-EXTRACT-03, judged with every link known: a later link can redirect an earlier
+        # one. (Nothing is ever written through a link meanwhile: CF-EXTRACT-08.)
+        for name, problem in self._names.problems():
+            self._violation(UnsafeMemberError("CF-EXTRACT-03", problem, name))
 
     # ---------------------------------------------------------------- violations
 
@@ -806,6 +827,14 @@ class TarReader:
     def _refuse(self, error: CheckpointFormatError) -> None:
         self._on_violation(error)
         return None
+
+
+def _kind_name(entry: Dir | Link | str | None) -> str:
+    if type(entry) is Dir:
+        return "dir"
+    if type(entry) is Link:
+        return "symlink"
+    return str(entry)
 
 
 def _raise(error: CheckpointFormatError) -> None:

@@ -24,7 +24,7 @@ from . import __version__
 from ._codec import codec_name, gzip_member
 from ._digest import PIECE, PLAIN_KEY, TREE_KEY, piece_digest
 from ._errors import WriteRefusedError
-from ._links import link_problem
+from ._links import NameTree, target_problem
 from ._reader import FORMAT_VERSION, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
     BLOCK,
@@ -193,8 +193,8 @@ def _tar_stream(
 ) -> Iterator[bytes]:
     records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
     inodes: dict[tuple[int, int], str] = {}
-    links: dict[str, str] = {}
-    for name, path, st in _walk(root, ""):
+    links = NameTree()  # the links only, with their parents: what CF-EXTRACT-03 needs
+    for name, path, st in _walk(root):
         if stats.members == 0:
             # CF-MARK-01: the marker leads, but only in front of a member (an empty archive
             # is the end-of-archive marker alone, which tarfile can read).
@@ -205,7 +205,6 @@ def _tar_stream(
             yield _member_header(name, DIRECTORY, mode, st.st_mtime_ns)
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(path)
-            links[name] = target
             _check_link(name, target, links)
             yield _member_header(name, SYMLINK, mode, st.st_mtime_ns, linkname=target)
         elif stat.S_ISREG(st.st_mode):
@@ -225,16 +224,21 @@ def _tar_stream(
                 " and links)",
                 name,
             )
-    for name, target in links.items():  # a later link can redirect an earlier one
-        _check_link(name, target, links)
+    for name, problem in links.problems():  # judged with every link known, as a reader does
+        _refuse_link(name, problem)
     yield bytes(2 * BLOCK)  # CF-WRITE-08
 
 
-def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """Depth-first pre-order, siblings sorted by UTF-8 bytes (CF-WRITE-04)."""
-    with os.scandir(directory) as scan:
-        entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
-    for entry in entries:
+def _walk(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Depth-first pre-order, siblings sorted by UTF-8 bytes (CF-WRITE-04). Iterative: a
+    tree thousands of levels deep needs no recursion (which Python bounds at ~1,000)."""
+    stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(_entries(root), "")]
+    while stack:
+        entries, prefix = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
         try:
             entry.name.encode("utf-8")
         except UnicodeEncodeError:
@@ -247,18 +251,34 @@ def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, str, os.stat_resu
         st = entry.stat(follow_symlinks=False)
         yield name, entry.path, st
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk(Path(entry.path), name + "/")
+            stack.append((_entries(entry.path), name + "/"))
 
 
-def _check_link(name: str, target: str, links: dict[str, str]) -> None:
-    """CF-WRITE-05: refuse what a reader would refuse under CF-EXTRACT-03, judged the same way."""
-    problem = link_problem(name, target, links)
+def _entries(directory: str | Path) -> Iterator[os.DirEntry[str]]:
+    with os.scandir(directory) as scan:
+        entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
+    return iter(entries)
+
+
+def _check_link(name: str, target: str, links: NameTree) -> None:
+    """CF-WRITE-05: refuse what a reader would refuse under CF-EXTRACT-03, judged the same
+    way. A target that is not relative is refused at once; where the others lead is judged
+    once every link of the tree is known (:meth:`NameTree.problems`)."""
+    problem = target_problem(target)
     if problem is not None:
-        raise WriteRefusedError(
-            "CF-WRITE-05", f"{problem}; only relative links that stay inside the checkpoint"
-            " can be saved",
-            name,
-        )
+        _refuse_link(name, problem)
+    parts = name.split("/")
+    parent = links.parent(parts)
+    assert not isinstance(parent, int)  # the walk never descends into a link
+    links.add_link(parent, name, parts[-1], target)
+
+
+def _refuse_link(name: str, problem: str) -> None:
+    raise WriteRefusedError(
+        "CF-WRITE-05",
+        f"{problem}; only relative links that stay inside the checkpoint can be saved",
+        name,
+    )
 
 
 def _member_header(

@@ -1,0 +1,356 @@
+"""Small objects that must stay cheap (spec CF-LIMIT-02, issue 15).
+
+Each archive is built here, byte by byte. Costs are judged by what can be counted on a noisy
+machine: the peak of traced memory (tracemalloc) against the size of the tar stream, and
+wall time only as a generous bound (the quadratic versions took tens of seconds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import stat
+import struct
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import pytest
+from checkpoint_format import (
+    CorruptArchiveError,
+    LimitExceededError,
+    Limits,
+    UnsafeMemberError,
+    remove_tree,
+    restore,
+    validate,
+    write_tarball,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+BLOCK = 512
+END = bytes(2 * BLOCK)
+MIB = 1 << 20
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def header(name: str, typeflag: bytes = b"0", size: int = 0, linkname: str = "") -> bytes:
+    block = bytearray(BLOCK)
+    block[0:100] = name.encode()[:100].ljust(100, b"\0")
+    block[100:108] = _octal(0o755 if typeflag == b"5" else 0o644, 8)
+    block[108:124] = _octal(0, 8) * 2
+    block[124:136] = _octal(size, 12)
+    block[136:148] = _octal(1_700_000_000, 12)
+    block[148:156] = b" " * 8
+    block[156:157] = typeflag
+    block[157:257] = linkname.encode()[:100].ljust(100, b"\0")
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def pax(*records: tuple[str, str]) -> bytes:
+    data = b"".join(record(key, value) for key, value in records)
+    return header("././@PaxHeader", b"x", len(data)) + data + bytes(-len(data) % BLOCK)
+
+
+def member(name: str, typeflag: bytes = b"0", linkname: str = "") -> bytes:
+    records = [("path", name)]
+    if linkname:
+        records.append(("linkpath", linkname))
+    return pax(*records) + header("m", typeflag, linkname="")
+
+
+def traced(function) -> tuple[object, int, float]:
+    """What ``function()`` returns or raises, its peak traced memory, and its seconds."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        try:
+            result: object = function()
+        except Exception as exc:  # the error is the result under test
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1], time.perf_counter() - started
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path):
+    """pytest removes old temporary directories with shutil.rmtree, which recurses on
+    Python 3.10-3.12: the deep trees made here are removed here."""
+    yield
+    remove_tree(tmp_path)
+
+
+def _staging_left(root: Path) -> list[str]:
+    return [entry for entry in os.listdir(root) if ".partial-" in entry]
+
+
+# --------------------------------------------------------------------------- D1: pax headers
+
+
+def test_many_pax_headers_of_new_keys_hold_one_header_at_most(tmp_path: Path) -> None:
+    # 60 headers of 1 MiB each, every one under max_extended_header: 60 MiB if all were kept.
+    tar = b"".join(pax((f"X.{i}", "v" * (MIB - 64))) for i in range(60))
+    data = gzip.compress(tar + header("f") + END, 1)
+    report, peak, _ = traced(lambda: validate(io.BytesIO(data)))
+    assert report.valid and [m.name for m in report.members] == ["f"]
+    assert peak < 24 * MIB, peak  # the decode queue alone may hold 8 MiB
+    result, peak, _ = traced(lambda: restore(io.BytesIO(data), tmp_path / "t"))
+    assert result.members == 1 and peak < 24 * MIB, peak
+
+
+def test_the_last_of_several_pax_headers_applies(tmp_path: Path) -> None:
+    tar = pax(("path", "first")) + pax(("X.k", "v")) + pax(("path", "second")) + header("raw")
+    restore(io.BytesIO(tar + END), tmp_path / "t")
+    assert os.listdir(tmp_path / "t") == ["second"]
+
+
+# --------------------------------------------------------------------------- D2: deep names
+
+
+def deep(prefix: str, depth: int, leaf: str = "f") -> str:
+    return prefix + "/" + "a/" * depth + leaf
+
+
+def test_deep_names_cost_memory_proportional_to_their_length() -> None:
+    # 64 files 2,040 levels deep, each under its own top directory: 130,000 directories.
+    names = [deep(f"d{i}", 2040) for i in range(64)]
+    tar = b"".join(member(name) for name in names) + END
+    limits = Limits(max_implied_dirs=1 << 20)
+    report, peak, seconds = traced(lambda: validate(io.BytesIO(tar), limits=limits))
+    assert report.valid and len(report.members) == 64
+    # Every parent's full name would be 64 * 2,040 * 2,040 bytes (266 MB).
+    assert peak < 40 * MIB, peak
+    assert seconds < 20
+
+
+def test_implied_directories_are_capped(tmp_path: Path) -> None:
+    tar = b"".join(member(deep(f"d{i}", 2040)) for i in range(64)) + END
+    with pytest.raises(LimitExceededError) as caught:
+        restore(io.BytesIO(gzip.compress(tar, 1)), tmp_path / "t")
+    assert caught.value.rule == "CF-LIMIT-01" and caught.value.member == deep("d8", 2040)
+    assert "max_implied_dirs=16384" in str(caught.value)
+    assert "CHECKPOINT_MAX_IMPLIED_DIRS" in str(caught.value)
+    assert not (tmp_path / "t").exists() and _staging_left(tmp_path) == []
+    assert Limits.from_env({"CHECKPOINT_MAX_IMPLIED_DIRS": "5"}).max_implied_dirs == 5
+
+
+def test_a_deep_member_restores_below_its_implied_parents(tmp_path: Path) -> None:
+    names = [deep("d", 2040), deep("d", 2040, "g"), deep("e", 1000)]
+    tar = b"".join(member(name) for name in names) + END
+    result = restore(io.BytesIO(tar), tmp_path / "t")
+    assert result.members == 3
+    fd = os.open(tmp_path / "t" / "d", os.O_RDONLY)
+    try:
+        for _ in range(2040):
+            below = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        assert sorted(os.listdir(fd)) == ["f", "g"]
+        assert stat.S_IMODE(os.stat(fd).st_mode) == 0o755  # implicit parents (CF-EXTRACT-10)
+    finally:
+        os.close(fd)
+    remove_tree(tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_member_below_a_deep_file_is_refused() -> None:
+    name = deep("d", 1500)
+    tar = member(name) + member(name + "/x") + END
+    report = validate(io.BytesIO(tar))
+    assert [(v.rule, v.member) for v in report.violations] == [("CF-EXTRACT-08", name + "/x")]
+
+
+# --------------------------------------------------------------------------- D3: links
+
+
+def many_links(links: int, depth: int) -> bytes:
+    """Links going ``depth`` levels down and up again, each through the previous one
+    (chains of 30, within the 40-hop bound): every one stays inside."""
+    parts = []
+    for i in range(links):
+        target = "x/" * depth + "../" * depth + (f"l{i - 1}" if i % 30 else ".")
+        parts.append(member(f"l{i}", b"2", target))
+    return b"".join(parts) + END
+
+
+def test_many_links_are_judged_in_linear_time(tmp_path: Path) -> None:
+    tar = many_links(201, 800)
+    report, peak, seconds = traced(lambda: validate(io.BytesIO(tar)))
+    assert report.valid, report.violations
+    assert seconds < 10 and peak < 16 * MIB  # the quadratic resolution took 36 s
+    result = restore(io.BytesIO(gzip.compress(tar, 1)), tmp_path / "t")
+    assert result.members == 201
+
+
+def chain(length: int) -> bytes:
+    """``l0 -> .`` and ``l{i} -> l{i-1}``: resolving the last link takes ``length`` hops."""
+    return b"".join(
+        member(f"l{i}", b"2", f"l{i - 1}" if i else ".") for i in range(length + 1)
+    ) + END
+
+
+def test_forty_hops_resolve_and_forty_one_are_a_loop() -> None:
+    assert validate(io.BytesIO(chain(39))).valid  # l39 takes 39 hops, l0 none
+    report = validate(io.BytesIO(chain(41)))
+    assert [(v.rule, v.member) for v in report.violations] == [("CF-EXTRACT-03", "l41")]
+    assert "loop" in report.violations[0].message
+
+
+def test_hops_through_a_memoised_link_count_every_time() -> None:
+    # 'b' takes 20 hops; 'c' passes through it twice: 2 * (1 + 20) = 42 > 40.
+    tar = chain(20)[: -len(END)] + member("c", b"2", "l20/../l20") + END
+    report = validate(io.BytesIO(tar))
+    assert [(v.rule, v.member) for v in report.violations] == [("CF-EXTRACT-03", "c")]
+
+
+def test_a_link_redirected_by_a_later_link_is_refused_after_the_archive(tmp_path: Path) -> None:
+    tar = member("l1", b"2", "sub/l2/../..") + member("sub", b"5") + member("sub/l2", b"2", "..")
+    with pytest.raises(UnsafeMemberError) as caught:
+        restore(io.BytesIO(tar + END), tmp_path / "t")
+    assert (caught.value.rule, caught.value.member) == ("CF-EXTRACT-03", "l1")
+    assert "points outside the target" in str(caught.value)
+    assert not (tmp_path / "t").exists() and _staging_left(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- D4: depth
+
+
+def make_deep_tree(root: Path, depth: int, mode: int = 0o755) -> None:
+    """``root/a/a/.../a/f``, ``depth`` levels, made through descriptors (os.makedirs
+    recurses once per level)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    fds = [fd]
+    for _ in range(depth):
+        os.mkdir("a", dir_fd=fd)
+        fd = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        fds.append(fd)
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o444, dir_fd=fd))
+    for fd in reversed(fds[1:]):
+        os.chmod(fd, mode)
+    for fd in fds:
+        os.close(fd)
+
+
+def test_remove_tree_removes_a_deep_read_only_tree(tmp_path: Path) -> None:
+    make_deep_tree(tmp_path / "deep", 2500, mode=0o555)  # deeper than PATH_MAX allows
+    remove_tree(tmp_path / "deep")
+    assert os.listdir(tmp_path) == []
+    remove_tree(tmp_path / "deep")  # a missing tree is fine
+    (tmp_path / "file").write_bytes(b"x")
+    remove_tree(tmp_path / "file")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_deep_tree_refused_at_its_end_leaves_no_staging(tmp_path: Path) -> None:
+    parts, name = [], ""
+    for _ in range(1500):
+        name = f"{name}a/"
+        parts.append(member(name, b"5"))
+    tar = b"".join(parts) + member(name + "f") + header("/etc/refused") + END
+    with pytest.raises(UnsafeMemberError) as caught:
+        restore(io.BytesIO(gzip.compress(tar, 1)), tmp_path / "t")
+    assert (caught.value.rule, caught.value.member) == ("CF-EXTRACT-01", "/etc/refused")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_tree_1500_levels_deep_saves_and_restores(tmp_path: Path) -> None:
+    make_deep_tree(tmp_path / "src", 1500)
+    sink = io.BytesIO()
+    stats = write_tarball(tmp_path / "src", sink)
+    assert stats.members == 1501
+    result = restore(io.BytesIO(sink.getvalue()), tmp_path / "t")
+    assert result.members == 1501
+    remove_tree(tmp_path / "t")
+
+
+# --------------------------------------------------------------------------- D13: messages
+
+
+def _gzip_member(data: bytes, extra: bytes) -> bytes:
+    body = zlib.compressobj(1, zlib.DEFLATED, -15)
+    deflated = body.compress(data) + body.flush()
+    head = b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + struct.pack("<H", len(extra)) + extra
+    return head + deflated + struct.pack("<II", zlib.crc32(data), len(data))
+
+
+def _size_record(length: int, inflated: int) -> bytes:
+    return b"FK" + struct.pack("<H", 16) + struct.pack("<QQ", length, inflated)
+
+
+def test_a_repeated_size_record_is_named_as_repeated(tmp_path: Path) -> None:
+    tar = header("f") + END
+    extra = _size_record(0, 0) * 2
+    data = _gzip_member(tar, extra)
+    with pytest.raises(CorruptArchiveError) as caught:
+        restore(io.BytesIO(data), tmp_path / "t")
+    assert caught.value.rule == "CF-INTEG-06"
+    assert "appears twice" in str(caught.value) and "LEN" not in str(caught.value)
+
+
+def test_a_large_record_past_the_end_is_truncation(tmp_path: Path) -> None:
+    tar = header("f") + END
+    length = len(_gzip_member(tar, _size_record(0, 0)))
+    for claimed in (length + 100, 64 * MIB):  # one cut by its record, one streamed
+        data = _gzip_member(tar, _size_record(claimed, len(tar)))
+        with pytest.raises(CorruptArchiveError) as caught:
+            restore(io.BytesIO(data), tmp_path / "t")
+        assert caught.value.rule == "CF-INTEG-01", claimed
+        assert f"its record says {claimed} bytes" in str(caught.value)
+    # A record that is merely wrong, with the object long enough, disagrees (CF-INTEG-06).
+    data = _gzip_member(tar, _size_record(length + 1, len(tar)))
+    report = validate(io.BytesIO(data + _gzip_member(b"", b"")))
+    assert [v.rule for v in report.violations] == ["CF-INTEG-06"]
+
+
+# --------------------------------------------------------------------------- property
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> bytes:
+    """Random structures of the three costly kinds, mixed: deep names, links through
+    links, runs of pax headers."""
+    parts = []
+    for index in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["deep", "link", "pax"]))
+        if kind == "deep":
+            depth = draw(st.integers(1, 2000))
+            parts.append(member(deep(f"d{draw(st.integers(0, 5))}", depth, f"f{index}")))
+        elif kind == "link":
+            down = draw(st.integers(0, 600))
+            via = draw(st.integers(0, max(index - 1, 0)))
+            target = "x/" * down + "../" * down + f"l{via}"
+            parts.append(member(f"l{index}", b"2", target))
+        else:
+            count = draw(st.integers(1, 30))
+            size = draw(st.integers(10, 64 << 10))
+            parts.append(b"".join(pax((f"K.{i}", "v" * size)) for i in range(count)))
+            parts.append(header(f"p{index}"))
+    return b"".join(parts) + END
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tar=shapes())
+def test_cost_stays_proportional_to_the_object(tar: bytes) -> None:
+    limits = Limits(max_implied_dirs=1 << 20)
+    _, peak, seconds = traced(lambda: validate(io.BytesIO(tar), limits=limits))
+    # Linear: a few times the tar stream plus a constant (threads, buffers, the report).
+    assert peak < 8 * MIB + 4 * len(tar), (peak, len(tar))
+    assert seconds < 5 + len(tar) / MIB, (seconds, len(tar))
