@@ -198,10 +198,15 @@ def _unlink_or_rmdir(name: str, dir_fd: int | None, directory: bool) -> None:
 def _require_empty(target: Path) -> None:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"restore target {target} exists and is not a directory")
-    if target.is_dir() and any(os.scandir(target)):
+    if target.is_dir() and _has_entries(target):
         raise FileExistsError(
             f"restore target {target} is not empty; restore needs an empty directory"
         )
+
+
+def _has_entries(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return any(True for _ in entries)
 
 
 def _publish(staging: Path, target: Path) -> None:
