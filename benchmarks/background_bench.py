@@ -32,9 +32,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from checkpoint_bench import PROC_STATUS, UPSTREAM_VENV, DiskWatch, Moto
+from bench_support import PROC_STATUS, UPSTREAM_VENV, DiskWatch, Moto
 
 MiB = 1 << 20
 FILE = 4 * MiB

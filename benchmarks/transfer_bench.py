@@ -2,7 +2,7 @@
 late, speed only from many connections at once.
 
 Each emulator (moto, fake-gcs-server, Azurite) sits behind ``ShapingProxy``
-(``packages/checkpoint-io/tests``): every TCP connection gets its own bandwidth cap (64 MiB/s
+(``checkpoint_testing.shaper``): every TCP connection gets its own bandwidth cap (64 MiB/s
 down and 16 MiB/s up by default) and a first-byte delay per response (50 ms). Through it, for
 a 1 GiB incompressible checkpoint:
 
@@ -34,12 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "packages" / "checkpoint-io" / "tests"))
-
-from checkpoint_bench import PROC_STATUS, UPSTREAM_VENV, Moto, _cpu_seconds  # noqa: E402
-from checkpoint_io_shaper import ShapingProxy  # noqa: E402
+from bench_support import PROC_STATUS, UPSTREAM_VENV, Moto, S3rver, cpu_seconds
+from checkpoint_testing.shaper import ShapingProxy
 
 MiB = 1 << 20
 
@@ -132,51 +128,6 @@ def _tree(root: Path, size: int) -> Path:
     return root
 
 
-class S3rver:
-    """s3rver (npm) on loopback, with the interface of ``checkpoint_bench.Moto``: a second S3
-    server, whose ranged GETs read only their range (moto's read the whole object for each
-    one). Installed with npm into the cache directory on first use; its data lives in
-    /dev/shm, off the measured disk, as moto's spill files do."""
-
-    def __init__(self) -> None:
-        from checkpoint_bench import _free_port, wait_for_port
-
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        home = cache / "flyte-checkpoint" / "s3rver"
-        binary = home / "node_modules" / ".bin" / "s3rver"
-        if not binary.exists():
-            if shutil.which("npm") is None:
-                raise RuntimeError("s3rver needs npm (or drop the s3rver part)")
-            print(f"installing s3rver with npm into {home}", flush=True)
-            subprocess.run(["npm", "install", "--prefix", str(home), "--no-audit", "--no-fund",
-                            "--loglevel=error", "s3rver@3"], check=True,
-                           stdout=subprocess.DEVNULL)
-        self.data = tempfile.mkdtemp(prefix="s3rver-", dir="/dev/shm")
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(binary), "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "-s",
-             "--configure-bucket", "bench"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port(self.port, self.proc, "s3rver")
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "S3RVER",
-                "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
-                "FLYTE_AWS_ENDPOINT": self.endpoint, "FLYTE_AWS_ACCESS_KEY_ID": "S3RVER",
-                "FLYTE_AWS_SECRET_ACCESS_KEY": "S3RVER"}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        shutil.rmtree(self.data, ignore_errors=True)
-
-
 def shaped_s3(args: argparse.Namespace, work: Path, rows: list[tuple],
               server: type = Moto, store: str = "s3 shaped") -> None:
     """An S3 server behind the proxy: ours, upstream (sync and async) and one plain
@@ -231,7 +182,7 @@ def shaped_azure(args: argparse.Namespace, work: Path, rows: list[tuple]) -> Non
     from datetime import datetime, timedelta, timezone
 
     from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
-    from checkpoint_io_emulators import Azurite
+    from checkpoint_testing.emulators import Azurite
 
     azurite = Azurite().start()
     try:
@@ -248,7 +199,7 @@ def shaped_azure(args: argparse.Namespace, work: Path, rows: list[tuple]) -> Non
         with ShapingProxy(azurite.port, down=args.down * MiB, up=args.up * MiB,
                           first_byte=args.first_byte) as proxy:
             def sas_url(name: str, **permissions: bool) -> str:
-                from checkpoint_io_emulators import AZURITE_ACCOUNT, AZURITE_KEY
+                from checkpoint_testing.emulators import AZURITE_ACCOUNT, AZURITE_KEY
 
                 token = generate_blob_sas(
                     AZURITE_ACCOUNT, "bench", name, account_key=AZURITE_KEY,
@@ -287,7 +238,7 @@ def shaped_gcs(args: argparse.Namespace, work: Path, rows: list[tuple]) -> None:
     import urllib.parse
     import urllib.request
 
-    from checkpoint_io_emulators import FakeGCS
+    from checkpoint_testing.emulators import FakeGCS
 
     data = work / "data" if (work / "data").exists() else _tree(work / "data", args.size)
     tarball = work / "object.bin"
@@ -348,12 +299,12 @@ def _measure(proxy: ShapingProxy, env: dict, work: Path, rows: list[tuple], stor
              op: str, runs: list[tuple], server_pid: int | None = None) -> None:
     for name, python, child_args in runs:
         proxy.stats.most_concurrent = 0
-        proxy_cpu, server_cpu = time.process_time(), _cpu_seconds(server_pid)
+        proxy_cpu, server_cpu = time.process_time(), cpu_seconds(server_pid)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             result = child(python, child_args, {**env, "TMPDIR": tmp})
         # What else ran on the same cores: the proxy (this process) and the emulator.
         result["proxy_cpu"] = time.process_time() - proxy_cpu
-        result["server_cpu"] = _cpu_seconds(server_pid) - server_cpu
+        result["server_cpu"] = cpu_seconds(server_pid) - server_cpu
         rows.append((store, op, name, result, proxy.stats.most_concurrent))
         print(_row(rows[-1]), flush=True)
 

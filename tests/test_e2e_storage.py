@@ -6,7 +6,7 @@ nanosecond, payloads, foreign tarballs, awkward object names), "no checkpoint" (
 empty object), the failures that must not read as "no checkpoint" (damaged, hostile, denied),
 all-or-nothing saves (refused, cancelled, denied, concurrent), async, and a peak-RSS check on
 a 512 MiB checkpoint per remote backend. Objects are planted and read back with each
-service's own client (see storage_fixtures), not through checkpoint-io.
+service's own client (see ``checkpoint_testing.stores``), not through checkpoint-io.
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ import time
 import uuid
 
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import storage_fixtures
+from checkpoint_testing import stores as storage_fixtures
+from checkpoint_testing.stores import RSS_PROBE, MiB
 from flyte_checkpoint import Checkpoint, CheckpointLoadError, CheckpointSaveError
-from storage_fixtures import RSS_PROBE, MiB
 
 # The fixtures, made visible to this module (pytest finds fixtures among its attributes).
 e2e_emulators = storage_fixtures.e2e_emulators

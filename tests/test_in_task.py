@@ -12,14 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import storage_fixtures
+from checkpoint_testing import stores as storage_fixtures
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

@@ -24,9 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
 MiB = 1024 * 1024
 
 
@@ -99,7 +96,7 @@ def main() -> None:
         print(json.dumps(child(op, uri, local, int(size))))
         return
 
-    from checkpoint_io_emulators import Azurite, FakeGCS, MotoS3
+    from checkpoint_testing.emulators import Azurite, FakeGCS, MotoS3
 
     size = args.size_mib * MiB
     work = Path(tempfile.mkdtemp(prefix="checkpoint-io-bench-"))

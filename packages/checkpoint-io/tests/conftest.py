@@ -7,18 +7,14 @@ CHECKPOINT_REQUIRE_EMULATORS=1 (as in CI), which turns the skip into a failure.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from checkpoint_io import File
 from checkpoint_io._loop import run_sync
 from checkpoint_io._registry import close_backends
-from checkpoint_io_emulators import (
+from checkpoint_testing.emulators import (
     INSTALL_HINT,
     Azurite,
     EmulatorMissing,

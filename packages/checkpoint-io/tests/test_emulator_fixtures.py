@@ -15,9 +15,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-import checkpoint_io_emulators as emulators
+import checkpoint_testing.emulators as emulators
 import pytest
-from checkpoint_io_emulators import Azurite, EmulatorMissing, FakeGCS
+from checkpoint_testing.emulators import Azurite, EmulatorMissing, FakeGCS
 
 
 def _script(directory: Path, name: str, body: str) -> Path:

@@ -221,12 +221,17 @@ def test_retries_go_ahead_beside_a_stalled_write(tmp_path, monkeypatch):
 
     real = os.pwrite
     release = threading.Event()
+    landed = threading.Event()
     calls = []
 
     def stall_the_first(fd, data, offset):
         calls.append(offset)
         if len(calls) == 1:
             release.wait(10)
+            try:
+                return real(fd, data, offset)
+            finally:
+                landed.set()
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", stall_the_first)
@@ -243,7 +248,7 @@ def test_retries_go_ahead_beside_a_stalled_write(tmp_path, monkeypatch):
         out.write(b"small")
     elapsed = time.monotonic() - started
     release.set()
-    time.sleep(0.2)  # the stalled write lands late, with the same bytes at the same place
+    assert landed.wait(10)  # the stalled write lands late, with the same bytes at the same place
     assert elapsed < 5
     assert (tmp_path / "obj.bin").read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["obj.bin", "other.bin"]

@@ -376,7 +376,7 @@ def reader_with(source: Source) -> StreamReader:
 @pytest.mark.emulator
 class TestRemoteParallelRanges:
     def test_ranges_over_separate_connections(self, remote_store):
-        from checkpoint_io_shaper import ShapingProxy
+        from checkpoint_testing.shaper import ShapingProxy
 
         data = os.urandom(40 * MiB + 3)
         put(remote_store.file("wide.bin"), data)
@@ -415,7 +415,7 @@ class TestRemoteParallelRanges:
             f.read()
 
     def test_a_stalled_connection_is_dropped_and_its_range_refetched(self, remote_store):
-        from checkpoint_io_shaper import ShapingProxy
+        from checkpoint_testing.shaper import ShapingProxy
 
         data = os.urandom(24 * MiB)
         put(remote_store.file("stall.bin"), data)

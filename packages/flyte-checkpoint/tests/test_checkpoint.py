@@ -10,6 +10,7 @@ import os
 import pathlib
 import tarfile
 import threading
+import time
 
 import flyte
 import pytest
@@ -320,12 +321,33 @@ def _previous_and_a_large_tree(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
     return dest, src
 
 
+def _writing_beside(target: pathlib.Path) -> bool:
+    """Whether a hidden temporary sibling of ``target`` holds bytes: its writer has started."""
+    for path in target.parent.iterdir():
+        try:
+            if path.name.startswith(".") and path.is_file() and path.stat().st_size > 0:
+                return True
+        except FileNotFoundError:  # renamed or removed while we looked
+            continue
+    return False
+
+
+async def _until_the_save_writes(dest: pathlib.Path, task: asyncio.Task) -> None:
+    """Return once the save in ``task`` has written bytes into its hidden temporary sibling
+    of ``dest`` (so a cancel lands mid-write), polling instead of guessing with a sleep."""
+    deadline = time.monotonic() + 60
+    while not _writing_beside(dest):
+        assert not task.done(), "the save ended before it was seen writing"
+        assert time.monotonic() < deadline, "the save never started writing"
+        await asyncio.sleep(0.002)
+
+
 def test_cancelled_save_keeps_the_previous_object(tmp_path) -> None:
     dest, src = _previous_and_a_large_tree(tmp_path)
 
     async def main() -> None:
         task = asyncio.create_task(Checkpoint(str(dest)).save(src))
-        await asyncio.sleep(0.05)
+        await _until_the_save_writes(dest, task)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -444,7 +466,7 @@ def test_a_second_cancel_still_waits_for_the_abort(tmp_path) -> None:
 
     async def main() -> None:
         task = asyncio.create_task(Checkpoint(str(dest)).save(src))
-        await asyncio.sleep(0.05)
+        await _until_the_save_writes(dest, task)
         task.cancel()
         await asyncio.sleep(0)
         task.cancel()

@@ -16,6 +16,17 @@ from flyte_checkpoint import Checkpoint
 from flyte_checkpoint._cli import main
 
 
+def _writing_beside(target: pathlib.Path) -> bool:
+    """Whether a hidden temporary sibling of ``target`` holds bytes: its writer has started."""
+    for path in target.parent.iterdir():
+        try:
+            if path.name.startswith(".") and path.is_file() and path.stat().st_size > 0:
+                return True
+        except FileNotFoundError:  # renamed or removed while we looked
+            continue
+    return False
+
+
 def test_sigkill_during_save_leaves_the_previous_object(tmp_path) -> None:
     dest = tmp_path / "store" / "obj"
     Checkpoint(str(dest)).save_sync(b"previous checkpoint")
@@ -36,7 +47,13 @@ def test_sigkill_during_save_leaves_the_previous_object(tmp_path) -> None:
                           text=True) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "saving"
-        time.sleep(0.15)
+        # Kill only once the child has provably started writing: bytes in its hidden
+        # temporary sibling of the object (a fixed sleep could kill before the first byte).
+        deadline = time.monotonic() + 60
+        while not _writing_beside(dest):
+            assert proc.poll() is None, "the child ended before it was seen writing"
+            assert time.monotonic() < deadline, "the child never started writing"
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -66,7 +66,10 @@ def test_flush_uploads_the_state_that_was_waiting_and_waits_for_it(tmp_path):
 
 
 def test_flush_before_any_offer_does_nothing():
-    DirectoryMirror(HeldUploads()).flush()
+    uploads = HeldUploads()
+    mirror = DirectoryMirror(uploads)
+    mirror.flush()
+    assert uploads.saves == [] and mirror.saves == 0
 
 
 def test_flush_raises_the_failed_upload(tmp_path):

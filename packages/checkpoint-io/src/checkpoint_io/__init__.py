@@ -5,6 +5,8 @@
 ...     await f.write(chunk)   # published only if the block exits without an exception
 """
 
+__version__ = "0.1.0"
+
 from ._errors import MissingBackendError, ObjectChangedError, StorageRetryError
 from ._file import AsyncFile, File, SyncFile
 from ._loop import SyncInAsyncError
@@ -20,6 +22,7 @@ __all__ = [
     "StorageRetryError",
     "SyncFile",
     "SyncInAsyncError",
+    "__version__",
     "filesystem",
     "require_backend",
     "scheme_of",

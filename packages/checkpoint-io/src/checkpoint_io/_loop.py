@@ -26,6 +26,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _state: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
 _reset_hooks: list[Callable[[], None]] = []
+_exit_hooks: list[Callable[[], Awaitable[None]]] = []
 
 
 class SyncInAsyncError(RuntimeError):
@@ -38,6 +39,12 @@ class SyncInAsyncError(RuntimeError):
 def on_new_loop(hook: Callable[[], None]) -> None:
     """Register a hook that drops state bound to a previous I/O loop (e.g. after a fork)."""
     _reset_hooks.append(hook)
+
+
+def on_exit(hook: Callable[[], Awaitable[None]]) -> None:
+    """Register a coroutine function run on the I/O loop when the process exits (e.g. one
+    that closes cached client sessions). The loop knows nothing of what the hooks close."""
+    _exit_hooks.append(hook)
 
 
 def io_loop() -> asyncio.AbstractEventLoop:
@@ -58,20 +65,19 @@ def io_loop() -> asyncio.AbstractEventLoop:
         return _state[1]
 
 
-def _close_clients_at_exit() -> None:
-    """Close the cached client sessions while the loop thread still runs (``atexit`` comes
-    before daemon threads stop): otherwise aiohttp prints "Unclosed client session" at the
+def _run_exit_hooks() -> None:
+    """Run the exit hooks while the loop thread still runs (``atexit`` comes before daemon
+    threads stop): otherwise, for instance, aiohttp prints "Unclosed client session" at the
     end of every process that touched S3, GCS or Azure."""
     state = _state
     if state is None or state[0] != os.getpid() or not state[2].is_alive():
         return
-    from ._registry import close_backends
+    for hook in _exit_hooks:
+        with contextlib.suppress(Exception):  # best effort: the process is ending either way
+            asyncio.run_coroutine_threadsafe(hook(), state[1]).result(timeout=5)
 
-    with contextlib.suppress(Exception):  # best effort: the process is ending either way
-        asyncio.run_coroutine_threadsafe(close_backends(), state[1]).result(timeout=5)
 
-
-atexit.register(_close_clients_at_exit)
+atexit.register(_run_exit_hooks)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

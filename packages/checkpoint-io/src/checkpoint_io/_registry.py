@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from ._backend import Backend
-from ._loop import on_new_loop
+from ._loop import on_exit, on_new_loop
 
 __all__ = ["backend_for", "close_backends", "filesystem", "require_backend", "scheme_of"]
 
@@ -93,6 +93,11 @@ async def close_backends() -> None:
             failures.append(exc)
     if failures:
         raise failures[0]
+
+
+# Closed at exit while the I/O loop still runs; registered here so that _loop needs no
+# knowledge of backends (it used to import this module lazily: an import circle).
+on_exit(close_backends)
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None, **kwargs: Any):

@@ -8,11 +8,11 @@ from collections import Counter
 
 from . import _demo_task
 from ._checkpoint import Checkpoint
-from ._cli import _default_store, run_attempts
+from ._runner import default_store, run_attempts
 
 
 def run_demo(*, store: str | None, steps: int, every: int, kill_at: str) -> int:
-    store = store or _default_store()
+    store = store or default_store()
     kills = [int(s) for s in kill_at.split(",") if s.strip()]
     print(
         f"flyte-checkpoint demo: {steps} training steps, a checkpoint every {every} steps,"

@@ -1,6 +1,6 @@
 """Storage backends for the cross-package end-to-end tests (``test_e2e_storage.py``).
 
-The emulators are the ones checkpoint-io's own suite uses (``checkpoint_io_emulators``): moto
+The emulators are the ones checkpoint-io's own suite uses (``checkpoint_testing.emulators``): moto
 (S3), fake-gcs-server (GCS) and Azurite (Azure Blob), each started once per run on a free
 loopback port with dummy credentials. Every test gets a fresh bucket.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import urllib.parse
 import urllib.request
 import uuid
@@ -25,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checkpoint_io._loop import run_sync
+from checkpoint_io._registry import close_backends
+from flyte_checkpoint import Checkpoint
 
-_EMULATORS = Path(__file__).resolve().parents[1] / "packages" / "checkpoint-io" / "tests"
-if str(_EMULATORS) not in sys.path:
-    sys.path.insert(0, str(_EMULATORS))
-
-# Imported after the sys.path insertion above, which makes checkpoint_io_emulators importable.
-from checkpoint_io._loop import run_sync  # noqa: E402
-from checkpoint_io._registry import close_backends  # noqa: E402
-from checkpoint_io_emulators import (  # noqa: E402
+from .emulators import (
     INSTALL_HINT,
     Azurite,
     EmulatorMissing,
@@ -41,7 +36,6 @@ from checkpoint_io_emulators import (  # noqa: E402
     MotoS3,
     notify_through_pytest,
 )
-from flyte_checkpoint import Checkpoint  # noqa: E402
 
 MiB = 1 << 20
 REMOTE = ("s3", "gcs", "azure")
@@ -202,7 +196,7 @@ class Store:
     def counting_proxy(self) -> tuple[Any, dict[str, Any]]:
         """A loopback proxy in front of this store's emulator that counts requests, and the
         storage options that route a client through it."""
-        from checkpoint_io_emulators import FaultProxy
+        from .emulators import FaultProxy
 
         proxy = FaultProxy(self.server.port, self.kind)
         self._proxies.append(proxy)
@@ -233,7 +227,8 @@ class Store:
         from datetime import datetime, timedelta, timezone
 
         from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-        from checkpoint_io_emulators import AZURITE_ACCOUNT, AZURITE_KEY
+
+        from .emulators import AZURITE_ACCOUNT, AZURITE_KEY
 
         sas = generate_container_sas(
             AZURITE_ACCOUNT, self.bucket, account_key=AZURITE_KEY,
