@@ -7,7 +7,7 @@
   never a ``TypeError`` from re-wrapping it, never a doubled message.
 
 The lies and the deaths come from a loopback proxy in front of each emulator (see
-``checkpoint_io_emulators.FaultProxy``).
+``checkpoint_testing.emulators.FaultProxy``).
 """
 
 from __future__ import annotations
@@ -15,19 +15,14 @@ from __future__ import annotations
 import errno
 import io
 import os
-import pathlib
-import sys
 
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import storage_fixtures
 from checkpoint_format import restore, write_tarball
 from checkpoint_io import ObjectChangedError, StorageRetryError
 from checkpoint_io._errors import RangeMismatch
+from checkpoint_testing import stores as storage_fixtures
+from checkpoint_testing.stores import MiB
 from flyte_checkpoint import CheckpointLoadError
-from storage_fixtures import MiB
 
 e2e_emulators = storage_fixtures.e2e_emulators
 remote_store = storage_fixtures.remote_store
