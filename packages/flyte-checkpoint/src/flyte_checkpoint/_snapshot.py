@@ -135,16 +135,22 @@ def capture(source: Path | memoryview) -> Snapshot:
 
 
 def _outwait_change_times(snapshot: Snapshot) -> None:
-    """Return once file time stamps have moved past every change time recorded: a kernel
-    without fine-grained time stamps stamps files with a clock that ticks every few
-    milliseconds, and a write in the tick of the capture would otherwise keep its change time.
-    (On Linux 6.13+ file systems with multigrain time stamps this ends at once, or within one
-    tick.) Time stamps in whole seconds (an old or foreign file system) wait up to a second."""
+    """Return once file time stamps have moved past every change time recorded.
+
+    A kernel without fine-grained time stamps stamps files from a clock that ticks every few
+    milliseconds (CLOCK_REALTIME_COARSE), so a write in the tick of the capture would keep
+    the change time recorded: wait for the next tick (at most one, about 4 ms). A change time
+    ahead of that clock was stamped fine-grained (Linux 6.13+ multigrain time stamps, which
+    give the next change after a stat a later stamp): no wait. Time stamps in whole seconds
+    (an old or foreign file system) wait for the next second."""
     if not snapshot.linked:
         return
-    latest = max(st.st_ctime_ns for st in snapshot.linked.values())
-    if all(st.st_ctime_ns % 1_000_000_000 == 0 for st in snapshot.linked.values()):
+    stamps = [st.st_ctime_ns for st in snapshot.linked.values()]
+    latest = max(stamps)
+    if all(stamp % 1_000_000_000 == 0 for stamp in stamps):
         latest += 999_999_999  # whole seconds: the next stamp must be a later second
+    elif latest > _file_clock_ns():
+        return  # stamped fine-grained
     deadline = time.monotonic() + 2.0  # a clock stepped back must not hold the caller
     while _file_clock_ns() <= latest and time.monotonic() < deadline:
         time.sleep(0.0005)
