@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import stat
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
+from checkpoint_format import CheckpointFormatError, restore, write_tarball
 from checkpoint_io import (
     File,
     MissingBackendError,
@@ -34,8 +35,9 @@ from checkpoint_io import (
 )
 from checkpoint_io._loop import io_loop
 
+from ._fs import remove_tree
 from ._progress import Progress
-from ._snapshot import Snapshot, capture
+from ._snapshot import Snapshot, capture, open_regular, special_kind
 from ._storage import file_for, storage_options_for
 
 __all__ = [
@@ -132,7 +134,8 @@ class _Workspaces:
     def remove(self, root: pathlib.Path) -> None:
         with self._lock:
             self._open.discard(str(root))
-        remove_tree(root)
+        if not remove_tree(root):
+            logger.warning("checkpoint: could not remove all of the workspace %s", root)
 
     def close_all(self) -> None:
         with self._lock:
@@ -192,6 +195,10 @@ class Checkpoint(BaseCheckpoint):
         self._workspace: pathlib.Path | None = None
         self._workspace_lock = threading.Lock()
         self._save_lock = threading.Lock()
+        # Held by a save from its wait for the one in flight until it has started (background)
+        # or published (blocking), and by close(): saves from several threads run one after
+        # the other, in the order they took it.
+        self._turn = threading.Lock()
         self._load_lock = threading.Lock()
         self._loaded = False
         self._loaded_result: pathlib.Path | None = None
@@ -242,7 +249,8 @@ class Checkpoint(BaseCheckpoint):
         path that close() has removed. Raises :class:`CheckpointSaveError` if a background
         save failed and no later ``save`` has raised it yet."""
         try:
-            self._settle(why="close()")
+            with self._turn:
+                self._settle(why="close()")
         finally:
             with self._load_lock, self._workspace_lock:
                 if self._workspace is not None:
@@ -377,8 +385,7 @@ class Checkpoint(BaseCheckpoint):
         _refuse_inside_loop("save_sync", "save")
         if not wait:
             return self._save_background(data)
-        self._settle(why="a new save")
-        self._save_blocking(data, threading.Event())
+        self._save_in_turn(data, threading.Event())
         return None
 
     async def save(
@@ -393,15 +400,60 @@ class Checkpoint(BaseCheckpoint):
         if not wait:
             future = await loop.run_in_executor(None, self._save_background, data)
             return asyncio.wrap_future(future, loop=loop)
-        await loop.run_in_executor(None, self._settle, "a new save")
-        await _in_thread(lambda cancelled: self._save_blocking(data, cancelled))
+        await _in_thread(lambda cancelled: self._save_in_turn(data, cancelled))
         return None
+
+    def _save_in_turn(self, data: Any, cancelled: threading.Event) -> None:
+        source = self._checked_source(data)  # refused at the call, before any wait
+        with self._turn:
+            self._settle(why="a new save")
+            self._save_blocking(source, cancelled)
+
+    def _checked_source(self, data: Any) -> pathlib.Path | memoryview:
+        """``data`` as what the pipeline reads; refuses, naming what is wrong, what cannot
+        become a checkpoint that loads back as saved."""
+        source = _save_source(data)
+        if isinstance(source, memoryview):
+            if not source.nbytes:
+                raise self._empty_refused("the data (0 bytes)")
+            return source
+        st = source.stat()  # follows a symlink, as the save does; never opens
+        if stat.S_ISDIR(st.st_mode):
+            self._refuse_destination_inside(source)
+        elif not stat.S_ISREG(st.st_mode):
+            raise CheckpointSaveError(
+                f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
+                f" {source} is {special_kind(st.st_mode)}; only a directory, a regular file"
+                " or bytes can be saved (CF-WRITE-05)", self._dest)
+        elif st.st_size == 0:
+            raise self._empty_refused(f"the file {source}")
+        return source
+
+    def _empty_refused(self, what: str) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"checkpoint not saved to {self._dest}: {what} is empty, and an empty object"
+            " reads as 'no checkpoint' (CF-OBJ-03), so a writer stores no empty raw payload"
+            " (CF-WRITE-12); the previous checkpoint is kept", self._dest)
+
+    def _refuse_destination_inside(self, directory: pathlib.Path) -> None:
+        """A local destination inside the directory saved would put each object into the
+        next one (and a partial file into the tarball being written): refused."""
+        if "://" in self._dest and not self._dest.startswith("file://"):
+            return
+        dest = os.path.realpath(self._dest.removeprefix("file://"))
+        root = os.path.realpath(directory)
+        if dest == root or dest.startswith(root.rstrip(os.sep) + os.sep):
+            raise CheckpointSaveError(
+                f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
+                f" the destination lies inside the directory being saved, {directory}, so"
+                " every object would hold the one before it; save a directory that does not"
+                " contain the destination, or choose a destination outside it", self._dest)
 
     # ------------------------------------------------------------------ background saves
 
     def _save_background(self, data: Any) -> Future[None]:
-        source = _save_source(data)
-        with self._pending_lock:
+        source = self._checked_source(data)
+        with self._turn, self._pending_lock:
             self._settle_locked(why="a new save")
             try:
                 snapshot = capture(source)
@@ -410,11 +462,13 @@ class Checkpoint(BaseCheckpoint):
                     f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
                     f" the data could not be frozen for a background save:"
                     f" {type(exc).__name__}: {exc}", self._dest) from exc
+            logger.info("checkpoint save: in the background to %s, %s", self._dest,
+                        snapshot.describe())
             background = _Background(self, snapshot)
+            # Started before anyone can find it pending, so a save from another thread
+            # waits for a running upload, never for a thread not yet started.
+            background.start()
             self._pending = background
-        logger.info("checkpoint save: in the background to %s, %s", self._dest,
-                    snapshot.describe())
-        background.start()
         return background.future
 
     def _settle(self, why: str) -> None:
@@ -428,19 +482,22 @@ class Checkpoint(BaseCheckpoint):
             if not pending.future.done():
                 logger.info("checkpoint save: %s waits for the background save to %s",
                             why, self._dest)
-            if pending.thread is not threading.current_thread():  # a future's done-callback
-                pending.join()
+            pending.join()  # returns before the future's done-callbacks run: they may save
             self._pending = None
         failed, self._failed = self._failed, None
         if failed is not None:
+            if why == "close()":
+                after = "raised by close(), which waited for it and then closed"
+            else:
+                after = f"{why} was not started"
             raise CheckpointSaveError(
-                f"{failed} (a background save; {why} was not started)", failed.uri
+                f"{failed} (a background save; {after})", failed.uri
             ) from failed
 
     def _save_blocking(
         self, data: Any, cancelled: threading.Event, snapshot: Snapshot | None = None
     ) -> None:
-        source = _save_source(data)
+        source = data if isinstance(data, (pathlib.Path, memoryview)) else _save_source(data)
         uri = self._dest
         with self._save_lock:
             started = time.perf_counter()
@@ -458,12 +515,16 @@ class Checkpoint(BaseCheckpoint):
                         kind, size = "file", _copy_file(source, sink)
                     else:
                         kind, size = "bytes", _copy_bytes(source, sink)
+                    if not sink.written:  # a file emptied since the call: CF-WRITE-12
+                        raise _EmptyPayload("it was emptied before it was read")
                     if snapshot is not None:  # an in-place write since capture: do not commit
                         snapshot.verify()
                     if cancelled.is_set():  # cancelled after the last write: do not commit
                         raise _Cancelled("save cancelled")
             except _Cancelled:
                 raise
+            except _EmptyPayload as empty:
+                raise self._empty_refused(f"{source} ({empty})") from None
             except Exception as exc:
                 reason = (
                     str(exc) if isinstance(exc, CheckpointFormatError)
@@ -509,6 +570,9 @@ class _Background:
         self.future: Future[None] = Future()
         self.future.set_running_or_notify_cancel()
         self.thread = threading.Thread(target=self._run, name="flyte-checkpoint-save")
+        # Set once the outcome is known and the snapshot gone, before the future's
+        # done-callbacks run (which may save again, and wait for this).
+        self.finished = threading.Event()
 
     def start(self) -> None:
         _register_exit_wait()
@@ -517,7 +581,7 @@ class _Background:
         self.thread.start()
 
     def join(self) -> None:
-        self.thread.join()
+        self.finished.wait()
 
     def _run(self) -> None:
         owner = self.owner
@@ -539,6 +603,7 @@ class _Background:
             self.snapshot.cleanup()
             with _pending_lock:
                 _pending_saves.discard(self)
+            self.finished.set()
         if error is None:
             self.future.set_result(None)
         else:
@@ -585,6 +650,7 @@ def _wait_at_exit() -> None:
         logger.warning("checkpoint save: waiting at exit for the background save to %s",
                        background.owner._dest)
         background.join()
+        background.thread.join()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -613,6 +679,10 @@ def _load_error(uri: str, exc: Exception) -> CheckpointLoadError:
         " 'no checkpoint', which would restart training from scratch)",
         uri,
     )
+
+
+class _EmptyPayload(RuntimeError):
+    """A file read as zero bytes: stored, it would read as no checkpoint (CF-WRITE-12)."""
 
 
 class _Cancelled(RuntimeError):
@@ -655,7 +725,10 @@ class _ReadStream:
 
 def _save_source(data: Any) -> pathlib.Path | memoryview:
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:  # strided or Fortran-ordered: its bytes in C order
+            return memoryview(view.tobytes())
+        return view.cast("B")
     if isinstance(data, (str, os.PathLike)):
         path = pathlib.Path(data)
         if not path.exists():
@@ -680,14 +753,17 @@ def _copy_bytes(data: memoryview, sink: _WriteSink) -> int:
 
 def _copy_file(path: pathlib.Path, sink: _WriteSink) -> int:
     size = 0
-    with open(path, "rb") as handle:
+    with open(open_regular(path), "rb") as handle:  # a FIFO swapped in cannot block
         before = os.fstat(handle.fileno())
         while chunk := handle.read(_CHUNK):
             sink.write(chunk)
             size += len(chunk)
         after = os.fstat(handle.fileno())
+    # The change time catches a rewrite whose size and mtime were put back; a change time
+    # moved by a removed name (rotation, atomic replace: the link count drops) is no write.
     if (
         (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+        or (before.st_ctime_ns != after.st_ctime_ns and after.st_nlink >= before.st_nlink)
         or size != after.st_size
     ):
         raise OSError(f"{path} changed while it was being saved; not publishing a torn copy")

@@ -18,8 +18,9 @@ The object a background save publishes must hold exactly what the source held wh
      (Hugging Face's ``save_total_limit`` rotation) and replacing it atomically (write a
      temporary file, then rename it over: what Lightning and Hugging Face do) leave it
      untouched. Writing *into* the source in place (``open(path, "wb")``) would change it,
-     so its size and modification time are recorded at capture and checked again before
-     the object is published: a change fails the save, naming the file;
+     so its size, modification time, change time and link count are recorded at capture
+     and checked again before the object is published (see :meth:`Snapshot.verify`): a
+     change fails the save, naming the file;
   3. a copy, when neither is possible (another file system, no permission): blocking, but
      always exact.
 
@@ -43,13 +44,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpoint_format import remove_tree
+from ._fs import remove_tree, walk_tree
 
 __all__ = ["Snapshot", "capture"]
 
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _PREFIX = ".flyte-checkpoint-snapshot-"
 _LOCK = ".lock"  # inside each snapshot root, flock()ed while the snapshot lives
+_CLOCK_REALTIME_COARSE = 5  # linux/time.h; Python's time module does not name it
 _no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
 
 
@@ -63,32 +65,52 @@ class Snapshot:
 
     source: Path | bytes
     root: Path | None = None  # the snapshot directory, removed by cleanup()
-    #: Hard-linked files and (size, mtime_ns) at capture: the link shares the inode, so an
+    #: Hard-linked files and their stat at capture: the link shares the inode, so an
     #: in-place write would show here.
-    linked: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    linked: dict[Path, os.stat_result] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # files per mechanism
     seconds: float = 0.0
     lock: int | None = None  # a descriptor holding the root's lock
 
     def verify(self) -> None:
-        """Raise if a hard-linked file changed since capture (called before publishing)."""
-        for path, (size, mtime_ns) in self.linked.items():
+        """Raise if a hard-linked file may have changed since capture (called before
+        publishing).
+
+        Size and modification time can be put back (``rsync --inplace -t``, ``os.utime``);
+        the change time cannot: every write, ``utime`` and ``chmod`` sets it, and
+        :func:`capture` returns only once the clock the kernel stamps files with has moved
+        past the change times it recorded, so a later write cannot carry the same one. A
+        removed or replaced name (rotation, an atomic replace) also sets it, but lowers the
+        link count: that is accepted, since a file whose other names are gone can no longer
+        be opened by name and written.
+        """
+        for path, then in self.linked.items():
             now = os.lstat(path)
-            if (now.st_size, now.st_mtime_ns) != (size, mtime_ns):
-                name = path.relative_to(self.root) if self.root else path
-                raise SnapshotChangedError(
-                    f"{name} was written in place after save(..., wait=False) returned (it is"
-                    " hard-linked into the snapshot, and its size or modification time"
-                    " changed); not publishing a torn checkpoint. Write checkpoint files to a"
-                    " new name and rename them into place, or save with wait=True"
-                )
+            name = path.relative_to(self.root) if self.root else path
+            if (now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns):
+                changed = "its size or modification time changed"
+            elif now.st_ctime_ns != then.st_ctime_ns and now.st_nlink >= then.st_nlink:
+                changed = ("its change time moved, with its size and modification time put"
+                           " back, as an in-place rewrite followed by utime (rsync --inplace"
+                           " -t) leaves it")
+            else:
+                continue
+            raise SnapshotChangedError(
+                f"{name} was written in place after save(..., wait=False) returned (it is"
+                f" hard-linked into the snapshot, and {changed}); not publishing a torn"
+                " checkpoint. Write checkpoint files to a new name and rename them into"
+                " place, or save with wait=True"
+            )
 
     def cleanup(self) -> None:
+        """Remove the snapshot directory; never raises (one left behind is removed by a
+        later capture once its lock is released here)."""
         if self.root is not None:
             remove_tree(self.root)
             self.root = None
         if self.lock is not None:
-            os.close(self.lock)
+            with contextlib.suppress(OSError):
+                os.close(self.lock)
             self.lock = None
 
     def describe(self) -> str:
@@ -107,12 +129,46 @@ def capture(source: Path | memoryview) -> Snapshot:
         snapshot = Snapshot(owner if immutable else bytes(source), counts={})
     else:
         snapshot = _capture_path(source)
+        _outwait_change_times(snapshot)
     snapshot.seconds = time.perf_counter() - started
     return snapshot
 
 
+def _outwait_change_times(snapshot: Snapshot) -> None:
+    """Return once file time stamps have moved past every change time recorded.
+
+    A kernel without fine-grained time stamps stamps files from a clock that ticks every few
+    milliseconds (CLOCK_REALTIME_COARSE), so a write in the tick of the capture would keep
+    the change time recorded: wait for the next tick (at most one, about 4 ms). A change time
+    ahead of that clock was stamped fine-grained (Linux 6.13+ multigrain time stamps, which
+    give the next change after a stat a later stamp): no wait. Time stamps in whole seconds
+    (an old or foreign file system) wait for the next second."""
+    if not snapshot.linked:
+        return
+    stamps = [st.st_ctime_ns for st in snapshot.linked.values()]
+    latest = max(stamps)
+    if all(stamp % 1_000_000_000 == 0 for stamp in stamps):
+        latest += 999_999_999  # whole seconds: the next stamp must be a later second
+    elif latest > _file_clock_ns():
+        return  # stamped fine-grained
+    deadline = time.monotonic() + 2.0  # a clock stepped back must not hold the caller
+    while _file_clock_ns() <= latest and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+def _file_clock_ns() -> int:
+    """The clock Linux stamps file times with (CLOCK_REALTIME_COARSE); elsewhere, the
+    real-time clock."""
+    try:
+        return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+    except (AttributeError, OSError):
+        return time.time_ns()
+
+
 def _capture_path(source: Path) -> Snapshot:
     source = Path(os.path.abspath(source))  # ".", "..", "x/..": a name to rebuild under
+    if not source.is_dir():
+        source = Path(os.path.realpath(source))  # link the file, not a symlink to it
     root, lock = _snapshot_root(source)
     snapshot = Snapshot(root / (source.name or "source"), root=root, lock=lock,
                         counts={"reflink": 0, "hard link": 0, "copy": 0})
@@ -153,10 +209,10 @@ def _snapshot_root(source: Path) -> tuple[Path, int]:
 def _remove_stale(parent: Path) -> None:
     """Remove snapshots whose lock nobody holds: their process is gone (a lock, unlike a
     pid, also tells on a volume that other machines share)."""
-    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+    with contextlib.suppress(Exception), os.scandir(parent) as entries:
         for entry in entries:
             if entry.name.startswith(_PREFIX) and _abandoned(Path(entry.path)):
-                remove_tree(entry.path)
+                remove_tree(entry.path)  # best effort: never fails the capture
 
 
 def _abandoned(root: Path) -> bool:
@@ -180,50 +236,90 @@ def _abandoned(root: Path) -> bool:
 
 def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
     """Rebuild ``source`` under ``target``: directories and symlinks recreated with their
-    modes and times, regular files cloned. Anything else is left for the writer to refuse."""
+    modes and times, regular files cloned. Anything else fails the capture, as the writer
+    would refuse it (CF-WRITE-05). Iterative: depth is bounded by ``PATH_MAX`` only."""
     directories: list[tuple[Path, os.stat_result]] = [(target, os.stat(source))]
     target.mkdir()
-    for here, dirs, files in os.walk(source):
-        relative = Path(here).relative_to(source)
-        dirs[:] = [d for d in dirs if not d.startswith(_PREFIX)]  # another save's snapshot
-        for name in dirs + files:
-            src, dst = Path(here) / name, target / relative / name
-            st = os.lstat(src)
-            if stat.S_ISDIR(st.st_mode):
-                dst.mkdir()
-                directories.append((dst, st))
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(src), dst)
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-            elif stat.S_ISREG(st.st_mode):
-                _clone(src, dst, snapshot)
-            else:
-                raise OSError(errno.EINVAL, "not a regular file, directory or symlink", str(src))
+    # Another save's snapshot is never captured (CF: it is not the user's data).
+    for relative, src, st in walk_tree(source, skip_dir=_PREFIX):
+        dst = target / relative
+        if stat.S_ISDIR(st.st_mode):
+            dst.mkdir()
+            directories.append((dst, st))
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src), dst)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        elif stat.S_ISREG(st.st_mode):
+            _clone(Path(src), dst, snapshot)
+        else:
+            raise SpecialFileError(src, st.st_mode)
     for directory, st in reversed(directories):  # deepest first: children change mtimes
         os.chmod(directory, stat.S_IMODE(st.st_mode))
         os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+class SpecialFileError(OSError):
+    """A FIFO, socket or device where a checkpoint can hold only files, directories and
+    links (CF-WRITE-05)."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: int) -> None:
+        super().__init__(errno.EINVAL, f"{special_kind(mode)} cannot be saved in a checkpoint"
+                         " (only directories, regular files and symlinks; CF-WRITE-05)",
+                         os.fspath(path))
+
+
+def special_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a file of unknown type"
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A descriptor of the regular file at ``path`` (symlinks followed), opened so that a
+    FIFO swapped in cannot block: ``SpecialFileError`` for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SpecialFileError(path, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _clone(src: Path, dst: Path, snapshot: Snapshot) -> None:
     st = os.stat(src)
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecialFileError(src, st.st_mode)
     if st.st_dev not in _no_reflink and _reflink(src, dst, st):
         snapshot.counts["reflink"] += 1
         return
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        _copy(src, dst, st)
         snapshot.counts["copy"] += 1
         return
-    linked = os.lstat(dst)
-    snapshot.linked[dst] = (linked.st_size, linked.st_mtime_ns)
+    snapshot.linked[dst] = os.lstat(dst)  # after the link, which sets the change time
     snapshot.counts["hard link"] += 1
+
+
+def _copy(src: Path, dst: Path, st: os.stat_result) -> None:
+    with open(open_regular(src), "rb") as source, open(dst, "xb") as target:
+        shutil.copyfileobj(source, target, 8 << 20)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _reflink(src: Path, dst: Path, st: os.stat_result) -> bool:
     """Clone ``src`` to ``dst`` copy-on-write; False (and ``dst`` absent) where unsupported."""
+    source = open(open_regular(src), "rb")  # noqa: SIM115 - closed below, after the clone
     try:
-        with open(src, "rb") as source, open(dst, "xb") as target:
+        with source, open(dst, "xb") as target:
             fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):

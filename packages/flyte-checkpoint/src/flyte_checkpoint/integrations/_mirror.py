@@ -3,11 +3,12 @@ directory in the background without ever making the training loop wait for an up
 
 from __future__ import annotations
 
-import os
 import pathlib
+import stat
 from concurrent.futures import Future
 
 from .._checkpoint import Checkpoint
+from .._fs import walk_tree
 
 
 def task_checkpoint(checkpoint: Checkpoint | None = None) -> Checkpoint:
@@ -95,14 +96,11 @@ class DirectoryMirror:
 
 
 def _fingerprint(directory: pathlib.Path) -> tuple:
-    """Names, sizes, mtimes and inodes of everything under ``directory`` (empty if absent)."""
-    entries = []
-    for here, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            try:
-                st = os.lstat(os.path.join(here, name))
-            except FileNotFoundError:
-                continue
-            entries.append((os.path.join(here, name), st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(entries)
+    """Names, sizes, mtimes and inodes of everything but directories under ``directory``
+    (empty if absent), from an explicit-stack walk: ``os.walk`` recurses up to Python 3.11,
+    and a legal tree may be deeper than the recursion limit."""
+    return tuple(
+        (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        for _, path, st in walk_tree(directory, vanished_ok=True)
+        if not stat.S_ISDIR(st.st_mode)
+    )
