@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,38 @@ def test_file_growing_during_save_is_refused(tmp_path: Path) -> None:
                        match=r"member 'big.bin': file changed during save") as info:
         write_tarball(tmp_path, SlowSink(), chunk_size=1 << 20, workers=1)
     assert info.value.rule == "CF-WRITE-07"
+
+
+_CLOCK_REALTIME_COARSE = 5  # linux/time.h: the clock Linux stamps file times with
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="needs Linux's coarse clock")
+def test_in_place_rewrite_with_its_mtime_put_back_is_refused(tmp_path: Path) -> None:
+    """rsync --inplace -t: the same size and modification time, other bytes. Only the change
+    time (which utime cannot set) tells; the archive must not carry a torn copy."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(12 << 20))
+    before = big.stat()
+
+    class RewritingSink(io.BytesIO):
+        done = False
+
+        def write(self, data):
+            if not RewritingSink.done and self.tell() > (5 << 20):
+                # Change times come from the kernel's coarse clock: once it has passed the
+                # file's, a write is sure to stamp a later one.
+                while time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) <= before.st_ctime_ns:
+                    pass
+                with open(big, "r+b") as f:
+                    f.write(b"torn")
+                os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns))
+                RewritingSink.done = True
+            return super().write(data)
+
+    with pytest.raises(WriteRefusedError, match=r"member 'big.bin'.*change time moved") as info:
+        write_tarball(tmp_path, RewritingSink(), chunk_size=1 << 20, workers=1)
+    assert info.value.rule == "CF-WRITE-07"
+    assert RewritingSink.done and big.stat().st_mtime_ns == before.st_mtime_ns
 
 
 def test_file_replaced_between_stat_and_read_is_refused(tmp_path: Path, monkeypatch) -> None:

@@ -13,9 +13,9 @@ import tempfile
 import threading
 
 import pytest
-from checkpoint_format import restore
+from checkpoint_format import remove_tree, restore
 from flyte_checkpoint import Checkpoint, CheckpointSaveError
-from flyte_checkpoint._fs import remove_tree, walk_tree
+from flyte_checkpoint._fs import walk_tree
 from flyte_checkpoint._snapshot import capture
 from flyte_checkpoint.integrations._mirror import _fingerprint
 
@@ -169,9 +169,6 @@ def test_the_mirror_fingerprints_a_deep_tree(tmp_path):
     assert _fingerprint(tmp_path / "absent") == ()
 
 
-@pytest.mark.xfail(
-    reason="DEPENDS ON branch h15-format: the format package's writer walk and extractor"
-    " recurse on depth until its iterative versions land", strict=False)
 def test_a_deep_tree_round_trips(tmp_path):
     source = _deep(tmp_path / "work" / "ckpt")
     dest = tmp_path / "store" / "ckpt"

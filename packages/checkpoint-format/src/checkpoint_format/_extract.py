@@ -84,10 +84,11 @@ def restore(
     )
 
 
-def remove_tree(root: str | os.PathLike[str]) -> None:
+def remove_tree(root: str | os.PathLike[str]) -> bool:
     """Remove a tree that :func:`restore` wrote (or was writing), including the read-only
     directories it restores faithfully, which ``shutil.rmtree`` alone cannot empty as a
     normal user. What still cannot be removed is left in place; a missing tree is fine.
+    Never raises ``OSError``: returns whether ``root`` is gone.
 
     Iterative, on directory descriptors: a tree thousands of levels deep needs neither
     recursion (``shutil.rmtree`` recurses on Python 3.10-3.12, and fails past ~1,000 levels)
@@ -98,10 +99,12 @@ def remove_tree(root: str | os.PathLike[str]) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return True
+    except OSError:
+        return False
     if not stat.S_ISDIR(st.st_mode):
         _unlink_or_rmdir(path, None, False)
-        return
+        return not os.path.lexists(path)
     with contextlib.suppress(OSError):
         top = _open_dir(path, None, st)
         try:
@@ -109,6 +112,7 @@ def remove_tree(root: str | os.PathLike[str]) -> None:
         finally:
             os.close(top)
     _unlink_or_rmdir(path, None, True)
+    return not os.path.lexists(path)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)

@@ -400,6 +400,12 @@ def _read_exactly(handle, size: int, name: str) -> bytes:
 def _check_unchanged(name: str, before: os.stat_result, now: os.stat_result) -> None:
     if (before.st_size, before.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
         raise _changed(name, "its size or modification time changed while being saved")
+    # An in-place rewrite whose modification time was put back (rsync --inplace -t) still
+    # moves the change time, which utime cannot set. A name removed or added moves it too;
+    # a removal lowers the link count and leaves the bytes alone, so it is accepted.
+    if before.st_ctime_ns != now.st_ctime_ns and now.st_nlink >= before.st_nlink:
+        raise _changed(name, "its change time moved while being saved (an in-place rewrite"
+                             " with the modification time put back leaves it so)")
 
 
 def _changed(name: str, why: str) -> WriteRefusedError:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from checkpoint_format import CheckpointFormatError, restore, write_tarball
+from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
 from checkpoint_io import (
     File,
     MissingBackendError,
@@ -35,7 +35,6 @@ from checkpoint_io import (
 )
 from checkpoint_io._loop import io_loop
 
-from ._fs import remove_tree
 from ._progress import Progress
 from ._snapshot import Snapshot, capture, open_regular, special_kind
 from ._storage import file_for, storage_options_for

@@ -44,7 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._fs import remove_tree, walk_tree
+from checkpoint_format import remove_tree
+
+from ._fs import walk_tree
 
 __all__ = ["Snapshot", "capture"]
 
