@@ -277,3 +277,19 @@ def test_widths_from_the_environment(monkeypatch, variable, attribute):
         monkeypatch.setenv(variable, bad)
         with pytest.raises(ValueError, match=rf"{variable}='{bad}': expected a whole number"):
             transfer()
+
+
+def test_storage_errors_share_one_os_error_root() -> None:
+    """Callers catch every store failure as checkpoint_io.StorageError, or as OSError."""
+    from checkpoint_io import (
+        MissingBackendError,
+        ObjectChangedError,
+        StorageError,
+        StorageRetryError,
+    )
+
+    assert issubclass(StorageError, OSError)
+    assert issubclass(StorageRetryError, StorageError)
+    assert issubclass(ObjectChangedError, StorageError)
+    assert issubclass(MissingBackendError, ImportError)
+    assert not issubclass(MissingBackendError, StorageError)
