@@ -287,3 +287,19 @@ def test_backend_options_are_part_of_the_backend_cache_key(tmp_path):
     # An unset switch keeps what the File has; the other switch is independent.
     kept = buffered.with_options(gcs_composite=True)
     assert kept._options.backend == BackendOptions(direct_writes=False, gcs_composite=True)
+
+
+def test_storage_errors_share_one_os_error_root() -> None:
+    """Callers catch every store failure as checkpoint_io.StorageError, or as OSError."""
+    from checkpoint_io import (
+        MissingBackendError,
+        ObjectChangedError,
+        StorageError,
+        StorageRetryError,
+    )
+
+    assert issubclass(StorageError, OSError)
+    assert issubclass(StorageRetryError, StorageError)
+    assert issubclass(ObjectChangedError, StorageError)
+    assert issubclass(MissingBackendError, ImportError)
+    assert not issubclass(MissingBackendError, StorageError)

@@ -256,13 +256,13 @@ def test_sigkill_during_a_background_upload_keeps_the_previous_object(tmp_path):
     # A slow disk (fault injection): every chunk of the upload takes 50 ms.
     script = textwrap.dedent(f"""
         import sys, time
-        from flyte_checkpoint import _checkpoint
-        write = _checkpoint._WriteSink.write
+        from flyte_checkpoint import _checkpoint, _pipeline
+        write = _pipeline.WriteSink.write
         def slow(self, data):
             print("uploading", flush=True)
             time.sleep(0.05)
             return write(self, data)
-        _checkpoint._WriteSink.write = slow
+        _pipeline.WriteSink.write = slow
         _checkpoint.Checkpoint({str(dest)!r}).save_sync({str(source)!r}, wait=False)
         time.sleep(600)
     """)

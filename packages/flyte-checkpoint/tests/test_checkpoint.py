@@ -224,10 +224,33 @@ def test_hostile_archive_cannot_escape(tmp_path) -> None:
     (tmp_path / "obj").write_bytes(buf.getvalue())
     cp = Checkpoint(str(tmp_path / "d"), str(tmp_path / "obj"))
     with pytest.raises(CheckpointLoadError,
-                       match=r"member '\.\./\.\./escaped\.txt'.*CF-EXTRACT-02"):
+                       match=r"member '\.\./\.\./escaped\.txt'.*CF-EXTRACT-02") as info:
         cp.load_sync()
+    assert info.value.rule == "CF-EXTRACT-02"  # the rule is an attribute, not only text
     assert not any(cp.path.iterdir())
     assert not (cp.path.parent.parent / "escaped.txt").exists()
+
+
+def test_errors_carry_their_rule_and_survive_pickling(tmp_path) -> None:
+    """``rule`` names the spec rule the data broke, and is None where the data broke none."""
+    import pickle
+
+    cp = Checkpoint(str(tmp_path / "obj"))
+    with pytest.raises(CheckpointSaveError) as empty:
+        cp.save_sync(b"")
+    assert empty.value.rule == "CF-WRITE-12"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CheckpointSaveError) as special:
+        cp.save_sync(tmp_path / "fifo")
+    assert special.value.rule == "CF-WRITE-05"
+    (tmp_path / "prev").mkdir()  # a directory where the object should be: no rule broken
+    with pytest.raises(CheckpointLoadError) as unreadable:
+        Checkpoint(str(tmp_path / "d"), str(tmp_path / "prev")).load_sync()
+    assert unreadable.value.rule is None
+    for error in (empty.value, special.value, unreadable.value):
+        copy = pickle.loads(pickle.dumps(error))
+        assert (type(copy), str(copy), copy.uri, copy.rule) == (
+            type(error), str(error), error.uri, error.rule)
 
 
 def test_load_clears_stale_files_in_path(tmp_path) -> None:

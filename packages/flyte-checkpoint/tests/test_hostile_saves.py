@@ -25,11 +25,14 @@ DEPTH = 1_500  # past the recursion limit (1,000), inside PATH_MAX with one-lett
 
 @pytest.fixture(autouse=True)
 def own_tempdir(tmp_path, monkeypatch):
-    """Snapshots and workspaces go to this test's own temporary directory."""
+    """Snapshots and workspaces go to this test's own temporary directory, which is removed
+    afterwards: pytest's own clean-up of old temporary directories recurses (shutil.rmtree)
+    and fails on the deep trees these tests build, and a strict run fails with it."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
-    return scratch
+    yield scratch
+    assert remove_tree(tmp_path), f"{tmp_path} could not be removed"
 
 
 def _deep(root: pathlib.Path, depth: int = DEPTH) -> pathlib.Path:

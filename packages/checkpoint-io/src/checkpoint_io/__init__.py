@@ -7,9 +7,9 @@
 
 __version__ = "0.1.0"
 
-from ._errors import MissingBackendError, ObjectChangedError, StorageRetryError
+from ._errors import MissingBackendError, ObjectChangedError, StorageError, StorageRetryError
 from ._file import AsyncFile, File, SyncFile
-from ._loop import SyncInAsyncError
+from ._loop import SyncInAsyncError, io_loop, refuse_in_loop
 from ._registry import filesystem, require_backend, scheme_of
 from ._retry import RetryPolicy
 
@@ -19,11 +19,14 @@ __all__ = [
     "MissingBackendError",
     "ObjectChangedError",
     "RetryPolicy",
+    "StorageError",
     "StorageRetryError",
     "SyncFile",
     "SyncInAsyncError",
     "__version__",
     "filesystem",
+    "io_loop",
+    "refuse_in_loop",
     "require_backend",
     "scheme_of",
 ]

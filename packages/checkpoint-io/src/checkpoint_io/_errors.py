@@ -1,4 +1,13 @@
-"""Error types, and the one place that decides what a backend's error means."""
+"""Error types, and the one place that decides what a backend's error means.
+
+The errors a caller sees have two roots. :class:`StorageError` is an ``OSError``: a store
+that kept failing, or an object that changed under a read, is an I/O error, as it would be
+on a local file (and local file errors reach callers as the plain ``OSError`` they are).
+:class:`MissingBackendError` is an ``ImportError``: the client library is not installed, a
+matter of the environment, not of any transfer. :class:`VersionMismatch` and
+:class:`RangeMismatch` are signals between a backend hook and the retry loop, which turns
+them into a :class:`StorageError`; callers never see them raised.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import errno
 import socket
 
 __all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "RangeMismatch",
-           "StorageRetryError", "VersionMismatch", "classify"]
+           "StorageError", "StorageRetryError", "VersionMismatch", "classify"]
 
 
 class MissingBackendError(ImportError):
@@ -29,7 +38,15 @@ class MissingBackendError(ImportError):
         return MissingBackendError(self.scheme, self.extra, self.module, distribution)
 
 
-class StorageRetryError(OSError):
+class StorageError(OSError):
+    """A transfer failed in the store: ``uri`` names the object, ``operation`` what was
+    being done; the backend's own error is the ``__cause__``."""
+
+    uri: str
+    operation: str
+
+
+class StorageRetryError(StorageError):
     """A transient fault persisted through every retry the policy allowed.
 
     ``uri``, ``operation`` and ``attempts`` say what was tried; the backend's last error is
@@ -64,7 +81,7 @@ def _rebuild_retry_error(uri, operation, attempts, elapsed, message):
     return err
 
 
-class ObjectChangedError(OSError):
+class ObjectChangedError(StorageError):
     """The object was replaced or deleted while it was being read.
 
     A reader is pinned to the version it opened (ETag, generation, inode); when a request

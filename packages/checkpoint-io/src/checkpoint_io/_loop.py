@@ -101,10 +101,12 @@ async def _call(factory: Callable[[], Awaitable[T]]) -> T:
     return await factory()
 
 
-def refuse_in_loop(name: str) -> None:
-    """Raise :class:`SyncInAsyncError` if called from inside a running event loop."""
+def refuse_in_loop(name: str, twin: str | None = None) -> None:
+    """Raise :class:`SyncInAsyncError` if called from inside a running event loop: the
+    blocking call ``name`` (e.g. ``"exists_sync"``) would stall the loop; the error points to
+    ``twin``, its awaitable (by default ``name`` without ``_sync``)."""
     if _running_loop() is not None:
-        twin = name.removesuffix("_sync")
+        twin = twin or name.removesuffix("_sync")
         raise SyncInAsyncError(
             f"{name}() blocks and was called from inside a running event loop, where it "
             f"would stall or deadlock the loop; use `await {twin}(...)` there instead"

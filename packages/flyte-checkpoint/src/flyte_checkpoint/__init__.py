@@ -7,15 +7,8 @@ small standalone facade over this package instead (see ``_standalone/flyte``).
 
 __version__ = "0.1.0"
 
-from ._checkpoint import (
-    ENV_DEST,
-    ENV_SRC,
-    BaseCheckpoint,
-    Checkpoint,
-    CheckpointError,
-    CheckpointLoadError,
-    CheckpointSaveError,
-)
+from ._checkpoint import ENV_DEST, ENV_SRC, BaseCheckpoint, Checkpoint
+from ._errors import CheckpointError, CheckpointLoadError, CheckpointSaveError
 from ._latest import latest_checkpoint
 from ._upstream import SUPPORTED_UPSTREAM, UpstreamNotSupportedError, install, installed, uninstall
 

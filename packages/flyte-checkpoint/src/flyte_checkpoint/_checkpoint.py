@@ -4,40 +4,54 @@ Each operation is written once, as a blocking pipeline that streams between the 
 the object store (``_save_blocking`` / ``_load_blocking``). The sync methods call it directly;
 the async methods run it on a worker thread, so the event loop never blocks and CPU-heavy
 compression and hashing happen off it. A background save (``wait=False``) freezes the data in
-a snapshot (``_snapshot``) and runs the same pipeline on a thread of its own.
+a snapshot (``_snapshot``) and runs the same pipeline on a thread of its own (``_background``).
+The pipelines' adapters are in ``_pipeline``, the errors in ``_errors``, the local workspaces
+that loads restore into in ``_workspace``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
 import pathlib
 import stat
-import tempfile
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
-from checkpoint_format import CheckpointFormatError, remove_tree, restore, write_tarball
-from checkpoint_io import (
-    File,
-    MissingBackendError,
-    SyncInAsyncError,
-    filesystem,
-    require_backend,
+from checkpoint_format import restore, write_tarball
+from checkpoint_io import File, MissingBackendError, filesystem, refuse_in_loop, require_backend
+
+from ._background import Background
+from ._errors import (
+    CheckpointError,
+    CheckpointLoadError,
+    CheckpointSaveError,
+    load_error,
+    rule_of,
+    save_error,
 )
-from checkpoint_io._loop import io_loop
-
+from ._pipeline import (
+    Cancelled,
+    EmptyPayload,
+    ReadStream,
+    WriteSink,
+    copy_bytes,
+    copy_file,
+    ensure_local_parent,
+    human,
+    in_thread,
+    save_source,
+    size_of,
+)
 from ._progress import Progress
-from ._snapshot import Snapshot, capture, open_regular, special_kind
+from ._snapshot import Snapshot, capture, special_kind
 from ._storage import file_for, storage_options_for
+from ._workspace import clear, workspaces
 
 __all__ = [
     "ENV_DEST",
@@ -55,24 +69,6 @@ logger = logging.getLogger("flyte_checkpoint")
 ENV_DEST = "FLYTE_CHECKPOINT_PATH"
 ENV_SRC = "FLYTE_PREV_CHECKPOINT_PATH"
 
-_CHUNK = 8 << 20
-_T = TypeVar("_T")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or loaded. ``uri`` names the object; the cause is chained."""
-
-    def __init__(self, message: str, uri: str) -> None:
-        super().__init__(message)
-        self.uri = uri
-
-
-class CheckpointLoadError(CheckpointError):
-    """The previous checkpoint exists but could not be restored; nothing was restored."""
-
-
-class CheckpointSaveError(CheckpointError):
-    """The checkpoint could not be saved; the object at the destination is unchanged."""
 
 
 class BaseCheckpoint(ABC):
@@ -110,40 +106,6 @@ def _location(value: str | os.PathLike[str] | None) -> str | None:
         return None
     text = os.fspath(value).strip().strip("\"'").strip()
     return text or None
-
-
-class _Workspaces:
-    """Local workspaces live until their Checkpoint is closed or the process exits.
-
-    A path returned by ``load`` must outlive the Checkpoint object that returned it, so the
-    cleanup is tied to ``close()`` and interpreter exit, never to garbage collection.
-    """
-
-    def __init__(self) -> None:
-        self._open: set[str] = set()
-        self._lock = threading.Lock()
-        atexit.register(self.close_all)
-
-    def create(self) -> pathlib.Path:
-        root = tempfile.mkdtemp(prefix="flyte-checkpoint-")
-        with self._lock:
-            self._open.add(root)
-        return pathlib.Path(root)
-
-    def remove(self, root: pathlib.Path) -> None:
-        with self._lock:
-            self._open.discard(str(root))
-        if not remove_tree(root):
-            logger.warning("checkpoint: could not remove all of the workspace %s", root)
-
-    def close_all(self) -> None:
-        with self._lock:
-            roots, self._open = list(self._open), set()
-        for root in roots:
-            remove_tree(root)
-
-
-_workspaces = _Workspaces()
 
 
 class Checkpoint(BaseCheckpoint):
@@ -202,7 +164,7 @@ class Checkpoint(BaseCheckpoint):
         self._loaded = False
         self._loaded_result: pathlib.Path | None = None
         self._pending_lock = threading.Lock()  # guards _pending and _failed
-        self._pending: _Background | None = None
+        self._pending: Background | None = None
         self._failed: CheckpointSaveError | None = None  # not yet raised by save()/close()
 
     @classmethod
@@ -232,7 +194,7 @@ class Checkpoint(BaseCheckpoint):
         """Local directory holding the restored checkpoint (created on first use)."""
         with self._workspace_lock:
             if self._workspace is None:
-                self._workspace = _workspaces.create()
+                self._workspace = workspaces.create()
             path = self._workspace / "checkpoint"
         path.mkdir(exist_ok=True)
         return path
@@ -253,7 +215,7 @@ class Checkpoint(BaseCheckpoint):
         finally:
             with self._load_lock, self._workspace_lock:
                 if self._workspace is not None:
-                    _workspaces.remove(self._workspace)
+                    workspaces.remove(self._workspace)
                     self._workspace = None
                     self._loaded = False
                     self._loaded_result = None
@@ -291,11 +253,11 @@ class Checkpoint(BaseCheckpoint):
     # ------------------------------------------------------------------ load
 
     def load_sync(self) -> pathlib.Path | None:
-        _refuse_inside_loop("load_sync", "load")
+        refuse_in_loop("Checkpoint.load_sync", "checkpoint.load")
         return self._load_blocking(threading.Event())
 
     async def load(self) -> pathlib.Path | None:
-        return await _in_thread(self._load_blocking)
+        return await in_thread(self._load_blocking)
 
     def _options(self, uri: str) -> dict[str, Any]:
         """The store's options: upstream's storage settings, ``storage_options`` over them."""
@@ -322,7 +284,7 @@ class Checkpoint(BaseCheckpoint):
                 return None
             uri = self._src
             target = self.path
-            _clear(target)
+            clear(target)
             started = time.perf_counter()
             with contextlib.ExitStack() as stack:
                 try:
@@ -332,21 +294,22 @@ class Checkpoint(BaseCheckpoint):
                     if listed:
                         raise CheckpointLoadError(
                             f"checkpoint at {uri} is a prefix holding objects ({listed[0]!r},"
-                            " ...), not one checkpoint object; nothing was restored (older"
-                            " flytekit checkpoints were directories of objects: not treating"
-                            " this as 'no checkpoint', which would restart training)",
-                            uri,
+                            " ...), not one checkpoint object (CF-OBJ-01); nothing was"
+                            " restored (older flytekit checkpoints were directories of objects:"
+                            " not treating this as 'no checkpoint', which would restart"
+                            " training)",
+                            uri, "CF-OBJ-01",
                         ) from missing
                     logger.info("checkpoint load: no previous checkpoint at %s", uri)
                     self._loaded, self._loaded_result = True, None
                     return None
                 except Exception as exc:
-                    raise _load_error(uri, exc) from exc
+                    raise load_error(uri, exc) from exc
                 progress = Progress("load", uri, total=getattr(remote, "size", None))
                 try:
-                    result = restore(_ReadStream(remote, progress, cancelled), target)
+                    result = restore(ReadStream(remote, progress, cancelled), target)
                 except Exception as exc:
-                    raise _load_error(uri, exc) from exc
+                    raise load_error(uri, exc) from exc
             if result.path is None:
                 logger.info("checkpoint load: %s is empty: no previous checkpoint", uri)
                 self._loaded, self._loaded_result = True, None
@@ -360,7 +323,7 @@ class Checkpoint(BaseCheckpoint):
             logger.info(
                 "checkpoint load: %s, %s restored in %.2f s (%.0f MB/s) from %s",
                 what,
-                _human(result.bytes),
+                human(result.bytes),
                 seconds,
                 result.bytes / 1e6 / max(seconds, 1e-9),
                 uri,
@@ -381,7 +344,7 @@ class Checkpoint(BaseCheckpoint):
         :class:`CheckpointSaveError`. One save runs at a time per Checkpoint: a new save
         first waits for the one in flight, and raises its failure if it failed.
         """
-        _refuse_inside_loop("save_sync", "save")
+        refuse_in_loop("Checkpoint.save_sync", "checkpoint.save")
         if not wait:
             return self._save_background(data)
         self._save_in_turn(data, threading.Event())
@@ -399,7 +362,7 @@ class Checkpoint(BaseCheckpoint):
         if not wait:
             future = await loop.run_in_executor(None, self._save_background, data)
             return asyncio.wrap_future(future, loop=loop)
-        await _in_thread(lambda cancelled: self._save_in_turn(data, cancelled))
+        await in_thread(lambda cancelled: self._save_in_turn(data, cancelled))
         return None
 
     def _save_in_turn(self, data: Any, cancelled: threading.Event) -> None:
@@ -411,7 +374,7 @@ class Checkpoint(BaseCheckpoint):
     def _checked_source(self, data: Any) -> pathlib.Path | memoryview:
         """``data`` as what the pipeline reads; refuses, naming what is wrong, what cannot
         become a checkpoint that loads back as saved."""
-        source = _save_source(data)
+        source = save_source(data)
         if isinstance(source, memoryview):
             if not source.nbytes:
                 raise self._empty_refused("the data (0 bytes)")
@@ -420,10 +383,9 @@ class Checkpoint(BaseCheckpoint):
         if stat.S_ISDIR(st.st_mode):
             self._refuse_destination_inside(source)
         elif not stat.S_ISREG(st.st_mode):
-            raise CheckpointSaveError(
-                f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
-                f" {source} is {special_kind(st.st_mode)}; only a directory, a regular file"
-                " or bytes can be saved (CF-WRITE-05)", self._dest)
+            raise save_error(
+                self._dest, f"{source} is {special_kind(st.st_mode)}; only a directory, a"
+                " regular file or bytes can be saved (CF-WRITE-05)", rule="CF-WRITE-05")
         elif st.st_size == 0:
             raise self._empty_refused(f"the file {source}")
         return source
@@ -432,7 +394,7 @@ class Checkpoint(BaseCheckpoint):
         return CheckpointSaveError(
             f"checkpoint not saved to {self._dest}: {what} is empty, and an empty object"
             " reads as 'no checkpoint' (CF-OBJ-03), so a writer stores no empty raw payload"
-            " (CF-WRITE-12); the previous checkpoint is kept", self._dest)
+            " (CF-WRITE-12); the previous checkpoint is kept", self._dest, "CF-WRITE-12")
 
     def _refuse_destination_inside(self, directory: pathlib.Path) -> None:
         """A local destination inside the directory saved would put each object into the
@@ -442,11 +404,11 @@ class Checkpoint(BaseCheckpoint):
         dest = os.path.realpath(self._dest.removeprefix("file://"))
         root = os.path.realpath(directory)
         if dest == root or dest.startswith(root.rstrip(os.sep) + os.sep):
-            raise CheckpointSaveError(
-                f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
-                f" the destination lies inside the directory being saved, {directory}, so"
-                " every object would hold the one before it; save a directory that does not"
-                " contain the destination, or choose a destination outside it", self._dest)
+            raise save_error(
+                self._dest, f"the destination lies inside the directory being saved,"
+                f" {directory}, so every object would hold the one before it; save a"
+                " directory that does not contain the destination, or choose a destination"
+                " outside it")
 
     # ------------------------------------------------------------------ background saves
 
@@ -457,18 +419,26 @@ class Checkpoint(BaseCheckpoint):
             try:
                 snapshot = capture(source)
             except Exception as exc:
-                raise CheckpointSaveError(
-                    f"checkpoint not saved to {self._dest} (the previous object is unchanged):"
-                    f" the data could not be frozen for a background save:"
-                    f" {type(exc).__name__}: {exc}", self._dest) from exc
+                raise save_error(
+                    self._dest, f"the data could not be frozen for a background save:"
+                    f" {type(exc).__name__}: {exc}", rule=rule_of(exc)) from exc
             logger.info("checkpoint save: in the background to %s, %s", self._dest,
                         snapshot.describe())
-            background = _Background(self, snapshot)
+            background = Background(self._dest, snapshot, self._upload_snapshot,
+                                    self._record_failure)
             # Started before anyone can find it pending, so a save from another thread
             # waits for a running upload, never for a thread not yet started.
             background.start()
             self._pending = background
         return background.future
+
+    def _upload_snapshot(self, snapshot: Snapshot) -> None:
+        """A background save's upload: the blocking pipeline over the frozen data."""
+        self._save_blocking(snapshot.source, threading.Event(), snapshot)
+
+    def _record_failure(self, error: CheckpointSaveError) -> None:
+        """A background save failed: the next save or close() raises it."""
+        self._failed = error
 
     def _settle(self, why: str) -> None:
         with self._pending_lock:
@@ -490,57 +460,50 @@ class Checkpoint(BaseCheckpoint):
             else:
                 after = f"{why} was not started"
             raise CheckpointSaveError(
-                f"{failed} (a background save; {after})", failed.uri
+                f"{failed} (a background save; {after})", failed.uri, failed.rule
             ) from failed
 
     def _save_blocking(
         self, data: Any, cancelled: threading.Event, snapshot: Snapshot | None = None
     ) -> None:
-        source = data if isinstance(data, (pathlib.Path, memoryview)) else _save_source(data)
+        source = data if isinstance(data, (pathlib.Path, memoryview)) else save_source(data)
         uri = self._dest
         with self._save_lock:
             started = time.perf_counter()
-            progress = Progress("save", uri, total=_size_of(source), show=snapshot is None)
+            progress = Progress("save", uri, total=size_of(source), show=snapshot is None)
             try:
-                _ensure_local_parent(uri)
+                ensure_local_parent(uri)
                 with self._file(uri).open_sync("wb") as remote:
-                    sink = _WriteSink(remote, progress, cancelled)
+                    sink = WriteSink(remote, progress, cancelled)
                     if isinstance(source, pathlib.Path) and source.is_dir():
                         stats = write_tarball(source, sink)
                         kind, size = (
                             f"directory as tarball ({stats.members} members)", stats.file_bytes
                         )
                     elif isinstance(source, pathlib.Path):
-                        kind, size = "file", _copy_file(source, sink)
+                        kind, size = "file", copy_file(source, sink)
                     else:
-                        kind, size = "bytes", _copy_bytes(source, sink)
+                        kind, size = "bytes", copy_bytes(source, sink)
                     if not sink.written:  # a file emptied since the call: CF-WRITE-12
-                        raise _EmptyPayload("it was emptied before it was read")
+                        raise EmptyPayload("it was emptied before it was read")
                     if snapshot is not None:  # an in-place write since capture: do not commit
                         snapshot.verify()
                     if cancelled.is_set():  # cancelled after the last write: do not commit
-                        raise _Cancelled("save cancelled")
-            except _Cancelled:
+                        raise Cancelled("save cancelled")
+            except Cancelled:
                 raise
-            except _EmptyPayload as empty:
+            except EmptyPayload as empty:
                 raise self._empty_refused(f"{source} ({empty})") from None
             except Exception as exc:
-                reason = (
-                    str(exc) if isinstance(exc, CheckpointFormatError)
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                raise CheckpointSaveError(
-                    f"checkpoint not saved to {uri} (the previous object is unchanged): {reason}",
-                    uri,
-                ) from exc
+                raise save_error(uri, exc) from exc
             seconds = time.perf_counter() - started
             progress.done()
             logger.info(
                 "checkpoint save: %s%s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
                 kind,
                 " (background)" if snapshot is not None else "",
-                _human(size),
-                _human(sink.written),
+                human(size),
+                human(sink.written),
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
                 uri,
@@ -550,264 +513,3 @@ class Checkpoint(BaseCheckpoint):
 def _rebuild(cls: type[Checkpoint], dest: str, src: str | None,
              storage_options: dict[str, Any] | None) -> Checkpoint:
     return cls(dest, src, storage_options=storage_options)
-
-
-# ---------------------------------------------------------------------- background saves
-
-
-class _Background:
-    """One background save: the upload of a snapshot on a thread of its own.
-
-    The thread is not a daemon, and at interpreter exit :func:`_wait_at_exit` joins it before
-    the thread pools that the upload uses are shut down: a process that returns from its
-    training loop still publishes its last checkpoint.
-    """
-
-    def __init__(self, owner: Checkpoint, snapshot: Snapshot) -> None:
-        self.owner = owner
-        self.snapshot = snapshot
-        self.future: Future[None] = Future()
-        self.future.set_running_or_notify_cancel()
-        self.thread = threading.Thread(target=self._run, name="flyte-checkpoint-save")
-        # Set once the outcome is known and the snapshot gone, before the future's
-        # done-callbacks run (which may save again, and wait for this).
-        self.finished = threading.Event()
-
-    def start(self) -> None:
-        _register_exit_wait()
-        with _pending_lock:
-            _pending_saves.add(self)
-        self.thread.start()
-
-    def join(self) -> None:
-        self.finished.wait()
-
-    def _run(self) -> None:
-        owner = self.owner
-        io_loop()  # started (if not yet) at normal priority: it serves foreground I/O too
-        _give_way()
-        error: CheckpointSaveError | None = None
-        try:
-            owner._save_blocking(self.snapshot.source, threading.Event(), self.snapshot)
-        except BaseException as exc:
-            error = exc if isinstance(exc, CheckpointSaveError) else CheckpointSaveError(
-                f"checkpoint not saved to {owner._dest} (the previous object is unchanged):"
-                f" {type(exc).__name__}: {exc}", owner._dest)
-            if error is not exc:
-                error.__cause__ = exc
-            logger.error("checkpoint save: background save failed: %s", error)
-            owner._failed = error
-        finally:
-            # Gone before the future completes: whoever waits on it finds no snapshot left.
-            self.snapshot.cleanup()
-            with _pending_lock:
-                _pending_saves.discard(self)
-            self.finished.set()
-        if error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(error)
-
-
-#: Niceness of the threads that upload in the background (and of the compression and hashing
-#: threads they start, which inherit it): under CPU contention the training loop goes first.
-BACKGROUND_NICENESS = 10
-
-
-def _give_way() -> None:
-    """Lower this thread's CPU priority (Linux: niceness is per thread); best effort."""
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid),
-                                                 BACKGROUND_NICENESS))
-
-
-_pending_lock = threading.Lock()
-_pending_saves: weakref.WeakSet[_Background] = weakref.WeakSet()
-_exit_wait_registered = False
-
-
-def _register_exit_wait() -> None:
-    """Wait for background saves at exit, before ``concurrent.futures`` stops its pools:
-    ``threading._register_atexit`` callbacks run last-registered first, and this one is
-    registered after the writer's thread pool module was imported."""
-    global _exit_wait_registered
-    with _pending_lock:
-        if _exit_wait_registered:
-            return
-        _exit_wait_registered = True
-    register = getattr(threading, "_register_atexit", None)
-    # RuntimeError: already shutting down; the non-daemon thread is joined anyway.
-    with contextlib.suppress(RuntimeError):
-        (register or atexit.register)(_wait_at_exit)
-
-
-def _wait_at_exit() -> None:
-    with _pending_lock:
-        pending = [p for p in _pending_saves if not p.future.done()]
-    for background in pending:
-        logger.warning("checkpoint save: waiting at exit for the background save to %s",
-                       background.owner._dest)
-        background.join()
-        background.thread.join()
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _refuse_inside_loop(name: str, twin: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise SyncInAsyncError(
-        f"Checkpoint.{name}() blocks and was called from inside a running event loop; in async"
-        f" code use `await checkpoint.{twin}(...)` instead"
-    )
-
-
-def _load_error(uri: str, exc: Exception) -> CheckpointLoadError:
-    if isinstance(exc, CheckpointFormatError):
-        reason = f"cannot be restored: {exc}"
-    else:
-        reason = f"could not be read: {type(exc).__name__}: {exc}"
-    # The restorer notes the member a storage error cut short (the error itself is kept).
-    reason += "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
-    return CheckpointLoadError(
-        f"checkpoint at {uri} {reason}; nothing was restored (not treating this as"
-        " 'no checkpoint', which would restart training from scratch)",
-        uri,
-    )
-
-
-class _EmptyPayload(RuntimeError):
-    """A file read as zero bytes: stored, it would read as no checkpoint (CF-WRITE-12)."""
-
-
-class _Cancelled(RuntimeError):
-    """Raised inside a pipeline whose awaiting task was cancelled, to abort it."""
-
-
-class _WriteSink:
-    """Adapts the object writer for the tar writer; checks for cancellation between chunks."""
-
-    def __init__(self, remote: Any, progress: Progress, cancelled: threading.Event) -> None:
-        self._remote = remote
-        self._progress = progress
-        self._cancelled = cancelled
-        self.written = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self._cancelled.is_set():
-            raise _Cancelled("save cancelled")
-        self._remote.write(data)
-        self.written += len(data)
-        self._progress.update(len(data))
-        return len(data)
-
-
-class _ReadStream:
-    """Adapts the object reader for the restorer; checks for cancellation between reads."""
-
-    def __init__(self, remote: Any, progress: Progress, cancelled: threading.Event) -> None:
-        self._remote = remote
-        self._progress = progress
-        self._cancelled = cancelled
-
-    def read(self, size: int = -1) -> bytes:
-        if self._cancelled.is_set():
-            raise _Cancelled("load cancelled")
-        data = self._remote.read(size)
-        self._progress.update(len(data))
-        return data
-
-
-def _save_source(data: Any) -> pathlib.Path | memoryview:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
-        if not view.c_contiguous:  # strided or Fortran-ordered: its bytes in C order
-            return memoryview(view.tobytes())
-        return view.cast("B")
-    if isinstance(data, (str, os.PathLike)):
-        path = pathlib.Path(data)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint source path does not exist: {path}")
-        return path
-    raise TypeError(
-        f"save() takes a pathlib.Path, a str path or bytes, not {type(data).__name__}"
-    )
-
-
-def _size_of(source: pathlib.Path | memoryview) -> int | None:
-    if isinstance(source, memoryview):
-        return len(source)
-    return source.stat().st_size if source.is_file() else None
-
-
-def _copy_bytes(data: memoryview, sink: _WriteSink) -> int:
-    for start in range(0, len(data), _CHUNK):
-        sink.write(data[start : start + _CHUNK])
-    return len(data)
-
-
-def _copy_file(path: pathlib.Path, sink: _WriteSink) -> int:
-    size = 0
-    with open(open_regular(path), "rb") as handle:  # a FIFO swapped in cannot block
-        before = os.fstat(handle.fileno())
-        while chunk := handle.read(_CHUNK):
-            sink.write(chunk)
-            size += len(chunk)
-        after = os.fstat(handle.fileno())
-    # The change time catches a rewrite whose size and mtime were put back; a change time
-    # moved by a removed name (rotation, atomic replace: the link count drops) is no write.
-    if (
-        (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
-        or (before.st_ctime_ns != after.st_ctime_ns and after.st_nlink >= before.st_nlink)
-        or size != after.st_size
-    ):
-        raise OSError(f"{path} changed while it was being saved; not publishing a torn copy")
-    return size
-
-
-def _clear(directory: pathlib.Path) -> None:
-    for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            remove_tree(child)
-        else:
-            child.unlink()
-
-
-def _ensure_local_parent(uri: str) -> None:
-    if "://" in uri and not uri.startswith("file://"):
-        return
-    path = uri.removeprefix("file://")
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-async def _in_thread(work: Callable[[threading.Event], _T]) -> _T:
-    """Run a blocking pipeline on a worker thread. If the awaiting task is cancelled, tell
-    the pipeline to stop, wait until it has aborted (so nothing is published half-way), then
-    let the cancellation through."""
-    cancelled = threading.Event()
-    future = asyncio.get_running_loop().run_in_executor(None, work, cancelled)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        cancelled.set()
-        while not future.done():  # a second cancel must not let the caller go on early
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                continue
-            except BaseException:  # the pipeline's own abort error; the cancellation wins
-                break
-        raise

@@ -58,7 +58,9 @@ _no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
 
 
 class SnapshotChangedError(OSError):
-    """A hard-linked file was written in place after the snapshot was taken."""
+    """A hard-linked file was written in place after the snapshot was taken (CF-WRITE-07)."""
+
+    rule = "CF-WRITE-07"
 
 
 @dataclass
@@ -263,6 +265,8 @@ def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
 class SpecialFileError(OSError):
     """A FIFO, socket or device where a checkpoint can hold only files, directories and
     links (CF-WRITE-05)."""
+
+    rule = "CF-WRITE-05"
 
     def __init__(self, path: str | os.PathLike[str], mode: int) -> None:
         super().__init__(errno.EINVAL, f"{special_kind(mode)} cannot be saved in a checkpoint"
