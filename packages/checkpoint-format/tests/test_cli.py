@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from checkpoint_format import write_tarball
-from checkpoint_format.cli import main
+from checkpoint_format import Limits, write_tarball
+from checkpoint_format.cli import main, options_from_env
 
 
 @pytest.fixture
@@ -100,3 +100,28 @@ def test_console_script_reads_stdin(evil: Path) -> None:
     )
     assert proc.returncode == 1
     assert b"<stdin>: member '../escape.txt'" in proc.stdout
+
+
+def test_the_cli_takes_caps_and_threads_from_the_environment(good: Path, capsys) -> None:
+    # The tool is this package's edge; the library itself reads no variable.
+    assert options_from_env({}) == {"limits": Limits(), "decode_threads": None}
+    blank = {"CHECKPOINT_MAX_MEMBERS": " ", "CHECKPOINT_DECODE_THREADS": ""}
+    assert options_from_env(blank) == {"limits": Limits(), "decode_threads": None}
+    set_ = {"CHECKPOINT_MAX_MEMBERS": "1_000", "CHECKPOINT_MAX_EXPANSION_RATIO": "2.5",
+            "CHECKPOINT_DECODE_THREADS": "3"}
+    assert options_from_env(set_) == {
+        "limits": Limits(max_members=1000, max_expansion_ratio=2.5), "decode_threads": 3}
+    for name, bad, allowed in [("CHECKPOINT_MAX_MEMBERS", "0", "a whole number of 1 or more"),
+                               ("CHECKPOINT_MAX_TOTAL_SIZE", "1.5", "a whole number"),
+                               ("CHECKPOINT_MAX_EXPANSION_RATIO", "inf", "a positive number"),
+                               ("CHECKPOINT_DECODE_THREADS", "0", "a whole number"),
+                               ("CHECKPOINT_DECODE_THREADS", "many", "a whole number")]:
+        with pytest.raises(ValueError, match=f"{name}='{bad}': expected {allowed}"):
+            options_from_env({name: bad})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHECKPOINT_MAX_MEMBERS", "1")
+        assert main(["validate", str(good)]) == 1
+        assert "max_members=1" in capsys.readouterr().out
+        patch.setenv("CHECKPOINT_MAX_MEMBERS", "none")
+        assert main(["validate", str(good)]) == 2
+        assert "CHECKPOINT_MAX_MEMBERS='none'" in capsys.readouterr().err

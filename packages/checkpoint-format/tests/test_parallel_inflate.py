@@ -153,13 +153,10 @@ def test_a_restore_uses_the_pool_and_python_tarfile_reads_the_same_object(tmp_pa
         assert sorted(tar.getnames()) == sorted(f"shard-{i}.bin" for i in range(6))
 
 
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_digests_hashed_on_a_pool_still_catch_every_mismatch(
-    tmp_path, monkeypatch, threads
-):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_digests_hashed_on_a_pool_still_catch_every_mismatch(tmp_path, threads):
     from checkpoint_format import validate
 
-    monkeypatch.setenv("CHECKPOINT_DECODE_THREADS", threads)
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "a-big.bin").write_bytes(os.urandom(9 << 20))  # piecewise digest, pooled
@@ -176,23 +173,27 @@ def test_digests_hashed_on_a_pool_still_catch_every_mismatch(
             start = digit
     tampered = gzip.compress(bytes(tar), compresslevel=1, mtime=0)
     with pytest.raises(CorruptArchiveError) as caught:
-        restore(io.BytesIO(tampered), tmp_path / "out")
+        restore(io.BytesIO(tampered), tmp_path / "out", decode_threads=threads)
     # Small members are checked as they end, large ones before anything is published.
     assert caught.value.rule == "CF-INTEG-04" and caught.value.member == "b-small.txt"
     assert not (tmp_path / "out").exists()
-    report = validate(io.BytesIO(tampered))
+    report = validate(io.BytesIO(tampered), decode_threads=threads)
     assert sorted((v.rule, v.member) for v in report.violations) == [
         ("CF-INTEG-04", "a-big.bin"), ("CF-INTEG-04", "b-small.txt"), ("CF-INTEG-04", "c-big.bin")
     ]
 
 
-def test_the_thread_setting_is_checked():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CHECKPOINT_DECODE_THREADS", "many")
-        with pytest.raises(ValueError, match="CHECKPOINT_DECODE_THREADS='many'"):
-            _codec.decode_width()
-        patch.setenv("CHECKPOINT_DECODE_THREADS", "2")
-        assert _codec.decode_width() == 2
+def test_the_thread_setting_is_checked(tmp_path):
+    from checkpoint_format._width import DECODE_WIDTH_CAP, cores
+
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"decode_threads must be .*got {bad!r}"):
+            _codec.decode_width(bad)
+        with pytest.raises(ValueError, match="decode_threads must be"):
+            restore(io.BytesIO(gzip.compress(b"x")), tmp_path / "out", decode_threads=bad)
+        assert list(tmp_path.iterdir()) == []  # refused before anything was made
+    assert _codec.decode_width(2) == 2
+    assert _codec.decode_width() == min(cores(), DECODE_WIDTH_CAP)
 
 
 def test_a_plain_gzip_past_the_ratio_grace_is_judged_by_what_was_fed(tmp_path):
@@ -208,10 +209,9 @@ def test_a_plain_gzip_past_the_ratio_grace_is_judged_by_what_was_fed(tmp_path):
     assert result.members == 1 and (tmp_path / "out" / "model.bin").read_bytes() == data
 
 
-def test_pooled_digests_keep_no_view_of_a_member_once_its_data_has_ended(monkeypatch):
+def test_pooled_digests_keep_no_view_of_a_member_once_its_data_has_ended():
     from checkpoint_format._reader import TarReader
 
-    monkeypatch.setenv("CHECKPOINT_DECODE_THREADS", "3")
     tree = io.BytesIO()
     with tarfile.open(fileobj=tree, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for i in range(4):
@@ -225,7 +225,7 @@ def test_pooled_digests_keep_no_view_of_a_member_once_its_data_has_ended(monkeyp
             info.pax_headers = {"FLYTECKPT.sha256-pieces": hasher.hexdigest()}
             archive.addfile(info, io.BytesIO(data))
     stream = gzip.compress(tree.getvalue(), 1)
-    with TarReader(io.BytesIO(stream), "gzip") as reader:
+    with TarReader(io.BytesIO(stream), "gzip", decode_threads=3) as reader:
         for _member, chunks in reader.members():
             for _ in chunks:
                 pass

@@ -254,29 +254,39 @@ class TestExtras:
         assert filesystem(str(tmp_path)).exists(str(tmp_path))
 
 
-@pytest.mark.parametrize("variable, attribute", [
-    ("CHECKPOINT_IO_CONCURRENCY", "concurrency"),
-    ("CHECKPOINT_IO_READ_CONCURRENCY", "read_concurrency"),
-])
-def test_widths_from_the_environment(monkeypatch, variable, attribute):
+@pytest.mark.parametrize("attribute", ["concurrency", "read_concurrency"])
+def test_widths_are_the_callers_over_the_stores(attribute):
+    # No variable is read here: flyte-checkpoint's Settings parses CHECKPOINT_IO_* (and
+    # tests that) and hands the widths to File.with_options.
     from checkpoint_io._memory import MemoryBackend
-    from checkpoint_io._stream import Transfer
 
-    def transfer(**explicit):
-        return Transfer(MemoryBackend({}), "b/k", "memory://b/k", RetryPolicy(), None,
-                        explicit.get("concurrency"),
-                        read_concurrency=explicit.get("read_concurrency"))
+    file = File(path="memory://b/k")
+    default = getattr(file._transfer(), attribute)
+    assert default == getattr(MemoryBackend, attribute)
+    assert getattr(file.with_options(**{attribute: 3})._transfer(), attribute) == 3
+    assert getattr(file.with_options(**{attribute: 5})._transfer(), attribute) == 5
+    assert getattr(file.with_options(**{attribute: None})._transfer(), attribute) == default
 
-    default = getattr(transfer(), attribute)
-    monkeypatch.setenv(variable, " 3 ")
-    assert getattr(transfer(), attribute) == 3
-    assert getattr(transfer(**{attribute: 5}), attribute) == 5  # an explicit width wins
-    monkeypatch.setenv(variable, "")
-    assert getattr(transfer(), attribute) == default
-    for bad in ("0", "-1", "two"):
-        monkeypatch.setenv(variable, bad)
-        with pytest.raises(ValueError, match=rf"{variable}='{bad}': expected a whole number"):
-            transfer()
+
+def test_backend_options_are_part_of_the_backend_cache_key(tmp_path):
+    from checkpoint_io._backend import BackendOptions
+    from checkpoint_io._loop import run_sync
+
+    def backends(*files):
+        async def run():
+            return [f._transfer().backend for f in files]
+
+        return run_sync(run, name="backends")
+
+    plain = File(path=str(tmp_path / "a"))
+    buffered = plain.with_options(direct_writes=False)
+    again = File(path=str(tmp_path / "b")).with_options(direct_writes=False)
+    one, two, three = backends(plain, buffered, again)
+    assert one is not two and two is three  # shared per configuration, not per File
+    assert one.options == BackendOptions() and two.options == BackendOptions(direct_writes=False)
+    # An unset switch keeps what the File has; the other switch is independent.
+    kept = buffered.with_options(gcs_composite=True)
+    assert kept._options.backend == BackendOptions(direct_writes=False, gcs_composite=True)
 
 
 def test_storage_errors_share_one_os_error_root() -> None:

@@ -1,4 +1,4 @@
-"""GCS parallel composite uploads (``CHECKPOINT_IO_GCS_COMPOSITE=1``) against
+"""GCS parallel composite uploads (``File.with_options(gcs_composite=True)``) against
 fake-gcs-server: parts as temporary objects in parallel, one atomic compose, nothing left
 behind on success or failure."""
 
@@ -15,17 +15,20 @@ KiB, MiB = 1024, 1 << 20
 FAST = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, deadline=20, attempt_timeout=10)
 
 
-@pytest.fixture
-def gcs(remote_store, monkeypatch):
-    """The GCS store, with composite uploads switched on (backends built from here on)."""
-    from checkpoint_io._loop import run_sync
-    from checkpoint_io._registry import close_backends
+class _Composite:
+    """The GCS store, its files with composite uploads switched on."""
 
-    monkeypatch.setenv("CHECKPOINT_IO_GCS_COMPOSITE", "1")
-    run_sync(close_backends, name="close_backends")
-    yield remote_store
-    monkeypatch.undo()
-    run_sync(close_backends, name="close_backends")
+    def __init__(self, store) -> None:
+        self.store = store
+        self.server, self.bucket = store.server, store.bucket
+
+    def file(self, name: str, **options) -> File:
+        return self.store.file(name, **options).with_options(gcs_composite=True)
+
+
+@pytest.fixture
+def gcs(remote_store):
+    return _Composite(remote_store)
 
 
 pytestmark = [pytest.mark.emulator,
@@ -67,7 +70,7 @@ def test_composite_uploads_are_off_by_default(remote_store, monkeypatch):
     from checkpoint_io import _gcs
 
     async def refuse(*args):
-        raise AssertionError("a composite upload ran without CHECKPOINT_IO_GCS_COMPOSITE=1")
+        raise AssertionError("a composite upload ran without gcs_composite=True")
 
     monkeypatch.setattr(_gcs._GCSComposeUpload, "put_part", refuse)
     data = os.urandom(3 * MiB + 5)

@@ -163,12 +163,10 @@ def test_finish_retried_after_a_late_publish_does_not_write_the_tail_twice(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["obj.bin"]
 
 
-@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
-def test_direct_writes_can_be_turned_off(tmp_path, monkeypatch, value):
-    monkeypatch.setenv(_DirectWriter.ENV, value)
+def test_direct_writes_can_be_turned_off(tmp_path):
     path = tmp_path / "obj"
     fd = _open(path)
-    writer = _DirectWriter(fd)
+    writer = _DirectWriter(fd, direct=False)
     try:
         assert not writer._direct
         data = _data(2 * BLOCK, seed=6)
@@ -276,3 +274,26 @@ def test_abort_removes_the_temp_file_even_when_close_fails(tmp_path, monkeypatch
 
     run_sync(go, name="upload")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_direct_writes_switch_reaches_the_writer_of_a_file(tmp_path, monkeypatch, direct):
+    """``File.with_options(direct_writes=)`` is a backend option: it picks (and keys) the
+    backend whose uploads build the writer."""
+    from checkpoint_io import File
+
+    seen = []
+    real = _DirectWriter.__init__
+
+    def spy(self, fd, *, direct=True):
+        seen.append(direct)
+        real(self, fd, direct=direct)
+
+    monkeypatch.setattr(_DirectWriter, "__init__", spy)
+    data = _data(3 * BLOCK + 100, seed=7)
+    file = File(path=str(tmp_path / "obj.bin")).with_options(part_size=BLOCK,
+                                                              direct_writes=direct)
+    with file.open_sync("wb") as out:
+        out.write(data)
+    assert (tmp_path / "obj.bin").read_bytes() == data
+    assert seen and set(seen) == {direct}

@@ -91,3 +91,13 @@ def test_checkpoint_options_given_explicitly_take_precedence(monkeypatch, tmp_pa
     assert checkpoint._options("s3://bucket/ckpt") == {
         "endpoint_url": "http://x:1", "key": "minio", "secret": "miniostorage"}
     assert Checkpoint(str(tmp_path / "c"))._options(str(tmp_path / "c")) == {}
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/ckpt", "gcs://bucket/ckpt"])
+def test_a_gcs_emulator_is_reached_anonymously(uri):
+    """STORAGE_EMULATOR_HOST (gcsfs's endpoint for an emulator): this edge, not checkpoint-io,
+    adds anonymous access, so that no credential lookup reaches for a metadata server."""
+    emulator = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443"}
+    assert flyte_storage_options(uri, emulator) == {"token": "anon"}
+    assert flyte_storage_options(uri, {"STORAGE_EMULATOR_HOST": " "}) == {}
+    assert flyte_storage_options("s3://b/k", emulator) == {}

@@ -10,13 +10,13 @@ from __future__ import annotations
 import bz2
 import collections
 import lzma
-import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import CorruptArchiveError
+from ._width import decode_width
 
 try:  # optional speed extra
     from isal import isal_zlib as _fast_zlib
@@ -282,25 +282,6 @@ def inflate_member(pieces: list[bytes], inflated_size: int, offset: int) -> list
     return outs
 
 
-def decode_width() -> int:
-    """How many gzip members to inflate at once: ``CHECKPOINT_DECODE_THREADS`` if set, else
-    the cores this process may run on, at most 4 (beyond that, inflating stored or level-1
-    members outruns any disk or network)."""
-    setting = os.environ.get("CHECKPOINT_DECODE_THREADS", "").strip()
-    if setting:
-        try:
-            return max(1, int(setting))
-        except ValueError:
-            raise ValueError(
-                f"CHECKPOINT_DECODE_THREADS={setting!r} is not a whole number"
-            ) from None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
-
-
 class GzipMembers:
     """Decodes a gzip stream pulled through ``read``, using every core it is given.
 
@@ -315,7 +296,7 @@ class GzipMembers:
     def __init__(self, read: ReadFn, *, width: int | None = None, read_size: int = 1 << 20) -> None:
         self._read = read
         self._read_size = read_size
-        self._width = width or decode_width()
+        self._width = decode_width(width)
         # Bytes read past the last member taken: a header being parsed, or what a streamed
         # member's decompressor did not use. Whole members go to workers as the pieces they
         # were read in, never copied into one buffer.

@@ -14,6 +14,7 @@ from typing import BinaryIO
 from ._detect import Detection, sniff
 from ._limits import Limits
 from ._reader import Member, TarReader
+from ._width import decode_width
 
 __all__ = ["PAYLOAD_NAME", "RestoreResult", "remove_tree", "restore"]
 
@@ -46,7 +47,11 @@ class RestoreResult:
 
 
 def restore(
-    source: BinaryIO, target: str | os.PathLike[str], *, limits: Limits | None = None
+    source: BinaryIO,
+    target: str | os.PathLike[str],
+    *,
+    limits: Limits | None = None,
+    decode_threads: int | None = None,
 ) -> RestoreResult:
     """Classify ``source`` and restore it into ``target``, all or nothing.
 
@@ -56,8 +61,13 @@ def restore(
     read and verified; on any error the staging directory is removed and ``target`` is left
     as it was (CF-EXTRACT-11). Rule violations raise :class:`CheckpointFormatError`
     subclasses; I/O errors of ``source`` propagate unchanged.
+
+    ``limits`` raise or lower the reader caps (default ``Limits()``); ``decode_threads`` is
+    how many threads inflate and hash (default: the cores, at most 4). All of a restore's
+    inputs are its arguments: no ``CHECKPOINT_*`` variable is read.
     """
     started = time.perf_counter()
+    decode_threads = decode_width(decode_threads)  # a bad width fails before any I/O
     target = Path(target)
     _require_empty(target)
     detection, stream = sniff(source)
@@ -67,7 +77,8 @@ def restore(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         if detection.kind == "tarball":
-            reader = TarReader(stream, detection.compression, limits=limits)
+            reader = TarReader(stream, detection.compression, limits=limits,
+                               decode_threads=decode_threads)
             members, size = _extract_members(reader, staging)
             version = reader.format_version
             restored = target

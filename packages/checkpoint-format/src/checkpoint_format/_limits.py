@@ -1,24 +1,20 @@
-"""Reader caps of spec §5.1 (CF-LIMIT-01), with their defaults and environment overrides."""
+"""Reader caps of spec §5.1 (CF-LIMIT-01), with their defaults."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 __all__ = ["Limits"]
-
-_ENV_PREFIX = "CHECKPOINT_"
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Caps a reader enforces before trusting any declared count, size or length.
 
-    Raise a cap by passing a new value (``Limits(max_total_size=4 << 40)``) or, for the
-    defaults, through the environment: ``CHECKPOINT_MAX_MEMBERS``, ``CHECKPOINT_MAX_TOTAL_SIZE``,
-    ``CHECKPOINT_MAX_NAME_LENGTH``, ``CHECKPOINT_MAX_EXPANSION_RATIO`` and
-    ``CHECKPOINT_MAX_EXTENDED_HEADER`` and ``CHECKPOINT_MAX_IMPLIED_DIRS`` (see
-    :meth:`from_env`).
+    Raise a cap by passing a new value (``Limits(max_total_size=4 << 40)``). The library
+    never reads ``CHECKPOINT_*`` variables; the tools at the edge do (``checkpoint-format``'s
+    CLI, flyte-checkpoint's ``Settings``), taking each cap from ``CHECKPOINT_MAX_<FIELD>``
+    (``CHECKPOINT_MAX_MEMBERS``, ``CHECKPOINT_MAX_TOTAL_SIZE``, ...).
     """
 
     max_members: int = 1_000_000
@@ -39,21 +35,3 @@ class Limits:
             value = getattr(self, field.name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"Limits.{field.name} must be a positive number, got {value!r}")
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Limits:
-        """Defaults, overridden by any ``CHECKPOINT_MAX_*`` variable that is set."""
-        env = os.environ if environ is None else environ
-        overrides: dict[str, int | float] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(_ENV_PREFIX + field.name.upper())
-            if raw is None or not field.name.startswith("max_"):
-                continue
-            kind = float if field.name == "max_expansion_ratio" else int
-            try:
-                overrides[field.name] = kind(raw.replace("_", ""))
-            except ValueError:
-                raise ValueError(
-                    f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
-                ) from None
-        return cls(**overrides)

@@ -44,6 +44,7 @@ from ._tarheader import (
     parse_pax_mtime,
     parse_pax_records,
 )
+from ._width import decode_width
 
 __all__ = ["FORMAT_MAJOR", "FORMAT_VERSION", "Member", "TarReader"]
 
@@ -103,13 +104,13 @@ _TYPE_NAMES = {
 class _Blocks:
     """Decompressed tar bytes, pulled from the object on demand in bounded chunks."""
 
-    def __init__(self, source: BinaryIO, compression: str, limits: Limits) -> None:
+    def __init__(self, source: BinaryIO, compression: str, limits: Limits, width: int) -> None:
         self._source = source
         # gzip (what every writer of this format and upstream produce) is cut into members
         # and inflated on several cores; bzip2 and xz, read only, stream through one decoder.
         self._decoder: _codec.Decoder | _codec.GzipMembers | None = None
         if compression == _codec.GZIP:
-            self._decoder = _codec.GzipMembers(source.read, read_size=_READ_SIZE)
+            self._decoder = _codec.GzipMembers(source.read, width=width, read_size=_READ_SIZE)
         elif compression != _codec.NONE:
             self._decoder = _codec.Decoder(compression)
         self._limits = limits
@@ -343,6 +344,10 @@ class TarReader:
     Iterate :meth:`members`; for a ``file`` member the second item is an iterator of data
     chunks to consume before asking for the next member (what is left unconsumed is skipped,
     still hashed and verified).
+
+    ``limits`` are the caps of spec §5.1 (default: ``Limits()``); ``decode_threads`` the
+    width of the inflate and hash pools (default: :func:`~checkpoint_format._width.decode_width`).
+    Neither is ever read from a ``CHECKPOINT_*`` variable.
     """
 
     def __init__(
@@ -351,10 +356,13 @@ class TarReader:
         compression: str,
         *,
         limits: Limits | None = None,
+        decode_threads: int | None = None,
         on_violation: Callable[[CheckpointFormatError], None] | None = None,
     ) -> None:
-        self.limits = limits or Limits.from_env()
-        self._blocks = _Blocks(source, compression, self.limits)
+        self.limits = limits or Limits()
+        #: Threads inflating gzip members and hashing large members' pieces.
+        self.decode_threads = decode_width(decode_threads)
+        self._blocks = _Blocks(source, compression, self.limits, self.decode_threads)
         self._on_violation = on_violation or _raise
         self.format_version: str | None = None
         self.writer: str | None = None
@@ -601,7 +609,7 @@ class TarReader:
     def _pieces(self) -> PieceHashing | None:
         """The shared piece hashing, started on first use; None on one core."""
         if self._piece_hashing is None:
-            width = _codec.decode_width()
+            width = self.decode_threads
             if width < 2:
                 return None
             self._hash_pool = ThreadPoolExecutor(width, "checkpoint-hash")

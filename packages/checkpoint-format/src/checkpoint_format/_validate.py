@@ -69,12 +69,15 @@ class _Counting:
         return data
 
 
-def validate(source: BinaryIO, *, limits: Limits | None = None) -> Report:
+def validate(
+    source: BinaryIO, *, limits: Limits | None = None, decode_threads: int | None = None
+) -> Report:
     """Read ``source`` to its end and report what it is and every rule it breaks.
 
     Rule violations are collected and reading goes on; a fault that makes the rest of the
     stream unreadable (truncation, corruption, an unknown major version) is recorded last.
-    I/O errors of ``source`` propagate.
+    I/O errors of ``source`` propagate. ``limits`` and ``decode_threads`` as for
+    :func:`~checkpoint_format.restore`.
     """
     detection, stream = sniff(source)
     counted = _Counting(stream)
@@ -84,6 +87,7 @@ def validate(source: BinaryIO, *, limits: Limits | None = None) -> Report:
             counted,  # type: ignore[arg-type]
             detection.compression,
             limits=limits,
+            decode_threads=decode_threads,
             on_violation=lambda error: report.violations.append(Violation.from_error(error)),
         )
         try:

@@ -38,6 +38,7 @@ from ._tarheader import (
     padding,
     pax_header,
 )
+from ._width import compress_width
 
 __all__ = ["WriteStats", "write_tarball"]
 
@@ -81,7 +82,8 @@ def write_tarball(
 
     Members are ``source``'s top-level entries and their subtrees (CF-WRITE-03). ``level`` is
     a gzip level 0-9 or ``"auto"`` (store slices that do not compress, level 1 for the rest).
-    ``workers`` compressor threads run at once (default: the CPU count). Raises
+    ``workers`` compressor threads run at once (default: every core this process may run on,
+    :func:`~checkpoint_format._width.compress_width`). Raises
     :class:`WriteRefusedError` for a tree that cannot be written under the spec, having then
     written an incomplete stream to ``sink``: callers publish the object only on success.
     """
@@ -90,7 +92,7 @@ def write_tarball(
         raise NotADirectoryError(f"checkpoint source {root} is not a directory")
     started = time.perf_counter()
     stats = WriteStats(codec=codec_name())
-    workers = workers or os.cpu_count() or 1
+    workers = compress_width(workers)
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
         emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
         try:

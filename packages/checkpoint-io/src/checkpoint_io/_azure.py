@@ -8,7 +8,16 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload, check_range, joined_range, streamed_body
+from ._backend import (
+    Backend,
+    BackendOptions,
+    MiB,
+    Source,
+    Upload,
+    check_range,
+    joined_range,
+    streamed_body,
+)
 
 __all__ = ["AzureBackend"]
 
@@ -104,8 +113,9 @@ class AzureBackend(Backend):
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
 
-    def __init__(self, storage_options: dict[str, Any]) -> None:
-        super().__init__(storage_options)
+    def __init__(self, storage_options: dict[str, Any],
+                 options: BackendOptions | None = None) -> None:
+        super().__init__(storage_options, options)
         from adlfs import AzureBlobFileSystem
 
         from ._loop import io_loop

@@ -7,6 +7,7 @@ Each hook makes ONE attempt at one request and raises the client's own error; th
 from __future__ import annotations
 
 import abc
+import dataclasses
 import io
 import re
 from collections.abc import AsyncIterator
@@ -14,9 +15,23 @@ from typing import Any
 
 from ._errors import RangeMismatch
 
-__all__ = ["Backend", "Source", "Upload", "check_range", "joined_range"]
+__all__ = ["Backend", "BackendOptions", "Source", "Upload", "check_range", "joined_range"]
 
 MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """Switches that change how a backend writes, fixed when it is built (part of the key
+    under which :func:`~checkpoint_io._registry.backend_for` shares it). Set them per File
+    with :meth:`File.with_options <checkpoint_io.File.with_options>`."""
+
+    #: Local saves write whole blocks with ``O_DIRECT``, past the page cache (off: through
+    #: it, say on an NFS mount where direct writes are synchronous round trips).
+    direct_writes: bool = True
+    #: GCS saves upload parts as temporary objects in parallel, then compose them (opt-in:
+    #: see :class:`~checkpoint_io._gcs.GCSBackend`).
+    gcs_composite: bool = False
 
 
 class Source(abc.ABC):
@@ -119,8 +134,10 @@ class Backend(abc.ABC):
     read_concurrency: int = 1
     read_range: int = 8 * MiB
 
-    def __init__(self, storage_options: dict[str, Any]) -> None:
+    def __init__(self, storage_options: dict[str, Any],
+                 options: BackendOptions | None = None) -> None:
         self.storage_options = storage_options
+        self.options = options or BackendOptions()
 
     @abc.abstractmethod
     async def size(self, path: str) -> int:

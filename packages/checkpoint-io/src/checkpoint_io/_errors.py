@@ -4,7 +4,7 @@ The errors a caller sees have two roots. :class:`StorageError` is an ``OSError``
 that kept failing, or an object that changed under a read, is an I/O error, as it would be
 on a local file (and local file errors reach callers as the plain ``OSError`` they are).
 :class:`MissingBackendError` is an ``ImportError``: the client library is not installed, a
-matter of the environment, not of any transfer. :class:`VersionMismatch` and
+matter of the installation, not of any transfer. :class:`VersionMismatch` and
 :class:`RangeMismatch` are signals between a backend hook and the retry loop, which turns
 them into a :class:`StorageError`; callers never see them raised.
 """

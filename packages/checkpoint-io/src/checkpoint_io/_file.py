@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from ._backend import BackendOptions
 from ._loop import on_io_loop, refuse_in_loop, run_sync, sync_twin
 from ._registry import backend_for, scheme_of
 from ._retry import RetryPolicy
@@ -29,6 +30,7 @@ class _Options:
     concurrency: int | None = None
     read_ahead: int | None = None
     read_concurrency: int | None = None
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
 
 class File(BaseModel):
@@ -63,11 +65,18 @@ class File(BaseModel):
         concurrency: int | None = None,
         read_ahead: int | None = None,
         read_concurrency: int | None = None,
+        direct_writes: bool | None = None,
+        gcs_composite: bool | None = None,
     ) -> File:
         """A copy with client options (passed to the fsspec filesystem), a retry policy, a
-        part/block size in bytes, a number of parts in flight, the most bytes a streaming
-        read fetches ahead of the reader (default 16 MiB), or the most ranged GETs a
-        streaming read keeps in flight (default 8 on object stores; 1 is one long GET)."""
+        part/block size in bytes, a number of parts in flight (default: the store's, 8 on
+        object stores), the most bytes a streaming read fetches ahead of the reader (default
+        16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
+        object stores; 1 is one long GET).
+
+        Backend switches: ``direct_writes`` (default on) writes local objects with
+        ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects
+        composed at the end. An argument left ``None`` keeps the value this File has."""
         changes: dict[str, Any] = {}
         if storage_options is not None:
             changes["storage_options"] = dict(storage_options)
@@ -81,6 +90,13 @@ class File(BaseModel):
             changes["read_ahead"] = read_ahead
         if read_concurrency is not None:
             changes["read_concurrency"] = read_concurrency
+        switches: dict[str, bool] = {}
+        if direct_writes is not None:
+            switches["direct_writes"] = bool(direct_writes)
+        if gcs_composite is not None:
+            switches["gcs_composite"] = bool(gcs_composite)
+        if switches:
+            changes["backend"] = replace(self._options.backend, **switches)
         copy = self.model_copy()
         copy._options = replace(self._options, **changes)
         return copy
@@ -94,7 +110,7 @@ class File(BaseModel):
                 errno.EISDIR, "the path ends in '/', so it names a directory or prefix, not "
                 "an object (drop the trailing '/')", self.path)
         opts = self._options
-        backend = backend_for(self.path, opts.storage_options)
+        backend = backend_for(self.path, opts.storage_options, opts.backend)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,
                         opts.concurrency, opts.read_ahead, opts.read_concurrency)
 

@@ -8,13 +8,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-from ._backend import Backend, MiB, Source, Upload, check_range, joined_range, streamed_body
+from ._backend import (
+    Backend,
+    BackendOptions,
+    MiB,
+    Source,
+    Upload,
+    check_range,
+    joined_range,
+    streamed_body,
+)
 from ._errors import VersionMismatch
 
 __all__ = ["GCSBackend"]
@@ -23,14 +31,6 @@ _CONTENT_TYPE = "application/octet-stream"
 _COMPOSE_SOURCES = 32  # the most source objects one compose request takes
 log = logging.getLogger("checkpoint_io")
 
-
-def gcs_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """Against an emulator (``STORAGE_EMULATOR_HOST``) use anonymous access, so no
-    credential lookup ever reaches for a metadata server."""
-    opts = dict(options)
-    if os.environ.get("STORAGE_EMULATOR_HOST") and "token" not in opts:
-        opts["token"] = "anon"
-    return opts
 
 
 
@@ -215,18 +215,18 @@ class GCSBackend(Backend):
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
 
-    def __init__(self, storage_options: dict[str, Any]) -> None:
-        super().__init__(storage_options)
+    def __init__(self, storage_options: dict[str, Any],
+                 options: BackendOptions | None = None) -> None:
+        super().__init__(storage_options, options)
         from gcsfs.core import GCSFileSystem
 
-        #: ``CHECKPOINT_IO_GCS_COMPOSITE=1``: parts as temporary objects in parallel, then
-        #: one compose. Opt-in, like gsutil's parallel composite uploads: the temporary
+        #: ``BackendOptions(gcs_composite=True)``: parts as temporary objects in parallel,
+        #: then one compose. Opt-in, like gsutil's parallel composite uploads: the temporary
         #: objects are visible while the upload runs and stay behind when the process dies
         #: or the store becomes unreachable before it can delete them, and they cost where
         #: buckets have retention policies or early-deletion storage classes. The default is
         #: one resumable session, which leaves nothing visible until it is finalised.
-        self.composite_uploads = os.environ.get(
-            "CHECKPOINT_IO_GCS_COMPOSITE", "").strip().lower() in {"1", "on", "yes", "true"}
+        self.composite_uploads = self.options.gcs_composite
         if self.composite_uploads:
             self.part_size = 8 * MiB
 
@@ -234,7 +234,7 @@ class GCSBackend(Backend):
 
         self.fs = GCSFileSystem(
             asynchronous=True, loop=io_loop(), skip_instance_cache=True,
-            **gcs_defaults(storage_options),
+            **storage_options,
         )
         # gcsfs wraps each request in its own retry loop (up to ~30 s of sleeps); call the
         # single-attempt function under it so our policy is the only one.

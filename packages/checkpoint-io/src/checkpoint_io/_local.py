@@ -81,19 +81,18 @@ class _DirectWriter:
     """
 
     ALIGN = 4096
-    #: Set to 0/off/false/no to write through the page cache (say, on an NFS mount where
-    #: direct writes are synchronous round trips and turn out slower).
-    ENV = "CHECKPOINT_IO_DIRECT_WRITES"
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, direct: bool = True) -> None:
+        """``direct=False`` writes through the page cache (say, on an NFS mount where direct
+        writes are synchronous round trips and turn out slower):
+        ``BackendOptions.direct_writes``."""
         # The flag belongs to the open file, shared by every descriptor of it; no descriptor
         # is kept here, since the one given may be closed before the next write.
         self._direct = False
         self._lock = threading.Lock()  # guards _direct and _spare
         self._spare: mmap.mmap | None = None
         flag = getattr(os, "O_DIRECT", 0)
-        wanted = os.environ.get(self.ENV, "on").strip().lower() not in ("0", "off", "false", "no")
-        if flag and wanted:
+        if flag and direct:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
                 self._direct = True
@@ -174,8 +173,9 @@ class _LocalUpload(Upload):
 
     ordered = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, direct_writes: bool = True) -> None:
         self._path = path
+        self._direct_writes = direct_writes
         self._temp: str | None = None
         self._fd = -1
         self._hold = -1  # keeps the temp file's flock until it is renamed or removed
@@ -212,7 +212,7 @@ class _LocalUpload(Upload):
                 raise OSError(f"write to {self._path} after the upload was {self._state}")
             fd = os.dup(self._fd)
             if direct and self._writer is None:
-                self._writer = _DirectWriter(fd)
+                self._writer = _DirectWriter(fd, direct=self._direct_writes)
             writer = self._writer
         try:
             if writer is not None:
@@ -338,4 +338,4 @@ class LocalBackend(Backend):
             # os.replace would refuse it only after the whole object was written.
             raise IsADirectoryError(errno.EISDIR, "write: a directory is there, and an "
                                     "object is one file, not a directory", path)
-        return _LocalUpload(local)
+        return _LocalUpload(local, direct_writes=self.options.direct_writes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ._backend import Backend, Source, Upload
+from typing import Any
+
+from ._backend import Backend, BackendOptions, Source, Upload
 
 __all__ = ["MemoryBackend"]
 
@@ -46,8 +48,9 @@ class _MemoryUpload(Upload):
 
 
 class MemoryBackend(Backend):
-    def __init__(self, storage_options) -> None:
-        super().__init__(storage_options)
+    def __init__(self, storage_options: dict[str, Any],
+                 options: BackendOptions | None = None) -> None:
+        super().__init__(storage_options, options)
         from fsspec.implementations.memory import MemoryFileSystem
 
         self.fs = MemoryFileSystem(**storage_options)

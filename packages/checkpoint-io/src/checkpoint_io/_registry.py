@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
 from typing import Any
 
-from ._backend import Backend
+from ._backend import Backend, BackendOptions
 from ._loop import on_exit, on_new_loop
 
 __all__ = ["backend_for", "close_backends", "filesystem", "require_backend", "scheme_of"]
 
-# scheme -> (backend module, class, fsspec protocol, pip extra or None, client module)
-_SCHEMES: dict[str, tuple[str, str, str, str | None, str | None]] = {
-    "file": ("_local", "LocalBackend", "file", None, None),
-    "memory": ("_memory", "MemoryBackend", "memory", None, None),
-    "s3": ("_s3", "S3Backend", "s3", "s3", "s3fs"),
-    "s3a": ("_s3", "S3Backend", "s3", "s3", "s3fs"),
-    "gs": ("_gcs", "GCSBackend", "gs", "gcs", "gcsfs"),
-    "gcs": ("_gcs", "GCSBackend", "gs", "gcs", "gcsfs"),
-    "abfs": ("_azure", "AzureBackend", "abfs", "azure", "adlfs"),
-    "abfss": ("_azure", "AzureBackend", "abfs", "azure", "adlfs"),
-    "az": ("_azure", "AzureBackend", "abfs", "azure", "adlfs"),
+
+@dataclasses.dataclass(frozen=True)
+class _Scheme:
+    """How one URI scheme is served."""
+
+    module: str  #: the backend's module in this package
+    backend: str  #: its Backend class
+    protocol: str  #: the fsspec protocol
+    extra: str | None  #: the pip extra that brings the client, None when built in
+    client: str | None  #: the client library's module
+
+
+_S3 = _Scheme("_s3", "S3Backend", "s3", "s3", "s3fs")
+_GCS = _Scheme("_gcs", "GCSBackend", "gs", "gcs", "gcsfs")
+_AZURE = _Scheme("_azure", "AzureBackend", "abfs", "azure", "adlfs")
+_SCHEMES: dict[str, _Scheme] = {
+    "file": _Scheme("_local", "LocalBackend", "file", None, None),
+    "memory": _Scheme("_memory", "MemoryBackend", "memory", None, None),
+    "s3": _S3,
+    "s3a": _S3,
+    "gs": _GCS,
+    "gcs": _GCS,
+    "abfs": _AZURE,
+    "abfss": _AZURE,
+    "az": _AZURE,
 }
 
-_cache: dict[tuple[str, str], Backend] = {}
+_cache: dict[tuple[str, str, BackendOptions], Backend] = {}
 on_new_loop(_cache.clear)
 
 
@@ -42,11 +57,11 @@ def scheme_of(uri: str) -> str:
 
 
 def _require_client(scheme: str) -> None:
-    _, _, _, extra, client = _SCHEMES[scheme]
-    if client is not None and importlib.util.find_spec(client) is None:
+    served = _SCHEMES[scheme]
+    if served.client is not None and importlib.util.find_spec(served.client) is None:
         from ._errors import MissingBackendError
 
-        raise MissingBackendError(scheme, extra, client)
+        raise MissingBackendError(scheme, served.extra, served.client)
 
 
 def require_backend(uri: str) -> None:
@@ -55,28 +70,31 @@ def require_backend(uri: str) -> None:
     client library is imported, so that the first transfer does not pay for it. No I/O."""
     scheme = scheme_of(uri)
     _require_client(scheme)
-    module_name, _, _, _, client = _SCHEMES[scheme]
-    importlib.import_module(f"checkpoint_io.{module_name}")
-    if client is not None:
-        importlib.import_module(client)
+    served = _SCHEMES[scheme]
+    importlib.import_module(f"checkpoint_io.{served.module}")
+    if served.client is not None:
+        importlib.import_module(served.client)
 
 
 def _options_key(options: dict[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=repr)
 
 
-def backend_for(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
-    """The backend for ``uri``, shared by every File with the same options. Call it on the
-    I/O loop: cloud clients bind to the loop they are created on."""
+def backend_for(uri: str, storage_options: dict[str, Any] | None = None,
+                options: BackendOptions | None = None) -> Backend:
+    """The backend for ``uri``, shared by every File with the same client options and
+    backend options. Call it on the I/O loop: cloud clients bind to the loop they are
+    created on."""
     scheme = scheme_of(uri)
-    options = dict(storage_options or {})
-    module_name, class_name, _, _, _ = _SCHEMES[scheme]
-    key = (module_name, _options_key(options))
+    client_options = dict(storage_options or {})
+    options = options or BackendOptions()
+    served = _SCHEMES[scheme]
+    key = (served.module, _options_key(client_options), options)
     backend = _cache.get(key)
     if backend is None:
         _require_client(scheme)
-        module = importlib.import_module(f"checkpoint_io.{module_name}")
-        backend = getattr(module, class_name)(options)
+        module = importlib.import_module(f"checkpoint_io.{served.module}")
+        backend = getattr(module, served.backend)(client_options, options)
         _cache[key] = backend
     return backend
 
@@ -101,8 +119,8 @@ on_exit(close_backends)
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None, **kwargs: Any):
-    """A plain fsspec filesystem for ``uri``, configured as checkpoint-io configures its
-    own clients (emulator endpoints, anonymous access to a GCS emulator, ...).
+    """A plain fsspec filesystem for ``uri``, with the same client options checkpoint-io's
+    own clients get.
 
     Extra keyword arguments go to the filesystem's constructor (e.g. ``asynchronous``).
     """
@@ -110,12 +128,5 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None, **kwargs
 
     scheme = scheme_of(uri)
     _require_client(scheme)
-    _, _, protocol, _, _ = _SCHEMES[scheme]
     options = {**(storage_options or {}), **kwargs}
-    if protocol == "gs":
-        from gcsfs.core import GCSFileSystem
-
-        from ._gcs import gcs_defaults
-
-        return GCSFileSystem(**gcs_defaults(options))
-    return fsspec.filesystem(protocol, **options)
+    return fsspec.filesystem(_SCHEMES[scheme].protocol, **options)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload, check_range, joined_range
+from ._backend import Backend, BackendOptions, MiB, Source, Upload, check_range, joined_range
 
 __all__ = ["S3Backend"]
 
@@ -105,8 +105,9 @@ class S3Backend(Backend):
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
 
-    def __init__(self, storage_options: dict[str, Any]) -> None:
-        super().__init__(storage_options)
+    def __init__(self, storage_options: dict[str, Any],
+                 options: BackendOptions | None = None) -> None:
+        super().__init__(storage_options, options)
         import s3fs
 
         from ._loop import io_loop

@@ -34,24 +34,15 @@ _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline
                             attempt_timeout=10.0)
 
 
-def _env_width(name: str) -> int | None:
-    """A width from the environment, for every store:
-
-    - ``CHECKPOINT_IO_READ_CONCURRENCY``: ranged GETs per streaming read (1 reads with one
-      long GET: for servers where a ranged GET costs as much as the whole object, as
-      moto's do);
-    - ``CHECKPOINT_IO_CONCURRENCY``: parts uploaded at once by a streaming write.
-    """
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r}: expected a whole number of 1 or more")
-    return int(value)
-
-
 class Transfer:
-    """What one transfer needs: where, through which backend, how hard to try, how wide."""
+    """What one transfer needs: where, through which backend, how hard to try, how wide.
+
+    Each width is the caller's argument (``File.with_options``) over the backend's default:
+    ``concurrency`` parts uploaded at once by a streaming write, ``read_concurrency`` ranged
+    GETs per streaming read (1 reads with one long GET: for servers where a ranged GET costs
+    as much as the whole object, as moto's do). Nothing is read from ``CHECKPOINT_*``
+    variables: flyte-checkpoint's ``Settings`` turns them into these arguments.
+    """
 
     def __init__(self, backend: Backend, path: str, uri: str, policy: RetryPolicy,
                  part_size: int | None, concurrency: int | None,
@@ -62,12 +53,9 @@ class Transfer:
         self.policy = policy
         size = max(part_size or backend.part_size, backend.min_part_size)
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
-        self.concurrency = max(1, concurrency or _env_width("CHECKPOINT_IO_CONCURRENCY")
-                               or backend.concurrency)
+        self.concurrency = max(1, concurrency or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)
-        self.read_concurrency = max(1, read_concurrency
-                                    or _env_width("CHECKPOINT_IO_READ_CONCURRENCY")
-                                    or backend.read_concurrency)
+        self.read_concurrency = max(1, read_concurrency or backend.read_concurrency)
         # Whole blocks, so each range hands out whole blocks like one long GET does.
         self.read_range = max(backend.read_range // backend.read_block, 1) * backend.read_block
 

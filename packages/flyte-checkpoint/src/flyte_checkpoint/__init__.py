@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from ._checkpoint import ENV_DEST, ENV_SRC, BaseCheckpoint, Checkpoint
 from ._errors import CheckpointError, CheckpointLoadError, CheckpointSaveError
 from ._latest import latest_checkpoint
+from ._settings import Settings, SettingsError
 from ._upstream import SUPPORTED_UPSTREAM, UpstreamNotSupportedError, install, installed, uninstall
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointLoadError",
     "CheckpointSaveError",
+    "Settings",
+    "SettingsError",
     "UpstreamNotSupportedError",
     "__version__",
     "install",

@@ -49,6 +49,7 @@ from ._pipeline import (
     size_of,
 )
 from ._progress import Progress
+from ._settings import Settings
 from ._snapshot import Snapshot, capture, special_kind
 from ._storage import file_for, storage_options_for
 from ._workspace import clear, workspaces
@@ -140,7 +141,13 @@ class Checkpoint(BaseCheckpoint):
         checkpoint_src: str | os.PathLike[str] | None = None,
         *,
         storage_options: dict[str, Any] | None = None,
+        settings: Settings | None = None,
     ) -> None:
+        # Read once, here: a bad CHECKPOINT_* value fails at task start (SettingsError), and
+        # every later operation sees the same tunables.
+        self._settings = Settings.from_env() if settings is None else settings
+        if not isinstance(self._settings, Settings):
+            raise TypeError(f"settings must be a flyte_checkpoint.Settings, got {settings!r}")
         dest = _location(checkpoint_dest)
         if dest is None:
             raise ValueError("Checkpoint needs a destination: checkpoint_dest is empty")
@@ -170,14 +177,22 @@ class Checkpoint(BaseCheckpoint):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **options: Any) -> Checkpoint:
         """Build the helper from ``FLYTE_CHECKPOINT_PATH`` and ``FLYTE_PREV_CHECKPOINT_PATH``
-        (what ``flyte-checkpoint run`` sets for each attempt)."""
+        (what ``flyte-checkpoint run`` sets for each attempt), its :class:`Settings` from the
+        same ``environ`` unless ``settings=`` is given."""
         env = os.environ if environ is None else environ
         dest = env.get(ENV_DEST, "")
         if not dest.strip():
             raise ValueError(f"{ENV_DEST} is not set: no checkpoint destination for this attempt")
+        if options.get("settings") is None:
+            options["settings"] = Settings.from_env(env)
         return cls(dest, env.get(ENV_SRC), **options)
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def settings(self) -> Settings:
+        """The tunables this helper was built with (read once, at construction)."""
+        return self._settings
 
     @property
     def remote_destination(self) -> str:
@@ -248,7 +263,8 @@ class Checkpoint(BaseCheckpoint):
     def __reduce__(self) -> tuple[Any, ...]:
         """Copies and pickles are fresh helpers for the same locations: no workspace, nothing
         loaded, no save in flight (those belong to the process that made them)."""
-        return (_rebuild, (type(self), self._dest, self._src, self._storage_options))
+        return (_rebuild, (type(self), self._dest, self._src, self._storage_options,
+                           self._settings))
 
     # ------------------------------------------------------------------ load
 
@@ -264,7 +280,7 @@ class Checkpoint(BaseCheckpoint):
         return storage_options_for(uri, self._storage_options)
 
     def _file(self, uri: str) -> File:
-        return file_for(uri, self._storage_options)
+        return file_for(uri, self._storage_options, self._settings)
 
     def _objects_under(self, uri: str) -> list[str]:
         """What an object store lists under ``uri`` taken as a prefix (one request, made
@@ -305,9 +321,11 @@ class Checkpoint(BaseCheckpoint):
                     return None
                 except Exception as exc:
                     raise load_error(uri, exc) from exc
-                progress = Progress("load", uri, total=getattr(remote, "size", None))
+                progress = Progress("load", uri, total=getattr(remote, "size", None),
+                                    setting=self._settings.progress)
                 try:
-                    result = restore(ReadStream(remote, progress, cancelled), target)
+                    result = restore(ReadStream(remote, progress, cancelled), target,
+                                     **self._settings.restore_options())
                 except Exception as exc:
                     raise load_error(uri, exc) from exc
             if result.path is None:
@@ -470,13 +488,14 @@ class Checkpoint(BaseCheckpoint):
         uri = self._dest
         with self._save_lock:
             started = time.perf_counter()
-            progress = Progress("save", uri, total=size_of(source), show=snapshot is None)
+            progress = Progress("save", uri, total=size_of(source), show=snapshot is None,
+                                setting=self._settings.progress)
             try:
                 ensure_local_parent(uri)
                 with self._file(uri).open_sync("wb") as remote:
                     sink = WriteSink(remote, progress, cancelled)
                     if isinstance(source, pathlib.Path) and source.is_dir():
-                        stats = write_tarball(source, sink)
+                        stats = write_tarball(source, sink, **self._settings.write_options())
                         kind, size = (
                             f"directory as tarball ({stats.members} members)", stats.file_bytes
                         )
@@ -511,5 +530,7 @@ class Checkpoint(BaseCheckpoint):
 
 
 def _rebuild(cls: type[Checkpoint], dest: str, src: str | None,
-             storage_options: dict[str, Any] | None) -> Checkpoint:
-    return cls(dest, src, storage_options=storage_options)
+             storage_options: dict[str, Any] | None,
+             settings: Settings | None = None) -> Checkpoint:
+    # settings: None in pickles made before there were settings (read from the environment)
+    return cls(dest, src, storage_options=storage_options, settings=settings)

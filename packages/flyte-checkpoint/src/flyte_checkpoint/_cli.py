@@ -13,7 +13,17 @@ from checkpoint_io import MissingBackendError
 
 from . import __version__
 from ._runner import default_store, run_attempts
+from ._settings import Settings, SettingsError
 from ._storage import file_for
+
+
+def _settings(command: str) -> Settings | None:
+    """The settings of this run, or None having said which variable is bad (exit 2)."""
+    try:
+        return Settings.from_env()
+    except SettingsError as bad:
+        print(f"flyte-checkpoint {command}: {bad}", file=sys.stderr)
+        return None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -24,8 +34,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("flyte-checkpoint run: no command given (usage: run --retries N -- CMD ...)",
               file=sys.stderr)
         return 2
+    # Checked before the first attempt starts: each attempt would fail on it at start.
+    settings = _settings("run")
+    if settings is None:
+        return 2
     store = args.store or default_store()
-    attempts = run_attempts(command, retries=args.retries, store=store)
+    attempts = run_attempts(command, retries=args.retries, store=store, settings=settings)
     last = attempts[-1]
     if last.returncode != 0:
         print(f"all {len(attempts)} attempts failed", file=sys.stderr)
@@ -40,10 +54,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_format(args: argparse.Namespace) -> int:
+    settings = _settings(args.which)
+    if settings is None:
+        return 2
     try:
-        with file_for(args.uri).open_sync("rb") as remote:
+        with file_for(args.uri, settings=settings).open_sync("rb") as remote:
             return format_cli.run(args.which, args.uri, remote,
-                                  as_json=getattr(args, "json", False))
+                                  as_json=getattr(args, "json", False),
+                                  **settings.restore_options())
     except FileNotFoundError:
         print(f"flyte-checkpoint {args.which}: no object at {args.uri}", file=sys.stderr)
         return 2

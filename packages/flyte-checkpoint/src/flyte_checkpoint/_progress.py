@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -10,26 +9,20 @@ import time
 _INTERVAL = 0.25
 
 
-def _enabled() -> bool:
-    setting = os.environ.get("FLYTE_CHECKPOINT_PROGRESS", "auto").lower()
-    if setting in ("0", "off", "false", "no"):
-        return False
-    if setting in ("1", "on", "true", "yes"):
-        return True
-    return sys.stderr.isatty()
-
-
 class Progress:
     """Counts bytes for one save or load and redraws at most four times a second."""
 
-    def __init__(self, verb: str, uri: str, total: int | None = None, *, show: bool = True) -> None:
+    def __init__(self, verb: str, uri: str, total: int | None = None, *, show: bool = True,
+                 setting: bool | None = None) -> None:
+        """``show=False`` never draws (a background snapshot's upload); else ``setting``
+        decides (``Settings.progress``: ``None`` draws when standard error is a terminal)."""
         self._verb = verb
         self._uri = uri
         self._total = total
         self._done = 0
         self._started = time.perf_counter()
         self._last = 0.0
-        self._enabled = show and _enabled()
+        self._enabled = show and (sys.stderr.isatty() if setting is None else setting)
         self._lock = threading.Lock()
         self._drawn = False
 

@@ -19,6 +19,7 @@ import time
 import uuid
 
 from ._checkpoint import ENV_DEST, ENV_SRC
+from ._settings import Settings
 from ._storage import file_for
 
 ENV_ATTEMPT = "FLYTE_ATTEMPT"
@@ -45,8 +46,11 @@ def run_attempts(
     store: str,
     env: dict[str, str] | None = None,
     echo=print,
+    settings: Settings | None = None,
 ) -> list[Attempt]:
-    """Run ``command`` until it succeeds or ``retries`` retries are used up."""
+    """Run ``command`` until it succeeds or ``retries`` retries are used up. Each attempt
+    reads its own settings from the environment it is given; ``settings`` are the runner's
+    (for its look at the store between attempts)."""
     run_id = time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     attempts: list[Attempt] = []
     previous: str | None = None
@@ -79,7 +83,7 @@ def run_attempts(
              f" after {attempt.seconds:.1f} s")
         # The next attempt resumes from the newest checkpoint there is: an attempt that died
         # before saving must not hide its predecessor's (that would restart from scratch).
-        if file_for(destination).exists_sync():
+        if file_for(destination, settings=settings).exists_sync():
             previous = destination
         elif previous:
             echo(f"attempt {number}: saved no checkpoint; the next attempt resumes from {previous}")

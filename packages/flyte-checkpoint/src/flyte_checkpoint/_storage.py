@@ -7,6 +7,11 @@ in task pods where the store is not AWS itself (a sandbox's MinIO, say). Our hel
 reach the store upstream's would, with the same credentials, so it reads the same places
 and turns them into s3fs and adlfs options. What it finds nothing for is left to the
 clients' own lookup (the AWS and Azure credential chains, Google's default credentials).
+
+``STORAGE_EMULATOR_HOST`` is the Google clients' own convention for an emulator: gcsfs reads
+it for the endpoint, and then this edge adds anonymous access (``token="anon"``, unless
+``storage_options`` give a token), so that no credential lookup reaches for a metadata
+server that is not there. checkpoint-io, below, reads no variable at all.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import sys
 from typing import Any
 
 from checkpoint_io import File, scheme_of
+
+from ._settings import Settings
 
 __all__ = ["file_for", "flyte_storage_options", "storage_options_for"]
 
@@ -37,7 +44,8 @@ _AZURE_ENV = {
 
 def flyte_storage_options(uri: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """fsspec options for ``uri`` from upstream's storage settings; empty when there are none
-    (and for GCS, local and memory URIs, whose upstream settings hold no credentials)."""
+    (and for local and memory URIs, and GCS ones, whose upstream settings hold no
+    credentials: there only an emulator's anonymous access)."""
     scheme = scheme_of(uri)
     if scheme in ("s3", "s3a"):
         fields = _settings("S3", _S3_ENV, environ)
@@ -45,6 +53,9 @@ def flyte_storage_options(uri: str, environ: dict[str, str] | None = None) -> di
     if scheme in ("abfs", "abfss", "az"):
         return {key: value for key, value in _settings("ABFS", _AZURE_ENV, environ).items()
                 if value}
+    if scheme in ("gs", "gcs"):
+        env = os.environ if environ is None else environ
+        return {"token": "anon"} if env.get("STORAGE_EMULATOR_HOST", "").strip() else {}
     return {}
 
 
@@ -54,10 +65,13 @@ def storage_options_for(uri: str, explicit: dict[str, Any] | None = None) -> dic
     return {**flyte_storage_options(uri), **(explicit or {})}
 
 
-def file_for(uri: str, explicit: dict[str, Any] | None = None) -> File:
-    """A :class:`~checkpoint_io.File` for ``uri`` with :func:`storage_options_for`."""
+def file_for(uri: str, explicit: dict[str, Any] | None = None,
+             settings: Settings | None = None) -> File:
+    """A :class:`~checkpoint_io.File` for ``uri`` with :func:`storage_options_for` and the
+    transfer options of ``settings`` (default: the layers' own defaults)."""
     options = storage_options_for(uri, explicit)
-    return File(path=uri).with_options(storage_options=options) if options else File(path=uri)
+    file = File(path=uri).with_options(storage_options=options) if options else File(path=uri)
+    return file.with_options(**settings.file_options()) if settings is not None else file
 
 
 def _settings(kind: str, variables: dict[str, str],
