@@ -3,7 +3,8 @@
 The graph is built from the source with ``ast``, lazy imports inside functions included:
 a circle held apart only by a function-level import still couples the two modules both ways
 (``checkpoint_io._loop`` and ``_registry`` used to be such a pair, as were
-``flyte_checkpoint._cli`` and ``_demo``, and ``checkpoint_bench.py`` and ``transfer_bench.py``).
+``flyte_checkpoint._cli`` and ``_demo``, and ``checkpoint_bench.py`` and ``transfer_bench.py``;
+``checkpoint_format._writer`` read the version from the ``__init__`` that imports it).
 """
 
 from __future__ import annotations
@@ -23,11 +24,7 @@ PACKAGES = {
 
 # Circles known and left for later, each with who removes it: the test fails when one of
 # them disappears too, so that its entry goes with it.
-KNOWN = {
-    # _writer reads __version__ from the package, whose __init__ imports _writer. Left to
-    # the restructuring of _writer/_reader (issue 16, parts 1-2).
-    ("checkpoint_format", "checkpoint_format._writer"),
-}
+KNOWN: set[tuple[str, ...]] = set()
 
 
 def _modules(src: Path, top: str) -> dict[str, tuple[Path, bool]]:

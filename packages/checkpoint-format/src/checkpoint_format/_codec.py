@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import CorruptArchiveError
+from ._spec import SIZE_RECORD, SIZE_RECORD_ID
 
 try:  # optional speed extra
     from isal import isal_zlib as _fast_zlib
@@ -33,10 +34,6 @@ OUT_CHUNK = 1 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 
-# CF-WRITE-11: the member-size record, an extra-field subfield "FK" holding the member's
-# length and its inflated size (two unsigned 64-bit little-endian integers).
-SIZE_RECORD_ID = b"FK"
-_SIZE_RECORD = struct.Struct("<QQ")
 #: Members whose recorded sizes are within this bound are cut out whole and inflated on a
 #: worker; larger ones stream through one decompressor (CF-INTEG-06 allows either).
 WHOLE_MEMBER_MAX = 16 << 20
@@ -229,11 +226,11 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
                 raise CorruptArchiveError(
                     "CF-INTEG-06", "gzip member-size subfield appears twice in one extra field"
                 )
-            if length != _SIZE_RECORD.size:
+            if length != SIZE_RECORD.size:
                 raise CorruptArchiveError(
                     "CF-INTEG-06", f"gzip member-size subfield has LEN {length} (must be 16)"
                 )
-            record = _SIZE_RECORD.unpack_from(head, position)
+            record = SIZE_RECORD.unpack_from(head, position)
         position += length
     if record is not None and record[0] < end + _GZIP_TRAILER_SIZE:
         raise CorruptArchiveError(
@@ -513,8 +510,8 @@ class GzipMembers:
 
 # CF-WRITE-01: no mtime or name, OS=255; CF-WRITE-11: FEXTRA with the member-size record only.
 _GZIP_HEADER_START = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
-_EXTRA_FIELD = struct.pack("<H2sH", 4 + _SIZE_RECORD.size, SIZE_RECORD_ID, _SIZE_RECORD.size)
-_GZIP_HEADER_SIZE = len(_GZIP_HEADER_START) + len(_EXTRA_FIELD) + _SIZE_RECORD.size
+_EXTRA_FIELD = struct.pack("<H2sH", 4 + SIZE_RECORD.size, SIZE_RECORD_ID, SIZE_RECORD.size)
+_GZIP_HEADER_SIZE = len(_GZIP_HEADER_START) + len(_EXTRA_FIELD) + SIZE_RECORD.size
 _GZIP_TRAILER_SIZE = 8
 _STORED_MAX = 0xFFFF
 _SAMPLE = 16 << 10
@@ -573,7 +570,7 @@ def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
     )
     trailer = struct.pack("<II", (_fast_zlib or zlib).crc32(view), len(view) & 0xFFFFFFFF)
     length = _GZIP_HEADER_SIZE + sum(map(len, body)) + _GZIP_TRAILER_SIZE
-    record = _SIZE_RECORD.pack(length, len(view))
+    record = SIZE_RECORD.pack(length, len(view))
     return b"".join([_GZIP_HEADER_START, _EXTRA_FIELD, record, *body, trailer])
 
 

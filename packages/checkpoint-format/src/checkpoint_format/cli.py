@@ -10,8 +10,8 @@ import json
 import sys
 from typing import BinaryIO
 
-from . import __version__
 from ._validate import Report, validate
+from ._version import __version__
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
