@@ -115,3 +115,38 @@ def test_no_import_circles_among_the_benchmarks():
     assert {"bench_support", "checkpoint_bench", "transfer_bench"} <= set(scripts)
     found = circles(import_graph(scripts))
     assert found == set(), f"import circles among benchmarks/*.py: {sorted(found)}"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+# Lower layers that must not reach the layers above them, even through a lazy import:
+# module -> the modules it must never reach.
+LAYERS = {
+    "checkpoint_format": {
+        # The spec's values and the version are leaves: every module may import them.
+        "checkpoint_format._spec": {"*"},
+        "checkpoint_format._version": {"*"},
+    },
+    "checkpoint_io": {
+        # Backends (and the local file steps they share with downloads) sit below the
+        # streams and File that drive them.
+        f"checkpoint_io.{name}": {"checkpoint_io", "checkpoint_io._stream", "checkpoint_io._file"}
+        for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure")
+    },
+}
+
+
+@pytest.mark.parametrize("top", sorted(LAYERS))
+def test_lower_layers_never_reach_the_layers_above(top):
+    graph = import_graph(_modules(PACKAGES[top], top))
+    for module, above in LAYERS[top].items():
+        reached = _reachable(graph, module)
+        wrong = reached if "*" in above else reached & above
+        assert not wrong, f"{module} reaches {sorted(wrong)}"
