@@ -21,6 +21,7 @@ from ._errors import (
 from ._extract import PAYLOAD_NAME, RestoreResult, remove_tree, restore
 from ._limits import Limits
 from ._reader import Member
+from ._sizes import format_size
 from ._spec import FORMAT_VERSION
 from ._validate import Report, Violation, validate
 from ._version import __version__
@@ -45,6 +46,7 @@ __all__ = [
     "WriteStats",
     "__version__",
     "detect",
+    "format_size",
     "remove_tree",
     "restore",
     "sniff",
