@@ -74,7 +74,8 @@ def sweep_partials(path: str) -> list[str]:
     prefix = f".{name}{_PARTIAL}"
     removed = []
     try:
-        entries = [e.name for e in os.scandir(directory or ".") if e.name.startswith(prefix)]
+        with os.scandir(directory or ".") as scan:  # closed even if listing fails midway
+            entries = [e.name for e in scan if e.name.startswith(prefix)]
     except OSError:
         return removed
     for entry in entries:
