@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from checkpoint_format import Limits, write_tarball
+from checkpoint_format import Limits, format_size, write_tarball
 from checkpoint_format.cli import main, options_from_env
 
 
@@ -72,6 +72,23 @@ def test_inspect_text(good: Path, capsys) -> None:
     assert "tarball" in out and "format version:  1.1" in out
     assert "digests present: 2 of 2 files" in out
     assert "model.pt" in out
+
+
+@pytest.mark.parametrize(("size", "text"), [
+    (0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1500, "1.5 KB"), (300_000, "300.0 KB"),
+    (999_949, "999.9 KB"), (1_000_000, "1.0 MB"), (4 << 20, "4.2 MB"), (2 * 10**9, "2.0 GB"),
+    (3 * 10**12, "3000.0 GB"),
+])
+def test_sizes_are_told_in_decimal_units(size, text) -> None:
+    assert format_size(size) == text
+
+
+def test_inspect_tells_sizes_in_bytes_and_in_decimal_units(good: Path, capsys) -> None:
+    assert main(["inspect", str(good)]) == 0
+    out = capsys.readouterr().out
+    size = good.stat().st_size
+    assert f"  object size:     {size} bytes ({format_size(size)})" in out
+    assert "  members:         2 (2 files, 702 B)" in out
 
 
 def test_inspect_json(good: Path, capsys) -> None:

@@ -41,7 +41,7 @@ def test_whole_blocks_go_direct_and_the_tail_does_not(tmp_path):
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP])
 def test_a_write_refused_at_write_time_is_redone_buffered(tmp_path, monkeypatch, code):
-    real = _local._pwrite_all
+    real = _local.pwrite_all
     refused = []
 
     def refuse_direct(fd, data, offset):
@@ -50,7 +50,7 @@ def test_a_write_refused_at_write_time_is_redone_buffered(tmp_path, monkeypatch,
             raise OSError(code, os.strerror(code))
         real(fd, data, offset)
 
-    monkeypatch.setattr(_local, "_pwrite_all", refuse_direct)
+    monkeypatch.setattr(_local, "pwrite_all", refuse_direct)
     path = tmp_path / "obj"
     fd = _open(path)
     writer = _DirectWriter(fd)
@@ -69,7 +69,7 @@ def test_other_write_errors_propagate(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_local, "_pwrite_all", full)
+    monkeypatch.setattr(_local, "pwrite_all", full)
     fd = _open(tmp_path / "obj")
     writer = _DirectWriter(fd)
     try:

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 from checkpoint_io import File
-from checkpoint_io._stream import _open_temp_sibling, _sweep_partials
+from checkpoint_io._localfs import open_temp_sibling, sweep_partials
 
 MiB = 1024 * 1024
 
@@ -102,7 +102,7 @@ def test_a_live_save_in_this_process_keeps_its_temp_file(tmp_path):
         f.write(os.urandom(2 * MiB + 1))  # a part sent: the temp file exists
         live = _partials(tmp_path, "ckpt.bin")
         assert len(live) == 1
-        assert _sweep_partials(str(target)) == []
+        assert sweep_partials(str(target)) == []
         _save(target, b"other")
         assert _partials(tmp_path, "ckpt.bin") == live
     assert target.stat().st_size == 2 * MiB + 1
@@ -123,9 +123,9 @@ def test_the_sweep_touches_only_unlocked_temp_files_of_that_destination(tmp_path
     (tmp_path / ".ckpt.bin.partial-aaaaaaaaaaaa").symlink_to(tmp_path / "elsewhere")
     (tmp_path / ".ckpt.bin.partial-bbbbbbbbbbbb").mkdir()
     (tmp_path / ".ckpt.bin.partial-cccccccccccc").write_bytes(b"left by a killed save")
-    temp, fd = _open_temp_sibling(str(target))  # a live writer's, locked
+    temp, fd = open_temp_sibling(str(target))  # a live writer's, locked
     try:
-        assert _sweep_partials(str(target)) == [".ckpt.bin.partial-cccccccccccc"]
+        assert sweep_partials(str(target)) == [".ckpt.bin.partial-cccccccccccc"]
         assert os.path.exists(temp)
     finally:
         os.close(fd)
@@ -137,7 +137,7 @@ def test_the_sweep_touches_only_unlocked_temp_files_of_that_destination(tmp_path
     for name in keep:
         assert (tmp_path / name).exists()
     # Once its writer is gone (descriptor closed: the process died), it goes too.
-    assert _sweep_partials(str(target)) == [os.path.basename(temp)]
+    assert sweep_partials(str(target)) == [os.path.basename(temp)]
 
 
 def test_a_temp_file_swept_before_it_was_locked_is_replaced_by_a_new_one(tmp_path,
@@ -146,7 +146,7 @@ def test_a_temp_file_swept_before_it_was_locked_is_replaced_by_a_new_one(tmp_pat
     then removes it; the writer notices the name is no longer its file, and makes another."""
     import fcntl
 
-    from checkpoint_io import _stream
+    from checkpoint_io import _localfs
 
     real_flock = fcntl.flock
     raced = []
@@ -154,11 +154,11 @@ def test_a_temp_file_swept_before_it_was_locked_is_replaced_by_a_new_one(tmp_pat
     def flock_after_a_sweep(fd, operation):
         if not raced:  # another save's sweep gets there first, once
             raced.append(None)
-            raced[0] = _sweep_partials(str(tmp_path / "ckpt.bin"))
+            raced[0] = sweep_partials(str(tmp_path / "ckpt.bin"))
         return real_flock(fd, operation)
 
-    monkeypatch.setattr(_stream.fcntl, "flock", flock_after_a_sweep)
-    temp, fd = _open_temp_sibling(str(tmp_path / "ckpt.bin"))
+    monkeypatch.setattr(_localfs.fcntl, "flock", flock_after_a_sweep)
+    temp, fd = open_temp_sibling(str(tmp_path / "ckpt.bin"))
     try:
         assert len(raced[0]) == 1 and raced[0][0] != os.path.basename(temp)
         assert _partials(tmp_path, "ckpt.bin") == [os.path.basename(temp)]

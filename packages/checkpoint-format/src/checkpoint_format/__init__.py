@@ -9,8 +9,6 @@ same format.
 - :func:`validate`: every violation of the spec, with rule IDs and member names.
 """
 
-__version__ = "0.1.0"
-
 from ._detect import PREFIX_SIZE, Detection, detect, sniff
 from ._errors import (
     CheckpointFormatError,
@@ -22,8 +20,11 @@ from ._errors import (
 )
 from ._extract import PAYLOAD_NAME, RestoreResult, remove_tree, restore
 from ._limits import Limits
-from ._reader import FORMAT_VERSION, Member
+from ._reader import Member
+from ._sizes import format_size
+from ._spec import FORMAT_VERSION
 from ._validate import Report, Violation, validate
+from ._version import __version__
 from ._writer import WriteStats, write_tarball
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "WriteStats",
     "__version__",
     "detect",
+    "format_size",
     "remove_tree",
     "restore",
     "sniff",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import CorruptArchiveError
+from ._spec import SIZE_RECORD, SIZE_RECORD_ID
 from ._width import decode_width
 
 try:  # optional speed extra
@@ -33,10 +34,6 @@ OUT_CHUNK = 1 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 
-# CF-WRITE-11: the member-size record, an extra-field subfield "FK" holding the member's
-# length and its inflated size (two unsigned 64-bit little-endian integers).
-SIZE_RECORD_ID = b"FK"
-_SIZE_RECORD = struct.Struct("<QQ")
 #: Members whose recorded sizes are within this bound are cut out whole and inflated on a
 #: worker; larger ones stream through one decompressor (CF-INTEG-06 allows either).
 WHOLE_MEMBER_MAX = 16 << 20
@@ -62,6 +59,39 @@ def codec_name() -> str:
 
 # --------------------------------------------------------------------------- decoding
 
+_FIRST_MAGIC_BYTE = {GZIP: 0x1F, BZIP2: 0x42, XZ: 0xFD}
+
+
+def _check_gzip_flags(head: bytes | bytearray) -> None:
+    """RFC 1952: the reserved FLG bits of the gzip member header starting ``head`` (at
+    least 4 bytes) must be zero. zlib refuses them and ISA-L does not; both decoders check
+    here, so that the optional extra never changes what is accepted."""
+    if head[3] & _RESERVED_FLAGS:
+        raise CorruptArchiveError("CF-INTEG-03", "gzip member header has reserved flag bits set")
+
+
+def _starts_member(data: bytes | bytearray, compression: str) -> bool:
+    """CF-INTEG-05, at a boundary after a complete member: whether ``data`` (not empty)
+    begins another member (True) or the zero bytes that may end the object (False, their
+    rest to be checked with :func:`_check_zeros`). Anything else is refused."""
+    if data[0] == 0:
+        return False
+    if data[0] != _FIRST_MAGIC_BYTE[compression]:
+        raise _trailing_garbage(compression)
+    return True
+
+
+def _check_zeros(data: bytes | bytearray, compression: str) -> None:
+    """CF-INTEG-05: after the last member, zero bytes only."""
+    if data.strip(b"\0"):
+        raise _trailing_garbage(compression)
+
+
+def _trailing_garbage(compression: str) -> CorruptArchiveError:
+    return CorruptArchiveError(
+        "CF-INTEG-05", f"unexpected data after the last {compression} member"
+    )
+
 
 class _Member:
     """Adapts zlib/isal, bz2 and lzma decompressors to one interface (max_length, tail, eof)."""
@@ -79,16 +109,11 @@ class _Member:
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         """Feed ``data`` (may be empty to drain) and return at most ``max_length`` bytes."""
-        if self._head is not None:
-            # RFC 1952: reserved FLG bits must be zero. zlib refuses them and ISA-L does not;
-            # check here so that the optional extra never changes what is accepted.
+        if self._head is not None:  # the header's flags are checked before zlib sees it
             self._head += data
             if len(self._head) < 4:
                 return b""
-            if self._head[3] & 0xE0:
-                raise CorruptArchiveError(
-                    "CF-INTEG-03", "gzip member header has reserved flag bits set"
-                )
+            _check_gzip_flags(self._head)
             data, self._head = self._head, None
         if self.compression == GZIP:
             out = self._d.decompress(self._pending + data, max_length)
@@ -114,9 +139,6 @@ class _Member:
         return self._d.unused_data
 
 
-_FIRST_MAGIC_BYTE = {GZIP: 0x1F, BZIP2: 0x42, XZ: 0xFD}
-
-
 class Decoder:
     """Incremental decoder for a possibly multi-member compressed stream.
 
@@ -140,13 +162,12 @@ class Decoder:
             if self._member is None:
                 if not data:
                     return
-                if self._trailing_zeros or (self._started and data[0] == 0):
+                if self._trailing_zeros or (
+                    self._started and not _starts_member(data, self.compression)
+                ):
                     self._trailing_zeros = True
-                    if data.strip(b"\0"):
-                        raise self._trailing_garbage()
+                    _check_zeros(data, self.compression)
                     return
-                if self._started and data[0] != _FIRST_MAGIC_BYTE[self.compression]:
-                    raise self._trailing_garbage()
                 self._member = _Member(self.compression)
                 self._started = True
             member = self._member
@@ -168,11 +189,6 @@ class Decoder:
                 drain = False
             else:
                 drain = len(out) == OUT_CHUNK or not member.needs_input
-
-    def _trailing_garbage(self) -> CorruptArchiveError:
-        return CorruptArchiveError(
-            "CF-INTEG-05", f"unexpected data after the last {self.compression} member"
-        )
 
     @property
     def at_member_boundary(self) -> bool:
@@ -203,10 +219,8 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
     """
     if len(head) < 10:
         return _NEED
-    flags = head[3]
-    if flags & _RESERVED_FLAGS:
-        raise CorruptArchiveError("CF-INTEG-03", "gzip member header has reserved flag bits set")
-    if not flags & _FEXTRA:
+    _check_gzip_flags(head)
+    if not head[3] & _FEXTRA:
         return None
     if len(head) < 12:
         return _NEED
@@ -229,11 +243,11 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
                 raise CorruptArchiveError(
                     "CF-INTEG-06", "gzip member-size subfield appears twice in one extra field"
                 )
-            if length != _SIZE_RECORD.size:
+            if length != SIZE_RECORD.size:
                 raise CorruptArchiveError(
                     "CF-INTEG-06", f"gzip member-size subfield has LEN {length} (must be 16)"
                 )
-            record = _SIZE_RECORD.unpack_from(head, position)
+            record = SIZE_RECORD.unpack_from(head, position)
         position += length
     if record is not None and record[0] < end + _GZIP_TRAILER_SIZE:
         raise CorruptArchiveError(
@@ -356,14 +370,10 @@ class GzipMembers:
     ) -> Iterator[bytes]:
         started = False
         while self._fill(1):
-            if started and self._head[0] == 0:
+            if started and not _starts_member(self._head, GZIP):
                 yield from self._deliver(pending, 0)
                 self._trailing_zeros()
                 return
-            if started and self._head[0] != _GZIP_MAGIC[0]:
-                raise CorruptArchiveError(
-                    "CF-INTEG-05", "unexpected data after the last gzip member"
-                )
             if not self._fill(3):
                 raise self._truncated("inside its header")
             if not self._head.startswith(_GZIP_MAGIC):
@@ -478,10 +488,7 @@ class GzipMembers:
 
     def _trailing_zeros(self) -> None:
         while True:
-            if self._head.strip(b"\0"):
-                raise CorruptArchiveError(
-                    "CF-INTEG-05", "unexpected data after the last gzip member"
-                )
+            _check_zeros(self._head, GZIP)
             self.compressed_in += len(self._head)
             self._head = b""
             if self._eof:
@@ -494,8 +501,8 @@ class GzipMembers:
 
 # CF-WRITE-01: no mtime or name, OS=255; CF-WRITE-11: FEXTRA with the member-size record only.
 _GZIP_HEADER_START = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
-_EXTRA_FIELD = struct.pack("<H2sH", 4 + _SIZE_RECORD.size, SIZE_RECORD_ID, _SIZE_RECORD.size)
-_GZIP_HEADER_SIZE = len(_GZIP_HEADER_START) + len(_EXTRA_FIELD) + _SIZE_RECORD.size
+_EXTRA_FIELD = struct.pack("<H2sH", 4 + SIZE_RECORD.size, SIZE_RECORD_ID, SIZE_RECORD.size)
+_GZIP_HEADER_SIZE = len(_GZIP_HEADER_START) + len(_EXTRA_FIELD) + SIZE_RECORD.size
 _GZIP_TRAILER_SIZE = 8
 _STORED_MAX = 0xFFFF
 _SAMPLE = 16 << 10
@@ -554,7 +561,7 @@ def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
     )
     trailer = struct.pack("<II", (_fast_zlib or zlib).crc32(view), len(view) & 0xFFFFFFFF)
     length = _GZIP_HEADER_SIZE + sum(map(len, body)) + _GZIP_TRAILER_SIZE
-    record = _SIZE_RECORD.pack(length, len(view))
+    record = SIZE_RECORD.pack(length, len(view))
     return b"".join([_GZIP_HEADER_START, _EXTRA_FIELD, record, *body, trailer])
 
 

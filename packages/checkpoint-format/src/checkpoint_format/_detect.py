@@ -8,7 +8,8 @@ from typing import BinaryIO, Literal
 
 from . import _codec
 from ._errors import CorruptArchiveError
-from ._tarheader import BLOCK, is_header_block
+from ._spec import BLOCK
+from ._tarheader import is_header_block
 
 __all__ = ["PREFIX_SIZE", "Detection", "PrefixedReader", "detect", "sniff"]
 

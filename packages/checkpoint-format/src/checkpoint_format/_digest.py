@@ -11,20 +11,15 @@ import collections
 import hashlib
 from concurrent.futures import Executor, Future
 
+from ._spec import PIECE
+
 __all__ = [
-    "PIECE",
-    "PLAIN_KEY",
-    "TREE_KEY",
     "PieceHashing",
     "PooledTreeHasher",
     "TreeHasher",
     "piece_digest",
 ]
 
-PLAIN_KEY = "FLYTECKPT.sha256"
-TREE_KEY = "FLYTECKPT.sha256-pieces"
-#: The piece size of the piecewise digest, fixed by the spec.
-PIECE = 4 << 20
 
 
 def piece_digest(piece: bytes | memoryview) -> bytes:

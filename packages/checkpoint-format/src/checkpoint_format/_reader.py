@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Literal
 
 from . import _codec
-from ._digest import PIECE, PLAIN_KEY, TREE_KEY, PieceHashing, PooledTreeHasher, TreeHasher
+from ._digest import PieceHashing, PooledTreeHasher, TreeHasher
 from ._errors import (
     CheckpointFormatError,
     CorruptArchiveError,
@@ -27,8 +27,17 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._links import Dir, Link, NameTree, target_problem
-from ._tarheader import (
+from ._spec import (
     BLOCK,
+    FORMAT_MAJOR,
+    FORMAT_VERSION,
+    PIECE,
+    PLAIN_KEY,
+    TREE_KEY,
+    VERSION_KEY,
+    WRITER_KEY,
+)
+from ._tarheader import (
     DIRECTORY,
     EXTENDED_TYPES,
     GNU_LONGNAME,
@@ -46,12 +55,7 @@ from ._tarheader import (
 )
 from ._width import decode_width
 
-__all__ = ["FORMAT_MAJOR", "FORMAT_VERSION", "Member", "TarReader"]
-
-FORMAT_VERSION = "1.1"
-FORMAT_MAJOR = 1
-VERSION_KEY = "FLYTECKPT.version"
-WRITER_KEY = "FLYTECKPT.writer"
+__all__ = ["Member", "TarReader"]
 
 _READ_SIZE = 1 << 20
 _QUEUE_BYTES = 8 << 20  # decoded bytes in flight between the decode thread and the writer

@@ -9,7 +9,8 @@ import struct
 import zlib
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, InvalidOperation, Overflow
 
-BLOCK = 512
+from ._spec import BLOCK
+
 ZERO_BLOCK = bytes(BLOCK)
 
 # Type flags (POSIX ustar / pax, plus GNU long names).

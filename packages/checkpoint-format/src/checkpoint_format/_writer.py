@@ -20,14 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from . import __version__
 from ._codec import codec_name, gzip_member
-from ._digest import PIECE, PLAIN_KEY, TREE_KEY, piece_digest
+from ._digest import piece_digest
 from ._errors import WriteRefusedError
 from ._links import NameTree, target_problem
-from ._reader import FORMAT_VERSION, VERSION_KEY, WRITER_KEY
+from ._spec import BLOCK, FORMAT_VERSION, PIECE, PLAIN_KEY, TREE_KEY, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
-    BLOCK,
     DIRECTORY,
     HARDLINK,
     PAX_GLOBAL,
@@ -38,6 +36,7 @@ from ._tarheader import (
     padding,
     pax_header,
 )
+from ._version import __version__
 from ._width import compress_width
 
 __all__ = ["WriteStats", "write_tarball"]

@@ -18,9 +18,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from . import __version__
 from ._limits import Limits
+from ._sizes import format_size
 from ._validate import Report, validate
+from ._version import __version__
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -76,20 +77,11 @@ def _open(path: str) -> BinaryIO:
     return sys.stdin.buffer if path == "-" else open(path, "rb")
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def print_inspect(report: Report, name: str, out=None) -> None:
     out = out or sys.stdout
     d = report.detection
     print(f"{name}: {d.kind}", file=out)
-    print(f"  object size:     {report.size} bytes ({_human(report.size)})", file=out)
+    print(f"  object size:     {report.size} bytes ({format_size(report.size)})", file=out)
     print(f"  compression:     {d.compression}", file=out)
     print(f"  decided by:      {d.reason}", file=out)
     if d.kind == "tarball":
@@ -100,7 +92,7 @@ def print_inspect(report: Report, name: str, out=None) -> None:
         files = [m for m in report.members if m.type == "file"]
         print(
             f"  members:         {len(report.members)} ({len(files)} files,"
-            f" {_human(sum(m.size for m in files))})",
+            f" {format_size(sum(m.size for m in files))})",
             file=out,
         )
         print(f"  digests present: {report.digests_present} of {len(files)} files", file=out)

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from ._backend import Backend, MiB, Source, Upload
-from ._stream import _fsync_dir, _open_temp_sibling, _pwrite_all, _sweep_partials
+from ._localfs import fsync_dir, open_temp_sibling, pwrite_all, sweep_partials
 
 __all__ = ["LocalBackend"]
 
@@ -107,7 +107,7 @@ class _DirectWriter:
                 view, offset = view[whole:], offset + whole
             if view:
                 self._stop_direct(fd)  # the unaligned tail: the object's last bytes
-        _pwrite_all(fd, view, offset)
+        pwrite_all(fd, view, offset)
 
     def _write_direct(self, fd: int, view: memoryview, offset: int) -> bool:
         with self._lock:
@@ -119,7 +119,7 @@ class _DirectWriter:
             with memoryview(buffer) as aligned:
                 aligned[: len(view)] = view
                 try:
-                    _pwrite_all(fd, aligned[: len(view)], offset)
+                    pwrite_all(fd, aligned[: len(view)], offset)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                         raise
@@ -190,9 +190,9 @@ class _LocalUpload(Upload):
         directory = os.path.dirname(self._path)
         os.makedirs(directory, exist_ok=True)
         # What a save killed mid-write left beside the object goes now; a live save's temp
-        # file is locked and stays (see _sweep_partials).
-        _sweep_partials(self._path)
-        temp, fd = _open_temp_sibling(self._path)
+        # file is locked and stays (see sweep_partials).
+        sweep_partials(self._path)
+        temp, fd = open_temp_sibling(self._path)
         with self._lock:
             if self._state == "new":
                 # The lock on the temp file lives as long as one descriptor of it does: this
@@ -218,7 +218,7 @@ class _LocalUpload(Upload):
             if writer is not None:
                 writer.pwrite(fd, data, offset)
             else:
-                _pwrite_all(fd, data, offset)
+                pwrite_all(fd, data, offset)
         finally:
             os.close(fd)
 
@@ -286,7 +286,7 @@ class _LocalUpload(Upload):
         _close_quietly(hold)
         if writer is not None:
             writer.close()
-        _fsync_dir(os.path.dirname(self._path))
+        fsync_dir(os.path.dirname(self._path))
 
     def _discard(self) -> None:
         with self._lock:

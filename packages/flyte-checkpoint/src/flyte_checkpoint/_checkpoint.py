@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import Any
 
-from checkpoint_format import restore, write_tarball
+from checkpoint_format import format_size, restore, write_tarball
 from checkpoint_io import File, MissingBackendError, filesystem, refuse_in_loop, require_backend
 
 from ._background import Background
@@ -43,7 +43,6 @@ from ._pipeline import (
     copy_bytes,
     copy_file,
     ensure_local_parent,
-    human,
     in_thread,
     save_source,
     size_of,
@@ -341,7 +340,7 @@ class Checkpoint(BaseCheckpoint):
             logger.info(
                 "checkpoint load: %s, %s restored in %.2f s (%.0f MB/s) from %s",
                 what,
-                human(result.bytes),
+                format_size(result.bytes),
                 seconds,
                 result.bytes / 1e6 / max(seconds, 1e-9),
                 uri,
@@ -521,8 +520,8 @@ class Checkpoint(BaseCheckpoint):
                 "checkpoint save: %s%s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
                 kind,
                 " (background)" if snapshot is not None else "",
-                human(size),
-                human(sink.written),
+                format_size(size),
+                format_size(sink.written),
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
                 uri,

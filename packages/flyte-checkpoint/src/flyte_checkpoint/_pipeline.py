@@ -15,7 +15,7 @@ from ._progress import Progress
 from ._snapshot import open_regular
 
 __all__ = ["Cancelled", "EmptyPayload", "ReadStream", "WriteSink", "copy_bytes", "copy_file",
-           "ensure_local_parent", "human", "in_thread", "save_source", "size_of"]
+           "ensure_local_parent", "in_thread", "save_source", "size_of"]
 
 CHUNK = 8 << 20
 _T = TypeVar("_T")
@@ -116,15 +116,6 @@ def ensure_local_parent(uri: str) -> None:
         return
     path = uri.removeprefix("file://")
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
-def human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 async def in_thread(work: Callable[[threading.Event], _T]) -> _T:
