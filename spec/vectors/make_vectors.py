@@ -756,6 +756,11 @@ def integ_vectors(v: Vectors) -> None:
     add("truncated-gzip.tar.gz", "CF-INTEG-01",
         "the gzip stream is cut inside its last member, while a.bin's data is being read",
         gz(stream)[:-200], error(CORRUPT, "CF-INTEG-01", "a.bin"))
+    add("pax-before-end.tar.gz", "CF-INTEG-01",
+        "a pax header of keys a reader ignores, then the end-of-archive marker: its member is"
+        " missing",
+        gz(marked(file_member("a.bin", payload), pax(("comment", "no member follows")))),
+        error(CORRUPT, "CF-INTEG-01", None))
     tree = [("file", "a.bin", payload, 0o644, MTIME_NS), ("file", "b.txt", HELLO, 0o644, MTIME_NS)]
     multi = our_writer(tree, chunk_size=512)
     ends = split_gzip_members(multi)
