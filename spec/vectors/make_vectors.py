@@ -889,6 +889,11 @@ def integ_vectors(v: Vectors) -> None:
         "the last gzip member's record says it runs 100 bytes past the end of the object",
         swap(len(members) - 1, recorded(members[-1], length=last_length + 100)),
         error(CORRUPT, "CF-INTEG-01", None))
+    add("size-record-huge-past-end.tar.gz", "CF-INTEG-01",
+        "the last gzip member's record says it is 2^64 - 1 bytes (so a reader may stream it):"
+        " the object ends first, truncation",
+        swap(len(members) - 1, recorded(members[-1], length=(1 << 64) - 1)),
+        error(CORRUPT, "CF-INTEG-01", None))
 
 
 def valid_vectors(v: Vectors) -> None:
