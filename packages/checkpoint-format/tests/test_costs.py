@@ -152,6 +152,51 @@ def test_implied_directories_are_capped(tmp_path: Path) -> None:
     assert Limits.from_env({"CHECKPOINT_MAX_IMPLIED_DIRS": "5"}).max_implied_dirs == 5
 
 
+def _longest_names_tree(depth: int) -> bytes:
+    """A directory, a file, a symbolic link and a hard link to the file, each named
+    ``a/`` * ``depth`` + two letters; a shallow file between them (so that not every member
+    lies in the directory of the one before)."""
+    below = "a/" * depth
+    return b"".join([
+        member(below + "ff"), member("top"), member(below + "dd", b"5"),
+        member(below + "hh", b"1", below + "ff"), member(below + "ss", b"2", "ff"),
+    ]) + END
+
+
+def _check_longest_names_tree(target: Path, depth: int) -> None:
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            below = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        assert sorted(os.listdir(fd)) == ["dd", "ff", "hh", "ss"]
+        assert os.readlink("ss", dir_fd=fd) == "ff"
+        assert os.stat("hh", dir_fd=fd).st_ino == os.stat("ff", dir_fd=fd).st_ino
+        made = os.stat("dd", dir_fd=fd)  # its mode and time set last, relative to fd too
+        assert stat.S_IMODE(made.st_mode) == 0o755 and made.st_mtime_ns == 1_700_000_000 * 10**9
+    finally:
+        os.close(fd)
+
+
+def test_names_of_exactly_max_name_length_restore(tmp_path: Path) -> None:
+    # 4,096 bytes, what the limit admits: PATH_MAX counts the NUL, so a path relative to
+    # the staging directory failed with ENAMETOOLONG, outside the format's errors.
+    tar = _longest_names_tree(2047)
+    assert len(("a/" * 2047 + "ff").encode()) == Limits().max_name_length == 4096
+    result = restore(io.BytesIO(tar), tmp_path / "t")
+    assert result.members == 5
+    _check_longest_names_tree(tmp_path / "t", 2047)
+
+
+def test_names_longer_than_path_max_restore_under_a_raised_limit(tmp_path: Path) -> None:
+    tar = _longest_names_tree(5000)  # 10,002-byte names, opened a piece at a time
+    limits = Limits(max_name_length=12_000, max_implied_dirs=6_000)
+    result = restore(io.BytesIO(gzip.compress(tar, 1)), tmp_path / "t", limits=limits)
+    assert result.members == 5
+    _check_longest_names_tree(tmp_path / "t", 5000)
+
+
 def test_a_deep_member_restores_below_its_implied_parents(tmp_path: Path) -> None:
     names = [deep("d", 2040), deep("d", 2040, "g"), deep("e", 1000)]
     tar = b"".join(member(name) for name in names) + END

@@ -57,7 +57,10 @@ class NameTree:
     def __init__(self) -> None:
         self.root = Dir(None)
         self.links: list[Link] = []
-        self.implied = 0  #: directories made by :meth:`parent`, not (yet) seen as members
+        #: directories made by :meth:`parent`, not seen as members before they were
+        #: implied (a member of the same name later does not uncount one: CF-LIMIT-01
+        #: counts the parents a reader creates)
+        self.implied = 0
 
     def parent(self, parts: list[str]) -> Dir | int:
         """The directory that holds ``parts[-1]``, made (as implied parents) where missing;
