@@ -549,6 +549,18 @@ def extract_vectors(v: Vectors) -> None:
         marked(symlink_member("l1", "sub/l2/../.."), dir_member("sub"),
                symlink_member("sub/l2", "..")),
         error(UNSAFE, "CF-EXTRACT-03", "l1"))
+    # Each link of a forward chain waits on the next before any resolves: a reader that
+    # recurses once per link fails on a long one (CF-LIMIT-02(4)); hops still count exactly.
+    forward = [symlink_member(f"c{i:04d}", f"c{i + 1:04d}") for i in range(1099)]
+    add("symlink-chain-forward.tar.gz", "CF-EXTRACT-03",
+        "1,100 links 'c0000' -> 'c0001' -> ... -> 'c1099' -> '.': the first 1,059 take more"
+        " than 40 hops, a loop",
+        marked(*forward, symlink_member("c1099", ".")), error(UNSAFE, "CF-EXTRACT-03", "c0000"))
+    add("symlink-chain-forward-40.tar.gz", "CF-EXTRACT-03",
+        "41 links 'c00' -> 'c01' -> ... -> 'c40' -> '.': 'c00' takes exactly 40 hops, restored",
+        marked(*(symlink_member(f"c{i:02d}", f"c{i + 1:02d}") for i in range(40)),
+               symlink_member("c40", ".")),
+        tarball(*(S(f"c{i:02d}", f"c{i + 1:02d}") for i in range(40)), S("c40", ".")))
     add("symlink-inside.tar.gz", "CF-EXTRACT-03",
         "links that stay inside, one through another link, are restored",
         marked(dir_member("a"), file_member("a/f.txt", HELLO), symlink_member("up", "a/.."),
@@ -744,6 +756,11 @@ def integ_vectors(v: Vectors) -> None:
     add("truncated-gzip.tar.gz", "CF-INTEG-01",
         "the gzip stream is cut inside its last member, while a.bin's data is being read",
         gz(stream)[:-200], error(CORRUPT, "CF-INTEG-01", "a.bin"))
+    add("pax-before-end.tar.gz", "CF-INTEG-01",
+        "a pax header of keys a reader ignores, then the end-of-archive marker: its member is"
+        " missing",
+        gz(marked(file_member("a.bin", payload), pax(("comment", "no member follows")))),
+        error(CORRUPT, "CF-INTEG-01", None))
     tree = [("file", "a.bin", payload, 0o644, MTIME_NS), ("file", "b.txt", HELLO, 0o644, MTIME_NS)]
     multi = our_writer(tree, chunk_size=512)
     ends = split_gzip_members(multi)
@@ -871,6 +888,11 @@ def integ_vectors(v: Vectors) -> None:
     add("size-record-past-end.tar.gz", "CF-INTEG-01",
         "the last gzip member's record says it runs 100 bytes past the end of the object",
         swap(len(members) - 1, recorded(members[-1], length=last_length + 100)),
+        error(CORRUPT, "CF-INTEG-01", None))
+    add("size-record-huge-past-end.tar.gz", "CF-INTEG-01",
+        "the last gzip member's record says it is 2^64 - 1 bytes (so a reader may stream it):"
+        " the object ends first, truncation",
+        swap(len(members) - 1, recorded(members[-1], length=(1 << 64) - 1)),
         error(CORRUPT, "CF-INTEG-01", None))
 
 

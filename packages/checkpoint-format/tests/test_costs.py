@@ -23,6 +23,7 @@ from checkpoint_format import (
     LimitExceededError,
     Limits,
     UnsafeMemberError,
+    WriteRefusedError,
     remove_tree,
     restore,
     validate,
@@ -153,6 +154,51 @@ def test_implied_directories_are_capped(tmp_path: Path) -> None:
     assert implied == 5
 
 
+def _longest_names_tree(depth: int) -> bytes:
+    """A directory, a file, a symbolic link and a hard link to the file, each named
+    ``a/`` * ``depth`` + two letters; a shallow file between them (so that not every member
+    lies in the directory of the one before)."""
+    below = "a/" * depth
+    return b"".join([
+        member(below + "ff"), member("top"), member(below + "dd", b"5"),
+        member(below + "hh", b"1", below + "ff"), member(below + "ss", b"2", "ff"),
+    ]) + END
+
+
+def _check_longest_names_tree(target: Path, depth: int) -> None:
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            below = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        assert sorted(os.listdir(fd)) == ["dd", "ff", "hh", "ss"]
+        assert os.readlink("ss", dir_fd=fd) == "ff"
+        assert os.stat("hh", dir_fd=fd).st_ino == os.stat("ff", dir_fd=fd).st_ino
+        made = os.stat("dd", dir_fd=fd)  # its mode and time set last, relative to fd too
+        assert stat.S_IMODE(made.st_mode) == 0o755 and made.st_mtime_ns == 1_700_000_000 * 10**9
+    finally:
+        os.close(fd)
+
+
+def test_names_of_exactly_max_name_length_restore(tmp_path: Path) -> None:
+    # 4,096 bytes, what the limit admits: PATH_MAX counts the NUL, so a path relative to
+    # the staging directory failed with ENAMETOOLONG, outside the format's errors.
+    tar = _longest_names_tree(2047)
+    assert len(("a/" * 2047 + "ff").encode()) == Limits().max_name_length == 4096
+    result = restore(io.BytesIO(tar), tmp_path / "t")
+    assert result.members == 5
+    _check_longest_names_tree(tmp_path / "t", 2047)
+
+
+def test_names_longer_than_path_max_restore_under_a_raised_limit(tmp_path: Path) -> None:
+    tar = _longest_names_tree(5000)  # 10,002-byte names, opened a piece at a time
+    limits = Limits(max_name_length=12_000, max_implied_dirs=6_000)
+    result = restore(io.BytesIO(gzip.compress(tar, 1)), tmp_path / "t", limits=limits)
+    assert result.members == 5
+    _check_longest_names_tree(tmp_path / "t", 5000)
+
+
 def test_a_deep_member_restores_below_its_implied_parents(tmp_path: Path) -> None:
     names = [deep("d", 2040), deep("d", 2040, "g"), deep("e", 1000)]
     tar = b"".join(member(name) for name in names) + END
@@ -220,6 +266,116 @@ def test_hops_through_a_memoised_link_count_every_time() -> None:
     tar = chain(20)[: -len(END)] + member("c", b"2", "l20/../l20") + END
     report = validate(io.BytesIO(tar))
     assert [(v.rule, v.member) for v in report.violations] == [("CF-EXTRACT-03", "c")]
+
+
+def forward_chain(length: int) -> bytes:
+    """``l{i} -> l{i+1}`` and the last to ``.``: each link waits on the next, ``length``
+    deep, before any resolves (``chain`` resolves as it goes)."""
+    return b"".join(
+        member(f"l{i:05d}", b"2", f"l{i + 1:05d}" if i < length - 1 else ".")
+        for i in range(length)
+    ) + END
+
+
+def test_a_long_chain_of_links_is_judged_without_recursion(tmp_path: Path) -> None:
+    # Was a RecursionError: each link's resolution nested the next one's.
+    length = 5000
+    tar = forward_chain(length)
+    report, peak, seconds = traced(lambda: validate(io.BytesIO(tar)))
+    # l{i} takes length - 1 - i hops: the last 41 links (40 hops at most) resolve.
+    loops = [f"l{i:05d}" for i in range(length - 41)]
+    assert [(v.rule, v.member) for v in report.violations] == [
+        ("CF-EXTRACT-03", name) for name in loops
+    ]
+    assert all("loop" in v.message for v in report.violations)
+    assert seconds < 10 and peak < 8 * len(tar)
+    with pytest.raises(UnsafeMemberError) as caught:
+        restore(io.BytesIO(tar), tmp_path / "t")
+    assert (caught.value.rule, caught.value.member) == ("CF-EXTRACT-03", "l00000")
+    assert not (tmp_path / "t").exists() and _staging_left(tmp_path) == []
+
+
+def test_a_long_chain_of_links_is_refused_by_the_writer(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    length = 3000
+    for i in range(length):
+        os.symlink(f"l{i + 1:05d}" if i < length - 1 else ".", src / f"l{i:05d}")
+    with pytest.raises(WriteRefusedError, match=r"'l00000'.*symbolic link loop.*CF-WRITE-05"):
+        write_tarball(src, io.BytesIO())
+    for i in range(length - 41):  # keep the 41 that resolve, as a reader would
+        (src / f"l{i:05d}").unlink()
+    write_tarball(src, io.BytesIO())
+
+
+def _plain_resolution(links: dict[str, str], name: str) -> str:
+    """CF-EXTRACT-03 as the spec words it, no memo: every link met is replaced by its
+    target, walked again, one hop count for the whole resolution. ``links`` maps names
+    to targets; every other name is a plain component (a directory or nothing)."""
+    hops = 0
+
+    def walk(start: list[str], target: str) -> list[str] | str:
+        nonlocal hops
+        path = list(start)
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not path:
+                    return "outside"
+                path.pop()
+                continue
+            candidate = "/".join([*path, part])
+            if candidate not in links:
+                path.append(part)
+                continue
+            hops += 1
+            if hops > 40:
+                return "loop"
+            found = walk(path, links[candidate])
+            if isinstance(found, str):
+                return found
+            path = found
+        return path
+
+    found = walk(name.split("/")[:-1], links[name])
+    return found if isinstance(found, str) else "inside"
+
+
+_LINK_NAMES = [f"l{i}" for i in range(50)] + [f"d/l{i}" for i in range(4)]
+_LINK_PARTS = st.sampled_from(["..", ".", "d", "x", "l0", "l1", "l2", *_LINK_NAMES[3:]])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    links=st.lists(
+        st.tuples(st.sampled_from(_LINK_NAMES), st.lists(_LINK_PARTS, min_size=1, max_size=4)),
+        min_size=1,
+        max_size=60,
+        unique_by=lambda pair: pair[0],
+    ),
+    chained=st.integers(0, 49),
+)
+def test_link_resolution_matches_the_plain_one(links, chained: int) -> None:
+    """Random links (many chained ``l{i} -> l{i+1}``, so that walks nest past the hop
+    bound) judged by the reader as the plain, unmemoised resolution judges them."""
+    targets = {name: "/".join(parts) for name, parts in links}
+    for i in range(chained):  # a chain through the first ``chained`` names, where not set
+        targets.setdefault(f"l{i}", f"l{i + 1}")
+    tar = member("d", b"5") + b"".join(
+        member(name, b"2", target) for name, target in targets.items()
+    ) + END
+    report = validate(io.BytesIO(tar))
+    found = {
+        v.member: "loop" if "loop" in v.message else "outside" for v in report.violations
+    }
+    assert all(v.rule == "CF-EXTRACT-03" for v in report.violations)
+    expected = {}
+    for name in targets:
+        kind = _plain_resolution(targets, name)
+        if kind != "inside":
+            expected[name] = kind
+    assert found == expected
 
 
 def test_a_link_redirected_by_a_later_link_is_refused_after_the_archive(tmp_path: Path) -> None:

@@ -378,6 +378,17 @@ CASES = [
     Case("negative-size",
          marked(header("a", fields={124: b"\xff" * 12})), CorruptArchiveError, "CF-INTEG-02",
          None),
+    # ---- CF-INTEG-01: an extended header with no member after it, whatever it holds (pax
+    # keeps only the keys it uses, so one of ignored keys used to pass)
+    *(
+        Case(f"dangling-{label}", marked(OK, extended_header), CorruptArchiveError,
+             "CF-INTEG-01", None)
+        for label, extended_header in (
+            ("pax-ignored-key", pax(("comment", "x"))), ("pax-used-key", pax(("mtime", "1"))),
+            ("pax-empty", extended(b"")), ("gnu-longname", gnu_long("x")),
+            ("gnu-longlink", gnu_long("x", b"K")),
+        )
+    ),
     # ---- CF-INTEG-05
     Case("data-after-end", marked(OK) + b"\0" * 100 + b"hidden payload", CorruptArchiveError,
          "CF-INTEG-05", None),

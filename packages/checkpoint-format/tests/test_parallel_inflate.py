@@ -128,6 +128,64 @@ def test_a_record_past_the_end_is_truncation():
     assert caught.value.rule == "CF-INTEG-01"
 
 
+class _ThenZeros(io.RawIOBase):
+    """``data``, then ``zeros`` zero bytes (as a longer object would go on); counts what
+    is read and refuses to serve more than ``guard`` bytes in all."""
+
+    def __init__(self, data: bytes, zeros: int, guard: int = 256 << 20) -> None:
+        super().__init__()
+        self._data, self._zeros, self._guard = memoryview(data), zeros, guard
+        self.served = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self._data:
+            n = min(len(buffer), len(self._data))
+            buffer[:n] = self._data[:n]
+            self._data = self._data[n:]
+        else:
+            n = min(len(buffer), self._zeros)
+            buffer[:n] = bytes(n)
+            self._zeros -= n
+        self.served += n
+        if self.served > self._guard:
+            raise OSError(f"read {self.served} bytes, past the {self._guard} of the test")
+        return n
+
+
+def _one_member_claiming(length: int) -> bytes:
+    """A whole tarball in one gzip member whose record says it is ``length`` bytes."""
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    member = gzip_member(sink.getvalue(), 0)
+    return _with_record(member, length, member_record(member)[1])
+
+
+@pytest.mark.parametrize(
+    ("zeros", "rule"),
+    [
+        pytest.param(0, "CF-INTEG-01", id="object-ends"),
+        pytest.param(40 << 20, "CF-INTEG-01", id="object-ends-within-64MiB"),
+        pytest.param(1 << 40, "CF-INTEG-06", id="object-goes-on"),
+    ],
+)
+def test_a_record_past_the_end_looks_at_most_64_mib_ahead(zeros: int, rule: str, tmp_path):
+    # The record says 1 TiB (any u64): only 64 MiB past the member are read to tell
+    # truncation (CF-INTEG-01) from a disagreement (CF-INTEG-06). It read the whole TiB.
+    data = _one_member_claiming(1 << 40)
+    source = _ThenZeros(data, zeros)
+    with pytest.raises(CorruptArchiveError) as caught:
+        restore(source, tmp_path / "t")
+    assert caught.value.rule == rule and "record says" in str(caught.value)
+    assert source.served <= len(data) + (64 << 20) + (2 << 20)
+    assert not (tmp_path / "t").exists()
+
+
 def test_garbage_after_the_last_member_is_refused_after_the_members_before_it():
     _slices, data = _members(3)
     with pytest.raises(CorruptArchiveError) as caught:

@@ -460,7 +460,8 @@ class GzipMembers:
         self.compressed_in -= len(self._head)
         if record is not None and record[0] > length and self._ends_within(record[0] - length):
             # CF-INTEG-06: a record that says the member extends past the end of the object
-            # is truncation, as it is for a member cut by its record (see _members).
+            # is truncation, as it is for a member cut by its record (see _members), when
+            # the object ends within 64 MiB of the member; past that, a disagreement.
             raise self._truncated(f"its record says {record[0]} bytes", start)
         if record is not None and record != (length, produced):
             raise CorruptArchiveError(
@@ -469,9 +470,12 @@ class GzipMembers:
                 f" its record says {record[0]} and {record[1]}",
             )
 
-    def _ends_within(self, size: int) -> bool:
-        """Whether the stream ends within ``size`` more bytes. Reads (and drops) them: only
-        asked on the way to an error, to tell which rule the error falls under."""
+    def _ends_within(self, size: int, lookahead: int = 64 << 20) -> bool:
+        """Whether the stream ends within ``size`` more bytes, looking at most ``lookahead``
+        bytes ahead (CF-INTEG-06): a stream that goes on that far counts as not ending,
+        however far ``size`` (any u64 of a record) reaches. Reads and drops what it looks
+        at: only asked on the way to an error, to tell which rule the error falls under."""
+        size = min(size, lookahead)
         have = len(self._head)
         while have < size and not self._eof:
             data = self._read(min(size - have, self._read_size))

@@ -103,7 +103,8 @@ def remove_tree(root: str | os.PathLike[str]) -> bool:
 
     Iterative, on directory descriptors: a tree thousands of levels deep needs neither
     recursion (``shutil.rmtree`` recurses on Python 3.10-3.12, and fails past ~1,000 levels)
-    nor paths longer than PATH_MAX, and only two descriptors are open at any time. Links
+    nor paths longer than PATH_MAX, and at most three descriptors are open at any time (the
+    top, the directory being emptied and, for a moment, the one entered or left). Links
     are removed, never followed.
     """
     path = os.fspath(root)
@@ -126,15 +127,12 @@ def remove_tree(root: str | os.PathLike[str]) -> bool:
     return not os.path.lexists(path)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-
-
 def _open_dir(name: str, dir_fd: int | None, st: os.stat_result) -> int:
     """A descriptor of the directory ``name``, first made readable, writable and searchable
     by its owner if it was not (what emptying it needs)."""
     if st.st_mode & 0o700 != 0o700:
         os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dir_fd)
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    return os.open(name, _DIR_OPEN, dir_fd=dir_fd)
 
 
 def _empty_tree(top: int) -> None:
@@ -154,7 +152,7 @@ def _empty_tree(top: int) -> None:
                 if len(levels) == 1:
                     return
                 levels.pop()
-                parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                parent = os.open("..", _DIR_OPEN, dir_fd=fd)
                 os.close(fd)
                 fd = parent
                 up = os.fstat(fd)
@@ -241,52 +239,111 @@ def _copy_payload(stream: BinaryIO, dest: Path) -> int:
 
 
 def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
-    """Write every member under ``staging``. All paths are relative to a descriptor of the
-    staging directory, so a name as long as the limit allows never meets PATH_MAX."""
+    """Write every member under ``staging``. Every entry is made relative to a descriptor of
+    its own directory, so a name as long as the limit allows never meets PATH_MAX."""
     root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     made: dict[str, dict] = {}  # the directories made so far, as a trie of components
     directories: dict[str, Member] = {}
     restored = 0
     size = 0
+    # The directory of the last member: its name, trie node and descriptor (members of one
+    # directory usually come together, so most need no walk and no open).
+    here: tuple[str | None, dict[str, dict], int] = (None, made, root)
     try:
         with reader:
             for member, chunks in reader.members():
+                dirname, _, leaf = member.name.rpartition("/")
                 try:
-                    parent = _make_parents(member.name, made, root)
+                    if dirname != here[0]:
+                        node, fd = _make_parents(member.name, made, root)
+                        if here[2] != root:
+                            os.close(here[2])
+                        here = (dirname, node, fd)
+                    parent, fd = here[1], here[2]
                     restored += 1
                     if member.type == "file":
-                        size += _write_file(member, chunks, root)
+                        size += _write_file(member, chunks, leaf, fd)
                     elif member.type == "dir":
-                        leaf = member.name.rpartition("/")[2]
                         if leaf not in parent:
-                            os.mkdir(member.name, 0o700, dir_fd=root)
+                            os.mkdir(leaf, 0o700, dir_fd=fd)
                             parent[leaf] = {}
                         directories[member.name] = member  # a later entry's metadata wins
                     elif member.type == "symlink":
                         assert member.linkname is not None
-                        os.symlink(member.linkname, member.name, dir_fd=root)
+                        os.symlink(member.linkname, leaf, dir_fd=fd)
                         mtime = (member.mtime_ns, member.mtime_ns)
-                        os.utime(member.name, ns=mtime, dir_fd=root, follow_symlinks=False)
+                        os.utime(leaf, ns=mtime, dir_fd=fd, follow_symlinks=False)
                     else:
                         assert member.linkname is not None
-                        os.link(member.linkname, member.name, src_dir_fd=root, dst_dir_fd=root,
-                                follow_symlinks=False)
+                        source_dir, _, source = member.linkname.rpartition("/")
+                        source_fd = _open_path(source_dir, root)
+                        try:
+                            os.link(source, leaf, src_dir_fd=source_fd, dst_dir_fd=fd,
+                                    follow_symlinks=False)
+                        finally:
+                            if source_fd != root:
+                                os.close(source_fd)
                 except OSError as exc:
                     raise _naming(exc, member.name)  # noqa: B904 -- _naming keeps the cause
         # CF-EXTRACT-10: directory modes and times last, deepest first, so that writing their
         # contents neither needed nor disturbed them.
         for name in sorted(directories, key=lambda n: n.count("/"), reverse=True):
             member = directories[name]
-            os.chmod(name, member.mode, dir_fd=root)
-            os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=root)
+            dirname, _, leaf = name.rpartition("/")
+            fd = _open_path(dirname, root)
+            try:
+                os.chmod(leaf, member.mode, dir_fd=fd)
+                os.utime(leaf, ns=(member.mtime_ns, member.mtime_ns), dir_fd=fd)
+            finally:
+                if fd != root:
+                    os.close(fd)
     finally:
+        if here[2] != root:
+            os.close(here[2])
         os.close(root)
     return restored, size
 
 
-def _make_parents(name: str, made: dict[str, dict], root: int) -> dict[str, dict]:
+#: Paths opened in one call stay below this many bytes (Linux's PATH_MAX is 4,096 with
+#: the NUL): a longer one is opened a piece at a time, each relative to the one before.
+_PATH_PIECE = 4000
+
+
+def _open_path(path: str, root: int) -> int:
+    """A descriptor of the directory ``path`` below ``root`` (``root`` itself for ``""``),
+    opened in pieces shorter than PATH_MAX, whatever its length."""
+    if not path:
+        return root
+    if len(os.fsencode(path)) < _PATH_PIECE:
+        return os.open(path, _DIR_OPEN, dir_fd=root)
+    fd = root
+    try:
+        piece: list[str] = []
+        length = 0
+        for part in path.split("/"):
+            size = len(os.fsencode(part)) + 1
+            if piece and length + size >= _PATH_PIECE:
+                below = os.open("/".join(piece), _DIR_OPEN, dir_fd=fd)
+                if fd != root:
+                    os.close(fd)
+                fd = below
+                piece, length = [], 0
+            piece.append(part)
+            length += size
+        below = os.open("/".join(piece), _DIR_OPEN, dir_fd=fd)
+    except BaseException:
+        if fd != root:
+            os.close(fd)
+        raise
+    if fd != root:
+        os.close(fd)
+    return below
+
+
+def _make_parents(name: str, made: dict[str, dict], root: int) -> tuple[dict[str, dict], int]:
     """Create the missing parents of ``name`` (implicit parents: 0o755, CF-EXTRACT-10) and
-    return the trie node of its directory. Each missing level is made relative to a
+    return the trie node of its directory and a descriptor of it (``root`` for a name at
+    the top; the caller closes any other). Each missing level is made relative to a
     descriptor of the one above, so a member thousands of levels deep costs one walk of its
     name, not one per level."""
     parts = name.split("/")[:-1]
@@ -295,10 +352,7 @@ def _make_parents(name: str, made: dict[str, dict], root: int) -> dict[str, dict
     while index < len(parts) and parts[index] in node:
         node = node[parts[index]]
         index += 1
-    if index == len(parts):
-        return node
-    existing = "/".join(parts[:index])
-    fd = os.open(existing, _DIR_OPEN, dir_fd=root) if existing else root
+    fd = _open_path("/".join(parts[:index]), root)
     try:
         for part in parts[index:]:
             os.mkdir(part, 0o755, dir_fd=fd)
@@ -307,10 +361,11 @@ def _make_parents(name: str, made: dict[str, dict], root: int) -> dict[str, dict
                 os.close(fd)
             fd = below
             node = node.setdefault(part, {})
-    finally:
+    except BaseException:
         if fd != root:
             os.close(fd)
-    return node
+        raise
+    return node, fd
 
 
 def _naming(exc: OSError, member: str) -> OSError:
@@ -342,11 +397,11 @@ def _naming(exc: OSError, member: str) -> OSError:
     return error
 
 
-def _write_file(member: Member, chunks, root: int) -> int:
+def _write_file(member: Member, chunks, leaf: str, directory: int) -> int:
     # Created private, its mode set once the content is in place. (Creating it with its
     # final mode and skipping the fchmod is not exact: a default ACL on the directory, or
     # another thread's umask, would narrow it.)
-    fd = os.open(member.name, _FILE_FLAGS, 0o600, dir_fd=root)
+    fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=directory)
     written = 0
     try:
         for chunk in chunks:

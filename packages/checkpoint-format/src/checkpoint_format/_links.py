@@ -14,7 +14,8 @@ sum of their targets' lengths.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Generator, Iterator
 
 __all__ = ["MAX_LINK_HOPS", "Dir", "Link", "NameTree", "target_problem"]
 
@@ -22,6 +23,8 @@ MAX_LINK_HOPS = 40  # as Linux's ELOOP bound
 
 _UNSEEN, _BUSY, _DONE = 0, 1, 2
 _INSIDE, _OUTSIDE, _LOOP = "inside", "outside", "loop"
+_Outcome = tuple[str, "Dir | None", int, int]
+_CYCLE: _Outcome = (_LOOP, None, 0, MAX_LINK_HOPS + 1)
 
 
 class Dir:
@@ -44,7 +47,7 @@ class Link:
         self.name = name
         self.target = target
         self.state = _UNSEEN
-        self.outcome: tuple[str, Dir | None, int, int] = (_INSIDE, None, 0, 0)
+        self.outcome: _Outcome = (_INSIDE, None, 0, 0)
 
 
 class NameTree:
@@ -54,7 +57,10 @@ class NameTree:
     def __init__(self) -> None:
         self.root = Dir(None)
         self.links: list[Link] = []
-        self.implied = 0  #: directories made by :meth:`parent`, not (yet) seen as members
+        #: directories made by :meth:`parent`, not seen as members before they were
+        #: implied (a member of the same name later does not uncount one: CF-LIMIT-01
+        #: counts the parents a reader creates)
+        self.implied = 0
 
     def parent(self, parts: list[str]) -> Dir | int:
         """The directory that holds ``parts[-1]``, made (as implied parents) where missing;
@@ -104,26 +110,55 @@ def target_problem(target: str) -> str | None:
     return None
 
 
-def _resolve(link: Link) -> tuple[str, Dir | None, int, int]:
+def _resolve(link: Link) -> _Outcome:
     """Where ``link`` leads: ``(kind, directory, depth below it, hops)``.
 
     The place is a directory of the tree and a count of components below it that name
     nothing in the tree (taken as plain directories, so no link can lie under them). Hops
     count the link replacements made; for a link that leads outside, those made before it
     got there, so that a caller adds them in the same order a plain resolution would.
-    Recursion is bounded by the hop limit: every level is one more hop.
+
+    No recursion: the walks in progress are an explicit stack, each one suspended (a
+    generator of :func:`_follow`) on the link whose resolution it waits for. Every walk on
+    the stack has made one hop into the walk above it, so the bottom one of a stack
+    ``MAX_LINK_HOPS + 2`` deep has made more than ``MAX_LINK_HOPS`` however the others
+    end: it is a loop, settled there and dropped, and the stack never holds more than
+    ``MAX_LINK_HOPS + 1`` walks. (That outcome is exact, not a guess made under a hop
+    budget: a walk's hops do not depend on who asked, so it is memoised like any other.)
+    Each link is walked once, so a chain of any length costs time linear in its members.
     """
     if link.state == _DONE:
         return link.outcome
-    if link.state == _BUSY:  # reached itself again: a cycle, however many hops it allows
-        return (_LOOP, None, 0, MAX_LINK_HOPS + 1)
     link.state = _BUSY
-    link.outcome = _follow(link)
-    link.state = _DONE
+    stack: deque[tuple[Link, Generator[Link, _Outcome, _Outcome]]] = deque()
+    stack.append((link, _follow(link)))
+    reply: _Outcome | None = None
+    while stack:
+        current, walk = stack[-1]
+        try:
+            child = walk.send(reply)  # type: ignore[arg-type]  # None starts the walk
+        except StopIteration as finished:
+            current.outcome, current.state = finished.value, _DONE
+            stack.pop()
+            reply = finished.value
+            continue
+        if child.state == _DONE:
+            reply = child.outcome
+        elif child.state == _BUSY:  # reached itself again: a cycle, however many hops
+            reply = _CYCLE
+        else:
+            child.state = _BUSY
+            stack.append((child, _follow(child)))
+            reply = None
+            if len(stack) > MAX_LINK_HOPS + 1:
+                bottom, suspended = stack.popleft()
+                suspended.close()
+                bottom.outcome, bottom.state = _CYCLE, _DONE
     return link.outcome
 
 
-def _follow(link: Link) -> tuple[str, Dir | None, int, int]:
+def _follow(link: Link) -> Generator[Link, _Outcome, _Outcome]:
+    """Walk ``link``'s target; yields each link met on the way and is sent its outcome."""
     if link.target.startswith("/"):
         return (_OUTSIDE, None, 0, 0)
     node, below, hops = link.parent, 0, 0
@@ -148,7 +183,7 @@ def _follow(link: Link) -> tuple[str, Dir | None, int, int]:
             hops += 1
             if hops > MAX_LINK_HOPS:
                 return (_LOOP, None, 0, hops)
-            kind, place, depth, more = _resolve(child)
+            kind, place, depth, more = yield child
             hops += more
             if kind == _LOOP or hops > MAX_LINK_HOPS:
                 return (_LOOP, None, 0, hops)

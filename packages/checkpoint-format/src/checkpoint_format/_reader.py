@@ -408,11 +408,14 @@ class TarReader:
         pax: dict[str, str] = {}
         long_name: str | None = None
         long_link: str | None = None
+        # A local extended header waits for its member, whether or not it held a key kept
+        # in ``pax``: one before the end-of-archive marker is a truncation (CF-INTEG-01).
+        pending = False
         while True:
             header_offset = self._blocks.offset
             block = self._blocks.read_exact(BLOCK, "a header block (no end-of-archive marker)")
             if block == ZERO_BLOCK:
-                self._finish_archive(pax, long_name, long_link)
+                self._finish_archive(pending)
                 return
             if not is_header_block(block):
                 raise CorruptArchiveError(
@@ -430,6 +433,7 @@ class TarReader:
                 )
             if raw.typeflag in EXTENDED_TYPES:
                 payload = self._read_extended(raw.typeflag, raw.size, header_offset)
+                pending = pending or raw.typeflag != PAX_GLOBAL
                 if raw.typeflag == PAX_LOCAL:
                     # Only the records a member uses are kept (CF-MARK-05: the rest are
                     # ignored), so that however many headers precede a member, what is held
@@ -444,7 +448,7 @@ class TarReader:
                     long_link = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
             yield from self._member(raw, pax, long_name, long_link, header_offset)
-            pax, long_name, long_link = {}, None, None
+            pax, long_name, long_link, pending = {}, None, None, False
 
     # ---------------------------------------------------------------- headers
 
@@ -795,9 +799,7 @@ class TarReader:
         )
         return None
 
-    def _finish_archive(
-        self, pax: dict[str, str], long_name: str | None, long_link: str | None
-    ) -> None:
+    def _finish_archive(self, extended_pending: bool) -> None:
         mismatches = self._verifier.finish()
         if self._piece_hashing is not None:
             self._piece_hashing.drain()
@@ -808,7 +810,7 @@ class TarReader:
         order = self._positions
         for name, actual, expected in sorted(mismatches, key=lambda m: order.get(m[0], 0)):
             self._digest_mismatch(name, actual, expected)
-        if pax or long_name is not None or long_link is not None:
+        if extended_pending:
             raise CorruptArchiveError(
                 "CF-INTEG-01",
                 "an extended header is followed by the end-of-archive marker, not a member",
