@@ -24,7 +24,7 @@ from ._extract import PAYLOAD_NAME, RestoreResult, remove_tree, restore
 from ._limits import Limits
 from ._reader import FORMAT_VERSION, Member
 from ._validate import Report, Violation, validate
-from ._writer import WriteStats, write_tarball
+from ._writer import WriteStats, changed_in_place, write_tarball
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,6 +44,7 @@ __all__ = [
     "WriteRefusedError",
     "WriteStats",
     "__version__",
+    "changed_in_place",
     "detect",
     "remove_tree",
     "restore",
