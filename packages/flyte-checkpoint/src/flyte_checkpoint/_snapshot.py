@@ -232,8 +232,20 @@ def _snapshot_root(source: Path) -> tuple[Path, int]:
             root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=place))
         except OSError:
             continue
-        lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except BaseException:
+            remove_tree(root)
+            raise
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            # No flock on this file system: go on unlocked. A later capture cannot lock it
+            # either, and leaves what it cannot lock alone (see _abandoned).
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(lock)
+                remove_tree(root)
+                raise
         return root, lock
     raise OSError(errno.EACCES, "no writable place for a snapshot", str(source.parent))
 
