@@ -120,8 +120,7 @@ class Snapshot:
     def cleanup(self) -> None:
         """Remove the snapshot directory; never raises (one left behind is removed by a
         later capture once its lock is released here)."""
-        with contextlib.suppress(OSError):
-            self._unlink_shared()
+        self._unlink_shared()
         if self.root is not None:
             remove_tree(self.root)
             self.root = None
@@ -140,7 +139,8 @@ class Snapshot:
                 holders = [(s, p) for s, p in _live_links.get(key, []) if s is not self]
                 if holders:
                     _live_links[key] = holders
-                    with _rerecording(holders, path):
+                    # Best effort, one link at a time: the others stay registered.
+                    with contextlib.suppress(OSError), _rerecording(holders, path):
                         os.unlink(path)
                 else:
                     _live_links.pop(key, None)
