@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoint_format import WriteRefusedError, write_tarball
+from checkpoint_format import WriteRefusedError, changed_in_place, write_tarball
 
 
 def _write(src: Path) -> bytes:
@@ -188,3 +188,43 @@ def test_sink_errors_propagate_and_stop_the_pool(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="disk full"):
         write_tarball(tmp_path, Broken(), chunk_size=1 << 20)
     assert threading.active_count() == before
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="needs Linux's coarse clock")
+def test_a_link_added_while_a_file_is_read_is_not_a_rewrite(tmp_path: Path) -> None:
+    """A background save's snapshot of the same tree (another Checkpoint) hard-links the
+    file being read: its change time moves and its link count rises, its bytes do not."""
+    source = tmp_path / "src"
+    source.mkdir()
+    big = source / "big.bin"
+    big.write_bytes(os.urandom(12 << 20))
+    before = big.stat()
+    link = tmp_path / "snapshot-link"
+
+    class LinkingSink(io.BytesIO):
+        def write(self, data):
+            if not link.exists() and self.tell() > (5 << 20):
+                while time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) <= before.st_ctime_ns:
+                    pass
+                os.link(big, link)
+            return super().write(data)
+
+    sink = LinkingSink()
+    stats = write_tarball(source, sink, chunk_size=1 << 20, workers=1)
+    assert link.exists() and big.stat().st_ctime_ns != before.st_ctime_ns
+    assert stats.file_bytes == 12 << 20
+
+
+def test_changed_in_place_names_the_reason() -> None:
+    def st(size=10, mtime=1, ctime=1, nlink=1):
+        return os.stat_result((0o100644, 7, 1, nlink, 0, 0, size, 0, 0, 0,
+                               0, mtime, ctime, 0, mtime, ctime))
+
+    assert changed_in_place(st(), st()) is None
+    assert "size or modification time" in changed_in_place(st(), st(size=11))
+    assert "size or modification time" in changed_in_place(st(), st(mtime=2))
+    assert "rsync --inplace -t" in changed_in_place(st(), st(ctime=2))
+    assert changed_in_place(st(nlink=2), st(ctime=2, nlink=1)) is None  # a name removed
+    assert "change time moved" in changed_in_place(st(), st(ctime=2, nlink=2))
+    assert changed_in_place(st(), st(ctime=2, nlink=2), links_added=True) is None
+    assert "change time" in changed_in_place(st(), st(ctime=2), links_added=True)

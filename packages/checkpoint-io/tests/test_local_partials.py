@@ -1,10 +1,12 @@
 """What a killed local save leaves, and destinations that name a directory (issue 15).
 
 A local save writes a hidden temp sibling ``.<name>.partial-<hex>`` and renames it into
-place. SIGKILL mid-write leaves that file (tens of MB); the next save to the destination
-removes it. A save still running in another process holds an ``flock`` on its own temp
-file, and that one is left alone. The children here are real processes, killed for real;
-the tests synchronise on a line each child prints once it is writing, never on a sleep.
+place. SIGKILL mid-write leaves that file (tens of MB); a later save to the destination
+removes it once it has gone unmodified for ten minutes (the tests put its mtime back). A
+save still running in another process holds an ``flock`` on its own temp file, and that one
+is left alone; so is a recent one that nobody locks (a writer without flock). The children
+here are real processes, killed for real; the tests synchronise on a line each child prints
+once it is writing, never on a sleep.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import sys
 import textwrap
 
 import pytest
-from checkpoint_io import File
-from checkpoint_io._localfs import open_temp_sibling, sweep_partials
+from checkpoint_io import File, _localfs
+from checkpoint_io._localfs import PARTIAL_IDLE, open_temp_sibling, sweep_partials
 
 MiB = 1024 * 1024
 
@@ -51,6 +53,12 @@ def _partials(directory, name: str) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}.partial-"))
 
 
+def _age(path, seconds: float = PARTIAL_IDLE + 60) -> None:
+    """Make ``path`` look unmodified for ``seconds``."""
+    then = os.stat(path).st_mtime - seconds
+    os.utime(path, (then, then))
+
+
 def _save(path, data: bytes) -> None:
     with File(path=str(path)).with_options(part_size=MiB).open_sync("wb") as f:
         f.write(data)
@@ -71,6 +79,9 @@ def test_next_save_removes_what_a_killed_save_left(tmp_path):
     assert len(left) == 1 and (tmp_path / left[0]).stat().st_size >= MiB
     assert target.read_bytes() == b"old checkpoint"
 
+    _save(target, b"recent")  # dead, but written a moment ago: not provably dead yet
+    assert _partials(tmp_path, "ckpt.bin") == left
+    _age(tmp_path / left[0])
     _save(target, b"new checkpoint")  # small: one write, the usual path
     assert target.read_bytes() == b"new checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin"]
@@ -124,6 +135,8 @@ def test_the_sweep_touches_only_unlocked_temp_files_of_that_destination(tmp_path
     (tmp_path / ".ckpt.bin.partial-bbbbbbbbbbbb").mkdir()
     (tmp_path / ".ckpt.bin.partial-cccccccccccc").write_bytes(b"left by a killed save")
     temp, fd = open_temp_sibling(str(target))  # a live writer's, locked
+    for name in (*keep, ".ckpt.bin.partial-cccccccccccc", os.path.basename(temp)):
+        _age(tmp_path / name)
     try:
         assert sweep_partials(str(target)) == [".ckpt.bin.partial-cccccccccccc"]
         assert os.path.exists(temp)
@@ -140,10 +153,63 @@ def test_the_sweep_touches_only_unlocked_temp_files_of_that_destination(tmp_path
     assert sweep_partials(str(target)) == [os.path.basename(temp)]
 
 
+def test_an_unlocked_temp_file_being_written_is_not_swept(tmp_path):
+    """A writer that took no lock (an older checkpoint-io on a shared volume, a client
+    whose mount has no flock): its file is free to lock, but written recently."""
+    target = tmp_path / "ckpt.bin"
+    unlocked = tmp_path / ".ckpt.bin.partial-dddddddddddd"
+    unlocked.write_bytes(b"being written")
+    _age(unlocked, PARTIAL_IDLE - 60)  # nine minutes since its last write
+    assert sweep_partials(str(target)) == []
+    _save(target, b"a save beside it")
+    assert unlocked.read_bytes() == b"being written"
+    _age(unlocked, 120)  # eleven: its writer is gone
+    assert sweep_partials(str(target)) == [unlocked.name]
+
+
+def _no_flock(monkeypatch, code: int) -> list[int]:
+    """flock() failing as on a file system without it (a fault this one cannot make)."""
+    calls = []
+
+    def flock(fd, operation):
+        calls.append(operation)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_localfs.fcntl, "flock", flock)
+    return calls
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_local_saves_and_downloads_work_without_flock(tmp_path, monkeypatch, code):
+    target = tmp_path / "ckpt.bin"
+    data = os.urandom(3 * MiB + 5)
+    left = tmp_path / ".ckpt.bin.partial-eeeeeeeeeeee"  # dead long ago, unlockable here
+    left.write_bytes(b"old")
+    _age(left)
+    calls = _no_flock(monkeypatch, code)
+    _save(target, data)
+    assert target.read_bytes() == data and calls
+    copy = tmp_path / "copy.bin"
+    assert File(path=str(target)).download_sync(str(copy)) == str(copy)
+    assert copy.read_bytes() == data
+    # Not provably dead without a lock: kept, and nothing else beside the objects.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "ckpt.bin", "copy.bin"]
+
+
+def test_other_flock_errors_still_fail_the_save(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.bin"
+    _no_flock(monkeypatch, errno.EBADF)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        _save(target, b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_temp_file_swept_before_it_was_locked_is_replaced_by_a_new_one(tmp_path,
                                                                         monkeypatch):
     """The instant between creating a temp file and locking it: a sweep that takes it
-    then removes it; the writer notices the name is no longer its file, and makes another."""
+    then removes it; the writer notices the name is no longer its file, and makes another.
+    (A new file looks recent to a sweep; here it is made to look idle, as a clock stepped
+    forward would.)"""
     import fcntl
 
     from checkpoint_io import _localfs
@@ -154,6 +220,8 @@ def test_a_temp_file_swept_before_it_was_locked_is_replaced_by_a_new_one(tmp_pat
     def flock_after_a_sweep(fd, operation):
         if not raced:  # another save's sweep gets there first, once
             raced.append(None)
+            for path in tmp_path.iterdir():
+                _age(path)
             raced[0] = sweep_partials(str(tmp_path / "ckpt.bin"))
         return real_flock(fd, operation)
 

@@ -10,12 +10,15 @@ asked and the range served.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import pickle
 
 import pytest
-from checkpoint_io import File, RetryPolicy, StorageRetryError
+from checkpoint_io import File, RetryPolicy, StorageError, StorageRetryError
 from checkpoint_io._backend import check_range
 from checkpoint_io._errors import Fault, RangeMismatch, classify
+from checkpoint_io._retry import call_with_retries
 
 MiB = 1024 * 1024
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, deadline=30, attempt_timeout=20)
@@ -39,7 +42,6 @@ def test_answers_that_carry_the_range_asked_pass(start, end, status, content_ran
     (0, 100, 206, "bytes 10-99/1000", "90", "206 bytes 10-99/1000"),
     (0, 100, 206, "bytes 0-199/1000", "200", "206 bytes 0-199/1000"),
     (0, 100, 206, "bytes 0-99/2000", "100", "206 bytes 0-99/2000"),  # another object's
-    (100, 200, 200, None, "1000", "200 without Content-Range (the whole object)"),
     (0, 100, 206, None, "100", "206 without Content-Range"),
     (0, 100, 206, "bytes 0-99/1000", "50", "206 bytes 0-99/1000, Content-Length 50"),
     (0, 100, 206, "items 0-99/1000", "100", "206 items 0-99/1000"),
@@ -53,6 +55,40 @@ def test_answers_with_another_range_raise_naming_both(start, end, status, conten
     assert err.served == served
     assert str(err) == f"asked for {err.asked}, the server answered with {served}"
     assert classify(err) is Fault.TRANSIENT  # worth a new request
+
+
+@pytest.mark.parametrize("length", ["12x", "1e3", " ", object()])
+def test_a_malformed_content_length_is_a_range_mismatch(length):
+    with pytest.raises(RangeMismatch) as info:
+        check_range(0, 100, 1000, 206, "bytes 0-99/1000", length)
+    assert info.value.served == f"206 with a malformed Content-Length {length!r}"
+    assert classify(info.value) is Fault.TRANSIENT
+
+
+@pytest.mark.parametrize(("start", "end"), [(100, 200), (0, 999)])
+def test_a_server_that_ignores_range_fails_at_once(start, end):
+    """A 200 with the whole object, for part of it: HTTP lets a server ignore Range, and one
+    that does (or a proxy before it) answers every retry alike. One request, then a
+    StorageError naming the URI, the range asked and what came back."""
+    calls = []
+
+    async def request():
+        calls.append(1)
+        check_range(start, end, 1000, 200, None, "1000")
+
+    with pytest.raises(StorageError) as info:
+        asyncio.run(call_with_retries(FAST, "s3://b/k", "read", request))
+    err = info.value
+    assert calls == [1] and not isinstance(err, StorageRetryError)
+    assert (err.uri, err.operation) == ("s3://b/k", "read")
+    assert str(err) == (f"read of s3://b/k failed: asked for bytes {start}-{end - 1}/1000,"
+                        " the server answered with 200 without Content-Range (the whole"
+                        " object): it ignores Range requests")
+    cause = err.__cause__
+    assert isinstance(cause, RangeMismatch) and cause.ignored
+    assert pickle.loads(pickle.dumps(cause)).ignored
+    copy = pickle.loads(pickle.dumps(err))
+    assert (str(copy), copy.uri) == (str(err), err.uri)
 
 
 # --- against the emulators, through a proxy that lies ------------------------------------

@@ -181,3 +181,32 @@ def test_run_skips_attempts_that_saved_nothing(tmp_path, capsys) -> None:
     assert "attempt 3: resume from" in out and (
         "attempt-1/_flytecheckpoints" in out.split("attempt 3: resume from")[1].splitlines()[0]
     )
+
+
+_DEEP_SCRATCH = textwrap.dedent("""
+    import os, sys, tempfile
+    scratch = tempfile.gettempdir()
+    print(scratch, flush=True)
+    fd = os.open(scratch, os.O_RDONLY)
+    for _ in range(1_500):  # past the recursion limit; from descriptors, short paths only
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o400, dir_fd=fd))
+    os.chmod(fd, 0o500)  # a read-only directory, as a restore of one leaves it
+    sys.exit(3)
+""")
+
+
+def test_run_removes_a_deep_read_only_scratch_of_a_failed_attempt(tmp_path, capfd) -> None:
+    from flyte_checkpoint._runner import run_attempts
+
+    lines: list[str] = []
+    attempts = run_attempts([sys.executable, "-c", _DEEP_SCRATCH], retries=0,
+                            store=str(tmp_path / "store"), echo=lines.append)
+    assert [a.returncode for a in attempts] == [3]
+    scratch = pathlib.Path(capfd.readouterr().out.split()[0])
+    assert scratch.name.startswith("flyte-checkpoint-attempt1-")
+    assert not scratch.exists()
+    assert not any("could not remove" in line for line in lines)

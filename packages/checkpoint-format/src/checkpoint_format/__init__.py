@@ -25,7 +25,7 @@ from ._sizes import format_size
 from ._spec import FORMAT_VERSION
 from ._validate import Report, Violation, validate
 from ._version import __version__
-from ._writer import WriteStats, write_tarball
+from ._writer import WriteStats, changed_in_place, write_tarball
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,6 +45,7 @@ __all__ = [
     "WriteRefusedError",
     "WriteStats",
     "__version__",
+    "changed_in_place",
     "detect",
     "format_size",
     "remove_tree",

@@ -39,7 +39,7 @@ from ._tarheader import (
 from ._version import __version__
 from ._width import compress_width
 
-__all__ = ["WriteStats", "write_tarball"]
+__all__ = ["WriteStats", "changed_in_place", "write_tarball"]
 
 #: Size of the tar slices handed to the compressors, and of file reads.
 CHUNK_SIZE = 4 << 20
@@ -398,15 +398,40 @@ def _read_exactly(handle, size: int, name: str) -> bytes:
     return data
 
 
+def changed_in_place(
+    before: os.stat_result, after: os.stat_result, *, links_added: bool = False
+) -> str | None:
+    """Why the file stat'ed as ``before`` and then ``after`` may have been written in place
+    (its bytes changed under the same inode), or ``None`` if it was not (CF-WRITE-07).
+
+    Size and modification time can be put back (``rsync --inplace -t``, ``os.utime``); the
+    change time cannot: every write, ``utime`` and ``chmod`` sets it. A name removed or added
+    sets it too. A removal lowers the link count and leaves the bytes alone, so a change time
+    moved with fewer links is accepted (a file whose other names are gone can no longer be
+    opened by them and written). A name added raises the link count: refused unless
+    ``links_added`` says the caller knows links are being added to its files, since a rewrite
+    may hide behind the new link's change time.
+    """
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return "its size or modification time changed"
+    if before.st_ctime_ns == after.st_ctime_ns or after.st_nlink < before.st_nlink:
+        return None
+    if links_added and after.st_nlink > before.st_nlink:
+        return None
+    return ("its change time moved, with its size and modification time put back, as an"
+            " in-place rewrite followed by utime (rsync --inplace -t) leaves it")
+
+
 def _check_unchanged(name: str, before: os.stat_result, now: os.stat_result) -> None:
-    if (before.st_size, before.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
-        raise _changed(name, "its size or modification time changed while being saved")
-    # An in-place rewrite whose modification time was put back (rsync --inplace -t) still
-    # moves the change time, which utime cannot set. A name removed or added moves it too;
-    # a removal lowers the link count and leaves the bytes alone, so it is accepted.
-    if before.st_ctime_ns != now.st_ctime_ns and now.st_nlink >= before.st_nlink:
-        raise _changed(name, "its change time moved while being saved (an in-place rewrite"
-                             " with the modification time put back leaves it so)")
+    # A link added while the file is read (a background save's snapshot of the same tree,
+    # taken by another Checkpoint or thread, hard-links its files; so does ``cp -al``) moves
+    # the change time: accepted when the size and modification time held. The writer cannot
+    # tell such a link from one added by whoever rewrote the file and put its mtime back;
+    # that takes two concurrent actors, where a snapshot's own check (which knows its links)
+    # stays exact.
+    why = changed_in_place(before, now, links_added=True)
+    if why is not None:
+        raise _changed(name, f"{why} while being saved")
 
 
 def _changed(name: str, why: str) -> WriteRefusedError:

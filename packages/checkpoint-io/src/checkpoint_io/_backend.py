@@ -174,10 +174,15 @@ def check_range(start: int, end: int, size: int, status: int,
 
     Call it on the response headers before handing out any of the body: a server (or a
     cache in front of it) that answers with another range would otherwise have the bytes
-    of one offset taken for another's, silently.
+    of one offset taken for another's, silently. A 200 with the whole object for part of it
+    is a server that ignores ``Range``: ``RangeMismatch.ignored``, not retried.
     """
     asked = f"bytes {start}-{end - 1}/{size}"
-    length = None if content_length in (None, "") else int(content_length)
+    try:
+        length = None if content_length in (None, "") else int(content_length)
+    except (TypeError, ValueError):
+        raise RangeMismatch(asked, f"{status} with a malformed Content-Length"
+                                   f" {content_length!r}") from None
     if content_range:
         match = _CONTENT_RANGE.fullmatch(content_range.strip())
         served = f"{status} {content_range.strip()}"
@@ -188,6 +193,10 @@ def check_range(start: int, end: int, size: int, status: int,
         if status == 200:
             served += " (the whole object)"
         good = status == 200 and start == 0 and end == size
+        if status == 200 and not good:
+            # The server (or a proxy) ignores Range, as HTTP allows: it will answer every
+            # ranged GET so, and retrying would only spend the policy. Fails at once.
+            raise RangeMismatch(asked, served + ": it ignores Range requests", ignored=True)
     if good and length is not None and length != end - start:
         served += f", Content-Length {length}"
         good = False

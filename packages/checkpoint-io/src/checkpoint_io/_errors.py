@@ -17,7 +17,7 @@ import errno
 import socket
 
 __all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "RangeMismatch",
-           "StorageError", "StorageRetryError", "VersionMismatch", "classify"]
+           "RangesIgnoredError", "StorageError", "StorageRetryError", "VersionMismatch", "classify"]
 
 
 class MissingBackendError(ImportError):
@@ -106,6 +106,24 @@ class ObjectChangedError(StorageError):
         return (ObjectChangedError, (self.uri, self.operation))
 
 
+class RangesIgnoredError(StorageError):
+    """The server (or a proxy in front of it) answered a ranged GET with the whole object:
+    it does not do ranges, so the read failed without retrying. The
+    :class:`RangeMismatch` is the ``__cause__``."""
+
+    def __init__(self, uri: str, operation: str, reason: str) -> None:
+        super().__init__(errno.EIO, f"{operation} of {uri} failed: {reason}")
+        self.uri = uri
+        self.operation = operation
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    def __reduce__(self):
+        return (RangesIgnoredError, (self.uri, self.operation, self.reason))
+
+
 class VersionMismatch(Exception):
     """Raised by a backend hook when the version it was pinned to is gone."""
 
@@ -115,15 +133,24 @@ class RangeMismatch(Exception):
     (another ``Content-Range``, a whole object, another length). Transient: a server or
     cache that served the wrong range once may serve the right one on the next request;
     after the policy's attempts the read fails with :class:`StorageRetryError` whose
-    message and ``__cause__`` carry this error's ``asked`` and ``served``."""
+    message and ``__cause__`` carry this error's ``asked`` and ``served``.
 
-    def __init__(self, asked: str, served: str) -> None:
+    ``ignored``: the answer was a 200 with the whole object, for part of it: the server (or
+    a proxy in front of it) does not do ranges, and will answer the same way every time.
+    That is not retried: the read fails at once with a :class:`StorageError` saying so."""
+
+    def __init__(self, asked: str, served: str, *, ignored: bool = False) -> None:
         super().__init__(f"asked for {asked}, the server answered with {served}")
         self.asked = asked
         self.served = served
+        self.ignored = ignored
 
     def __reduce__(self):
-        return (RangeMismatch, (self.asked, self.served))
+        return (_rebuild_range_mismatch, (self.asked, self.served, self.ignored))
+
+
+def _rebuild_range_mismatch(asked: str, served: str, ignored: bool) -> RangeMismatch:
+    return RangeMismatch(asked, served, ignored=ignored)
 
 
 class Fault(enum.Enum):
@@ -131,6 +158,7 @@ class Fault(enum.Enum):
     MISSING = "missing"  # the object (or bucket) is not there: never retried
     DENIED = "denied"  # credentials or policy refuse it: never retried
     TRANSIENT = "transient"  # worth another attempt
+    UNSUPPORTED = "unsupported"  # the server cannot do what was asked (ranges): never retried
     FATAL = "fatal"  # anything else: raised as is
 
 
@@ -222,7 +250,7 @@ def _classify_one(exc: BaseException) -> Fault | None:
     if isinstance(exc, VersionMismatch):
         return Fault.CHANGED
     if isinstance(exc, RangeMismatch):
-        return Fault.TRANSIENT
+        return Fault.UNSUPPORTED if exc.ignored else Fault.TRANSIENT
     if isinstance(exc, FileNotFoundError):
         return Fault.MISSING
     if isinstance(exc, PermissionError):

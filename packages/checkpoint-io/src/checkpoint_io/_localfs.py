@@ -6,12 +6,14 @@ positional writes, the fsync of a directory. Below both ``_local`` and ``_stream
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
 import secrets
 import stat
+import time
 
 __all__ = ["fsync_dir", "open_temp_sibling", "pwrite_all", "sweep_partials"]
 
@@ -19,6 +21,10 @@ log = logging.getLogger("checkpoint_io")
 
 _PARTIAL = ".partial-"
 _PARTIAL_TAIL = re.compile(r"[0-9a-f]{12}")
+#: errno values of a file system that does not do flock() at all.
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+#: A temp sibling unlocked and unmodified this long (seconds) was left by a dead save.
+PARTIAL_IDLE = 600.0
 
 
 def _temp_sibling(path: str) -> str:
@@ -42,7 +48,9 @@ def open_temp_sibling(path: str) -> tuple[str, int]:
     that only after the file is renamed or removed.
 
     A sweep may lock and remove the new file in the instant between its creation and our
-    lock; the name is then checked to still be ours, and a new one is made if not.
+    lock; the name is then checked to still be ours, and a new one is made if not. Where
+    the file system has no ``flock`` (some FUSE and network mounts) the file is written
+    unlocked: a sweep leaves alone what it cannot lock, and what was written recently.
     """
     while True:
         temp = _temp_sibling(path)
@@ -50,7 +58,12 @@ def open_temp_sibling(path: str) -> tuple[str, int]:
                      0o666)
         try:
             # Blocking: a sweep holds a lock only for the time of one unlink.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                log.debug("no flock on %s (%s): writing it unlocked", temp, exc)
             if _same_file(fd, temp):
                 return temp, fd
         except BaseException:
@@ -66,9 +79,13 @@ def sweep_partials(path: str) -> list[str]:
     is writing: what a save killed mid-write (SIGKILL, OOM, a lost node) left behind.
 
     A writer holds an ``flock`` on its temp file until it is renamed or removed (see
-    :func:`open_temp_sibling`), so a file that can be locked here has no writer; one that
-    cannot is a live save, in this process or another, and is left alone. Best effort:
-    what cannot be examined or removed stays. Returns the names removed.
+    :func:`open_temp_sibling`), so one that cannot be locked here is a live save, in this
+    process or another, and is left alone. A free lock proves nothing about a writer that
+    could not take one (a file system without ``flock`` on its side, an older
+    checkpoint-io on a shared volume, an NFS mount with local locks only), but every writer
+    writes: so a file is removed only if it is unlocked *and* unmodified for
+    :data:`PARTIAL_IDLE` seconds. Best effort: what cannot be examined or removed stays.
+    Returns the names removed.
     """
     directory, name = os.path.split(path)
     prefix = f".{name}{_PARTIAL}"
@@ -94,7 +111,9 @@ def sweep_partials(path: str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a save in progress holds it
-            if _same_file(fd, full):  # still that file under that name: no writer left
+            idle = time.time() - os.fstat(fd).st_mtime
+            # Still that file under that name, and long unwritten: no writer left.
+            if idle > PARTIAL_IDLE and _same_file(fd, full):
                 os.unlink(full)
                 removed.append(entry)
         except OSError as exc:

@@ -12,7 +12,13 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ._errors import Fault, ObjectChangedError, StorageRetryError, classify
+from ._errors import (
+    Fault,
+    ObjectChangedError,
+    RangesIgnoredError,
+    StorageRetryError,
+    classify,
+)
 
 __all__ = ["RetryPolicy", "call_with_retries"]
 
@@ -51,6 +57,8 @@ class RetryPolicy(BaseModel):
 def _translated(fault: Fault, exc: BaseException, uri: str, operation: str) -> OSError:
     if fault is Fault.CHANGED:
         err: OSError = ObjectChangedError(uri, operation)
+    elif fault is Fault.UNSUPPORTED:
+        err = RangesIgnoredError(uri, operation, str(exc))
     elif fault is Fault.MISSING:
         err = FileNotFoundError(errno.ENOENT, f"{operation}: no such object", uri)
     else:
@@ -66,8 +74,9 @@ async def call_with_retries(
 
     A missing object, a refusal and a vanished pinned version are raised at once as
     ``FileNotFoundError``, ``PermissionError`` and :class:`ObjectChangedError` (naming
-    ``uri``); transient faults are retried and finally raised
-    as :class:`StorageRetryError`; anything else propagates unchanged.
+    ``uri``), a server that ignores ``Range`` as a :class:`RangesIgnoredError`; transient faults
+    are retried and finally raised as :class:`StorageRetryError`; anything else propagates
+    unchanged.
     """
     start = time.monotonic()
     attempt = 0
@@ -80,7 +89,7 @@ async def call_with_retries(
             raise
         except Exception as exc:
             fault = classify(exc)
-            if fault in (Fault.CHANGED, Fault.MISSING, Fault.DENIED):
+            if fault in (Fault.CHANGED, Fault.MISSING, Fault.DENIED, Fault.UNSUPPORTED):
                 raise _translated(fault, exc, uri, operation) from exc
             if fault is Fault.FATAL:
                 raise

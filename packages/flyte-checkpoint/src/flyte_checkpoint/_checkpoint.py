@@ -161,17 +161,22 @@ class Checkpoint(BaseCheckpoint):
         self._storage_options = storage_options
         self._workspace: pathlib.Path | None = None
         self._workspace_lock = threading.Lock()
-        self._save_lock = threading.Lock()
         # Held by a save from its wait for the one in flight until it has started (background)
         # or published (blocking), and by close(): saves from several threads run one after
-        # the other, in the order they took it.
+        # the other, in the order they took it. No other lock is needed around the pipeline:
+        # a blocking save runs under it after joining the background save in flight, and a
+        # background save starts under it, after the same join, so no two ever overlap.
         self._turn = threading.Lock()
         self._load_lock = threading.Lock()
         self._loaded = False
         self._loaded_result: pathlib.Path | None = None
-        self._pending_lock = threading.Lock()  # guards _pending and _failed
+        self._pending_lock = threading.Lock()  # guards _pending
         self._pending: Background | None = None
-        self._failed: CheckpointSaveError | None = None  # not yet raised by save()/close()
+        # A failure not yet raised by save()/close(). Written only by the background save in
+        # flight, before it sets its ``finished`` event; read only once that save is joined
+        # (the event orders the two) or when none is in flight. Unlocked on purpose: a
+        # settle holds _pending_lock while it joins, so the writer cannot take it.
+        self._failed: CheckpointSaveError | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **options: Any) -> Checkpoint:
@@ -485,47 +490,46 @@ class Checkpoint(BaseCheckpoint):
     ) -> None:
         source = data if isinstance(data, (pathlib.Path, memoryview)) else save_source(data)
         uri = self._dest
-        with self._save_lock:
-            started = time.perf_counter()
-            progress = Progress("save", uri, total=size_of(source), show=snapshot is None,
-                                setting=self._settings.progress)
-            try:
-                ensure_local_parent(uri)
-                with self._file(uri).open_sync("wb") as remote:
-                    sink = WriteSink(remote, progress, cancelled)
-                    if isinstance(source, pathlib.Path) and source.is_dir():
-                        stats = write_tarball(source, sink, **self._settings.write_options())
-                        kind, size = (
-                            f"directory as tarball ({stats.members} members)", stats.file_bytes
-                        )
-                    elif isinstance(source, pathlib.Path):
-                        kind, size = "file", copy_file(source, sink)
-                    else:
-                        kind, size = "bytes", copy_bytes(source, sink)
-                    if not sink.written:  # a file emptied since the call: CF-WRITE-12
-                        raise EmptyPayload("it was emptied before it was read")
-                    if snapshot is not None:  # an in-place write since capture: do not commit
-                        snapshot.verify()
-                    if cancelled.is_set():  # cancelled after the last write: do not commit
-                        raise Cancelled("save cancelled")
-            except Cancelled:
-                raise
-            except EmptyPayload as empty:
-                raise self._empty_refused(f"{source} ({empty})") from None
-            except Exception as exc:
-                raise save_error(uri, exc) from exc
-            seconds = time.perf_counter() - started
-            progress.done()
-            logger.info(
-                "checkpoint save: %s%s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
-                kind,
-                " (background)" if snapshot is not None else "",
-                format_size(size),
-                format_size(sink.written),
-                seconds,
-                size / 1e6 / max(seconds, 1e-9),
-                uri,
-            )
+        started = time.perf_counter()
+        progress = Progress("save", uri, total=size_of(source), show=snapshot is None,
+                            setting=self._settings.progress)
+        try:
+            ensure_local_parent(uri)
+            with self._file(uri).open_sync("wb") as remote:
+                sink = WriteSink(remote, progress, cancelled)
+                if isinstance(source, pathlib.Path) and source.is_dir():
+                    stats = write_tarball(source, sink, **self._settings.write_options())
+                    kind, size = (
+                        f"directory as tarball ({stats.members} members)", stats.file_bytes
+                    )
+                elif isinstance(source, pathlib.Path):
+                    kind, size = "file", copy_file(source, sink)
+                else:
+                    kind, size = "bytes", copy_bytes(source, sink)
+                if not sink.written:  # a file emptied since the call: CF-WRITE-12
+                    raise EmptyPayload("it was emptied before it was read")
+                if snapshot is not None:  # an in-place write since capture: do not commit
+                    snapshot.verify()
+                if cancelled.is_set():  # cancelled after the last write: do not commit
+                    raise Cancelled("save cancelled")
+        except Cancelled:
+            raise
+        except EmptyPayload as empty:
+            raise self._empty_refused(f"{source} ({empty})") from None
+        except Exception as exc:
+            raise save_error(uri, exc) from exc
+        seconds = time.perf_counter() - started
+        progress.done()
+        logger.info(
+            "checkpoint save: %s%s, %s (%s stored) in %.2f s (%.0f MB/s) to %s",
+            kind,
+            " (background)" if snapshot is not None else "",
+            format_size(size),
+            format_size(sink.written),
+            seconds,
+            size / 1e6 / max(seconds, 1e-9),
+            uri,
+        )
 
 
 def _rebuild(cls: type[Checkpoint], dest: str, src: str | None,

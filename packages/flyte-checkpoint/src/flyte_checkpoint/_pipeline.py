@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from checkpoint_format import changed_in_place
+
 from ._progress import Progress
 from ._snapshot import open_regular
 
@@ -100,14 +102,14 @@ def copy_file(path: pathlib.Path, sink: WriteSink) -> int:
             sink.write(chunk)
             size += len(chunk)
         after = os.fstat(handle.fileno())
-    # The change time catches a rewrite whose size and mtime were put back; a change time
-    # moved by a removed name (rotation, atomic replace: the link count drops) is no write.
-    if (
-        (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
-        or (before.st_ctime_ns != after.st_ctime_ns and after.st_nlink >= before.st_nlink)
-        or size != after.st_size
-    ):
-        raise OSError(f"{path} changed while it was being saved; not publishing a torn copy")
+    # As the tar writer judges a file it reads (a link added meanwhile, by another
+    # Checkpoint's snapshot of it, is no write).
+    why = changed_in_place(before, after, links_added=True)
+    if why is None and size != after.st_size:
+        why = "it was read with another size than it has"
+    if why is not None:
+        raise OSError(f"{path} changed while it was being saved ({why}); not publishing a"
+                      " torn copy")
     return size
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 import uuid
+
+from checkpoint_format import remove_tree
 
 from ._checkpoint import ENV_DEST, ENV_SRC
 from ._settings import Settings
@@ -73,7 +74,10 @@ def run_attempts(
         try:
             returncode = subprocess.call(command, env=child_env)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            # A killed attempt's scratch may hold restored trees too deep for rmtree's
+            # recursion, or read-only ones: the iterative remover takes them.
+            if not remove_tree(scratch):
+                echo(f"attempt {number}: could not remove its scratch directory {scratch}")
         attempt = Attempt(number, destination, previous, returncode, time.perf_counter() - started)
         attempts.append(attempt)
         if returncode == 0:

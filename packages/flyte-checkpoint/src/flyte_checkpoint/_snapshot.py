@@ -40,11 +40,13 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpoint_format import remove_tree
+from checkpoint_format import changed_in_place, remove_tree
 
 from ._fs import walk_tree
 
@@ -55,6 +57,14 @@ _PREFIX = ".flyte-checkpoint-snapshot-"
 _LOCK = ".lock"  # inside each snapshot root, flock()ed while the snapshot lives
 _CLOCK_REALTIME_COARSE = 5  # linux/time.h; Python's time module does not name it
 _no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
+
+#: The inodes that live snapshots of this process hard-linked, by (st_dev, st_ino), with
+#: each snapshot's name for it. A snapshot linking or unlinking an inode already there moves
+#: its change time and link count under the others' records: under this lock, it first checks
+#: the others against the inode as it was (a real in-place write is caught then), then
+#: records for them the inode as its own link left it.
+_links_lock = threading.Lock()
+_live_links: dict[tuple[int, int], list[tuple[Snapshot, Path]]] = {}
 
 
 class SnapshotChangedError(OSError):
@@ -75,6 +85,8 @@ class Snapshot:
     counts: dict[str, int] = field(default_factory=dict)  # files per mechanism
     seconds: float = 0.0
     lock: int | None = None  # a descriptor holding the root's lock
+    #: Linked files found written in place while another snapshot linked or unlinked them.
+    changed: dict[Path, str] = field(default_factory=dict)
 
     def verify(self) -> None:
         """Raise if a hard-linked file may have changed since capture (called before
@@ -85,23 +97,22 @@ class Snapshot:
         :func:`capture` returns only once the clock the kernel stamps files with has moved
         past the change times it recorded, so a later write cannot carry the same one. A
         removed or replaced name (rotation, an atomic replace) also sets it, but lowers the
-        link count: that is accepted, since a file whose other names are gone can no longer
-        be opened by name and written.
+        link count: that is accepted (see :func:`checkpoint_format.changed_in_place`).
+        Another snapshot of this process linking the same file re-records it here (see
+        ``_live_links``).
         """
-        for path, then in self.linked.items():
-            now = os.lstat(path)
+        with _links_lock:
+            found = dict(self.changed)
+            for path, then in self.linked.items():
+                if path not in found:
+                    why = changed_in_place(then, os.lstat(path))
+                    if why is not None:
+                        found[path] = why
+        for path, why in found.items():
             name = path.relative_to(self.root) if self.root else path
-            if (now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns):
-                changed = "its size or modification time changed"
-            elif now.st_ctime_ns != then.st_ctime_ns and now.st_nlink >= then.st_nlink:
-                changed = ("its change time moved, with its size and modification time put"
-                           " back, as an in-place rewrite followed by utime (rsync --inplace"
-                           " -t) leaves it")
-            else:
-                continue
             raise SnapshotChangedError(
                 f"{name} was written in place after save(..., wait=False) returned (it is"
-                f" hard-linked into the snapshot, and {changed}); not publishing a torn"
+                f" hard-linked into the snapshot, and {why}); not publishing a torn"
                 " checkpoint. Write checkpoint files to a new name and rename them into"
                 " place, or save with wait=True"
             )
@@ -109,6 +120,7 @@ class Snapshot:
     def cleanup(self) -> None:
         """Remove the snapshot directory; never raises (one left behind is removed by a
         later capture once its lock is released here)."""
+        self._unlink_shared()
         if self.root is not None:
             remove_tree(self.root)
             self.root = None
@@ -116,6 +128,22 @@ class Snapshot:
             with contextlib.suppress(OSError):
                 os.close(self.lock)
             self.lock = None
+
+    def _unlink_shared(self) -> None:
+        """Leave ``_live_links``; a link to an inode other live snapshots hold is removed
+        here, one at a time under the lock, so that their records follow the link count."""
+        with _links_lock:
+            for path in list(self.linked):
+                then = self.linked.pop(path)
+                key = (then.st_dev, then.st_ino)
+                holders = [(s, p) for s, p in _live_links.get(key, []) if s is not self]
+                if holders:
+                    _live_links[key] = holders
+                    # Best effort, one link at a time: the others stay registered.
+                    with contextlib.suppress(OSError), _rerecording(holders, path):
+                        os.unlink(path)
+                else:
+                    _live_links.pop(key, None)
 
     def describe(self) -> str:
         if not self.counts:
@@ -204,8 +232,20 @@ def _snapshot_root(source: Path) -> tuple[Path, int]:
             root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=place))
         except OSError:
             continue
-        lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except BaseException:
+            remove_tree(root)
+            raise
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            # No flock on this file system: go on unlocked. A later capture cannot lock it
+            # either, and leaves what it cannot lock alone (see _abandoned).
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(lock)
+                remove_tree(root)
+                raise
         return root, lock
     raise OSError(errno.EACCES, "no writable place for a snapshot", str(source.parent))
 
@@ -304,14 +344,52 @@ def _clone(src: Path, dst: Path, snapshot: Snapshot) -> None:
     if st.st_dev not in _no_reflink and _reflink(src, dst, st):
         snapshot.counts["reflink"] += 1
         return
-    try:
-        os.link(src, dst)
-    except OSError:
+    with _links_lock:
+        holders = _live_links.get((st.st_dev, st.st_ino), [])
+        try:
+            with _rerecording(holders, src):
+                os.link(src, dst)
+        except OSError:
+            linked = None
+        else:
+            linked = os.lstat(dst)  # after the link, which sets the change time
+            snapshot.linked[dst] = linked
+            _live_links.setdefault((linked.st_dev, linked.st_ino), []).append((snapshot, dst))
+    if linked is None:
         _copy(src, dst, st)
         snapshot.counts["copy"] += 1
         return
-    snapshot.linked[dst] = os.lstat(dst)  # after the link, which sets the change time
     snapshot.counts["hard link"] += 1
+
+
+@contextlib.contextmanager
+def _rerecording(holders: list[tuple[Snapshot, Path]], name: Path) -> Iterator[None]:
+    """Around a link or unlink of ``name`` (under ``_links_lock``) whose inode other live
+    snapshots (``holders``) linked: check them against the inode now, then re-record it for
+    them as the operation left it. A change found first is kept for their verify(); only a
+    rewrite with its mtime put back in the microseconds of the operation itself, from
+    another thread or process, can escape."""
+    if not holders:
+        yield
+        return
+    now = os.lstat(name)
+    if any(other.linked[path].st_ino != now.st_ino for other, path in holders):
+        yield  # ``name`` was replaced since it was stat'ed: not their inode
+        return
+    for other, path in holders:
+        if path not in other.changed:
+            why = changed_in_place(other.linked[path], now)
+            if why is not None:
+                other.changed[path] = why
+    yield
+    for other, path in holders:
+        after = os.lstat(path)
+        if (after.st_dev, after.st_ino) != (now.st_dev, now.st_ino):
+            continue  # not the inode linked, after all: the next verify() judges
+        if path not in other.changed and (after.st_size, after.st_mtime_ns) != (
+                now.st_size, now.st_mtime_ns):
+            other.changed[path] = "its size or modification time changed"
+        other.linked[path] = after
 
 
 def _copy(src: Path, dst: Path, st: os.stat_result) -> None:
