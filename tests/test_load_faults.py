@@ -192,7 +192,7 @@ def test_a_storage_error_mid_member_is_raised_as_it_is_with_the_member_noted(tmp
 def test_a_local_write_error_names_the_member_and_chains_the_original(tmp_path, monkeypatch):
     from checkpoint_format import _extract
 
-    def full(member, chunks, root):
+    def full(member, chunks, *where):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_extract, "_write_file", full)
