@@ -35,23 +35,28 @@ def child(op: str, uri: str, local: str, size: int) -> dict:
     """One measurement, in its own process."""
     from checkpoint_io import File, filesystem
 
+    # checkpoint-io reads no environment: the GCS emulator's anonymous access is an option.
+    emulated_gcs = uri.startswith("gs://") and os.environ.get("STORAGE_EMULATOR_HOST")
+    options = {"token": "anon"} if emulated_gcs else {}
+    file = File(path=uri).with_options(storage_options=options)
+
     start = time.perf_counter()
     if op == "ours-upload":
-        File.from_local_sync(local, uri)
+        File.from_local_sync(local, uri, storage_options=options)
     elif op == "raw-upload":
-        filesystem(uri).put_file(local, uri)
+        filesystem(uri, options).put_file(local, uri)
     elif op == "ours-download":
-        File(path=uri).download_sync(local)
+        file.download_sync(local)
     elif op == "raw-download":
-        filesystem(uri).get_file(uri, local)
+        filesystem(uri, options).get_file(uri, local)
     elif op == "stream-write":
         block = os.urandom(MiB)
-        with File(path=uri).open_sync("wb") as f:
+        with file.open_sync("wb") as f:
             for _ in range(size // MiB):
                 f.write(block)
     elif op == "stream-read":
         total = 0
-        with File(path=uri).open_sync("rb") as f:
+        with file.open_sync("rb") as f:
             while chunk := f.read(MiB):
                 total += len(chunk)
         assert total == size, (total, size)
@@ -60,7 +65,7 @@ def child(op: str, uri: str, local: str, size: int) -> dict:
 
         async def read_all() -> int:
             total = 0
-            async with File(path=uri).open("rb") as f:
+            async with file.open("rb") as f:
                 while chunk := await f.read(MiB):
                     total += len(chunk)
             return total

@@ -210,3 +210,14 @@ def test_run_removes_a_deep_read_only_scratch_of_a_failed_attempt(tmp_path, capf
     assert scratch.name.startswith("flyte-checkpoint-attempt1-")
     assert not scratch.exists()
     assert not any("could not remove" in line for line in lines)
+
+
+@pytest.mark.parametrize("command", [["demo", "--steps", "3"],
+                                     ["run", "--retries", "1", "--", "true"]])
+def test_a_bad_setting_stops_a_command_before_any_attempt(tmp_path, monkeypatch, capsys,
+                                                          command) -> None:
+    monkeypatch.setenv("CHECKPOINT_IO_CONCURRENCY", "0")
+    assert main([*command[:1], "--store", str(tmp_path / "store"), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"flyte-checkpoint {command[0]}: CHECKPOINT_IO_CONCURRENCY='0'" in err
+    assert not (tmp_path / "store").exists()  # no attempt ran

@@ -230,7 +230,8 @@ BAD = {
     "CHECKPOINT_MAX_EXTENDED_HEADER": ("1.5", "a whole number of 1 or more"),
     "CHECKPOINT_MAX_IMPLIED_DIRS": ("lots", "a whole number of 1 or more"),
     "CHECKPOINT_DECODE_THREADS": ("0", "a whole number of 1 or more"),  # was silently 1
-    "CHECKPOINT_COMPRESS_THREADS": ("two", "a whole number of 1 or more"),
+    # (a superscript two is a digit to str.isdigit(), and no number to int())
+    "CHECKPOINT_COMPRESS_THREADS": ("\u00b2", "a whole number of 1 or more"),
     "CHECKPOINT_IO_CONCURRENCY": ("0", "a whole number of 1 or more"),
     "CHECKPOINT_IO_READ_CONCURRENCY": ("-1", "a whole number of 1 or more"),
     "CHECKPOINT_IO_DIRECT_WRITES": ("sometimes", "one of 1, on, true, yes, 0, off, false, no"),
@@ -254,6 +255,19 @@ def test_a_bad_value_fails_at_construction_naming_the_variable(tmp_path, variabl
     again = pickle.loads(pickle.dumps(info.value))
     assert str(again) == str(info.value) and again.variable == variable
     assert not (tmp_path / "store").exists()  # nothing was made
+
+
+@pytest.mark.parametrize("variable", sorted(v for v in BAD if v.startswith("CHECKPOINT_MAX_")
+                                             or v == "CHECKPOINT_DECODE_THREADS"))
+def test_the_format_cli_refuses_the_same_bad_values(variable):
+    """checkpoint-format's CLI parses its variables itself: the same values fail there too."""
+    from checkpoint_format.cli import options_from_env
+
+    value, allowed = BAD[variable]
+    with pytest.raises(ValueError, match=f"^{variable}=.*: expected {allowed}$"):
+        options_from_env({variable: value})
+    with pytest.raises(ValueError, match=f"^{variable}="):
+        options_from_env({variable: "\u00b2"})
 
 
 @pytest.mark.parametrize("variable", sorted(BAD))

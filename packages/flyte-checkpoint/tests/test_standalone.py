@@ -38,6 +38,20 @@ def test_import_flyte_finds_the_facade_when_nothing_else_is_installed():
     assert found == [True, True, "File", True]
 
 
+@pytest.mark.skipif(upstream_here, reason="the upstream SDK is installed in this environment")
+def test_the_facades_file_takes_the_settings_a_checkpoint_takes(monkeypatch):
+    """flyte.io.File obeys CHECKPOINT_IO_* as the Checkpoint helper does; arguments win."""
+    monkeypatch.setenv("CHECKPOINT_IO_CONCURRENCY", "3")
+    monkeypatch.setenv("CHECKPOINT_IO_DIRECT_WRITES", "off")
+    found = _python("import json, flyte.io\n"
+                    "f = flyte.io.File(path='memory://x')\n"
+                    "g = f.with_options(concurrency=5)\n"
+                    "h = flyte.io.File.from_existing_remote('memory://y')\n"
+                    "print(json.dumps([f._options.concurrency, f._options.backend.direct_writes,"
+                    " g._options.concurrency, h._options.concurrency]))")
+    assert found == [3, False, 5, 3]
+
+
 def test_facade_steps_aside_for_any_other_flyte(tmp_path):
     """Even when the facade comes first on sys.path, another ``flyte`` wins."""
     other = tmp_path / "site" / "flyte"

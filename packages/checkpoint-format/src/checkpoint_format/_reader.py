@@ -220,8 +220,8 @@ class _Blocks:
             raise LimitExceededError(
                 "CF-LIMIT-01",
                 f"expansion ratio {produced / consumed:.0f}:1 exceeds max_expansion_ratio="
-                f"{self._limits.max_expansion_ratio:g} (raise it with "
-                "CHECKPOINT_MAX_EXPANSION_RATIO)",
+                f"{self._limits.max_expansion_ratio:g} (raise it: Limits.max_expansion_ratio,"
+                " CHECKPOINT_MAX_EXPANSION_RATIO for the helper and CLIs)",
             )
 
     def _fill(self) -> bool:
@@ -669,8 +669,8 @@ class TarReader:
         if self.member_count > self.limits.max_members:
             raise LimitExceededError(
                 "CF-LIMIT-01",
-                f"more than max_members={self.limits.max_members} members (raise it with"
-                " CHECKPOINT_MAX_MEMBERS)",
+                f"more than max_members={self.limits.max_members} members (raise it:"
+                " Limits.max_members, CHECKPOINT_MAX_MEMBERS for the helper and CLIs)",
                 name,
             )
         if kind == "file":
@@ -678,7 +678,8 @@ class TarReader:
                 raise LimitExceededError(
                     "CF-LIMIT-01",
                     f"total size would reach {self.total_size + size} bytes, over max_total_size="
-                    f"{self.limits.max_total_size} (raise it with CHECKPOINT_MAX_TOTAL_SIZE)",
+                    f"{self.limits.max_total_size} (raise it: Limits.max_total_size,"
+                    " CHECKPOINT_MAX_TOTAL_SIZE for the helper and CLIs)",
                     name,
                 )
             self.total_size += size
@@ -708,8 +709,8 @@ class TarReader:
             raise LimitExceededError(
                 "CF-LIMIT-01",
                 f"its parent directories make more than max_implied_dirs="
-                f"{self.limits.max_implied_dirs} directories that are not members (raise it"
-                " with CHECKPOINT_MAX_IMPLIED_DIRS)",
+                f"{self.limits.max_implied_dirs} directories that are not members (raise it:"
+                " Limits.max_implied_dirs, CHECKPOINT_MAX_IMPLIED_DIRS for the helper and CLIs)",
                 name,
             )
         previous = parent.children.get(parts[-1])
@@ -831,7 +832,7 @@ class TarReader:
         return LimitExceededError(
             "CF-LIMIT-01",
             f"{what} is longer than max_name_length={self.limits.max_name_length} bytes (raise"
-            " it with CHECKPOINT_MAX_NAME_LENGTH)",
+            " it: Limits.max_name_length, CHECKPOINT_MAX_NAME_LENGTH for the helper and CLIs)",
             member[:200],
         )
 

@@ -29,7 +29,7 @@ EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 def _number(name: str, raw: str, kind: type) -> int | float:
     text = raw.replace("_", "")
     try:
-        value = int(text) if kind is int and text.isdigit() else float(text)
+        value = int(text) if kind is int and text.isascii() and text.isdigit() else float(text)
     except ValueError:
         value = 0
     if kind is int and not (isinstance(value, int) and value >= 1):

@@ -49,6 +49,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
+    if _settings("demo") is None:  # as for run: every attempt would fail on it at start
+        return 2
     return _demo.run_demo(store=args.store, steps=args.steps, every=args.every,
                           kill_at=args.kill_at)
 

@@ -49,7 +49,7 @@ class SettingsError(ValueError):
 
 def _whole(variable: str, raw: str) -> int:
     text = raw.replace("_", "")
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise SettingsError(variable, raw, _WHOLE)
     return int(text)
 
