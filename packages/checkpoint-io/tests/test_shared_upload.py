@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -73,19 +74,35 @@ def names(store) -> list[str]:
 
 
 def _run(file: File, token: str, jobs: list[tuple[int, int, int, str]]):
-    """Run one spawned process per ``(index, seed, size, mode)``; returns the processes and
-    a function that takes the next result (bounded wait)."""
+    """Run one spawned process per ``(index, seed, size, mode)``, each with a pipe of its
+    own; returns the processes and a function that takes the next result (bounded wait)."""
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=write_segment,
-                                 args=(file, token, index, seed, size, mode, results),
-                                 name=f"segment-{index}", daemon=True)
-                 for index, seed, size, mode in jobs]
-    for process in processes:
+    processes, readers = [], []
+    for index, seed, size, mode in jobs:
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(target=write_segment,
+                                  args=(file, token, index, seed, size, mode, writer),
+                                  name=f"segment-{index}", daemon=True)
         process.start()
+        writer.close()  # the child's copy is the only one: its death ends the pipe
+        processes.append(process)
+        readers.append(reader)
+    pending: list = []
 
     def next_result():
-        return results.get(timeout=JOIN_SECONDS)
+        while not pending:
+            ready = multiprocessing.connection.wait(readers, timeout=JOIN_SECONDS)
+            if not ready:
+                pytest.fail(f"no segment process reported within {JOIN_SECONDS} s")
+            for reader in ready:
+                try:
+                    pending.append(reader.recv())
+                except EOFError:  # that process ended (or was killed)
+                    readers.remove(reader)
+                    reader.close()
+            if not readers and not pending:
+                pytest.fail("every segment process ended without reporting")
+        return pending.pop(0)
 
     return processes, next_result
 
