@@ -383,6 +383,18 @@ class TestS3:
         upload.commit_sync(receipts)
         assert _read(file) == data + b"tiny" + zero_blocks(5 * MiB - 4) + b"end"
 
+    def test_a_segment_past_its_part_numbers_fails_clearly(self, remote_store):
+        file = _file(remote_store, "ckpt.bin")
+        upload = SharedUpload.begin_sync(file, segments=10_000)  # one part number each
+        segment = upload.open_segment_sync(0)
+        segment.write(bytes(11 * MiB))
+        with pytest.raises(SharedUploadError, match=r"write segment 0 of s3://.*: the segment "
+                           r"needs more than its 1 parts; raise part_size or use fewer "
+                           r"segments"):
+            segment.close()
+        upload.abort_sync()
+        assert names(remote_store) == []
+
     def test_sweep_aborts_uploads_a_crash_left(self, remote_store):
         file = _file(remote_store, "ckpt.bin")
         left = SharedUpload.begin_sync(file, segments=2)
@@ -500,3 +512,42 @@ def test_every_segment_empty_is_an_empty_object(store):
     upload.commit_sync(receipts)
     assert _read(file) == b""
     assert names(store) == ["ckpt.bin"]
+
+
+def test_the_async_forms(tmp_path):
+    import asyncio
+
+    file = File(path=str(tmp_path / "ckpt.bin")).with_options(part_size=64 * 1024)
+    data = [segment_data(i, 200_000 + i) for i in range(3)]
+
+    async def main() -> None:
+        upload = await SharedUpload.begin(file, segments=3)
+        receipts = []
+        async with upload.open_segment(0) as segment:  # an async context manager
+            assert await segment.write(data[0]) == len(data[0])
+            assert segment.tell() == len(data[0]) and segment.writable()
+        receipts.append(segment.receipt)
+        writer = await upload.open_segment(1)  # or awaited, and closed by hand
+        await writer.write(data[1])
+        receipts.append(await writer.close())
+        with pytest.raises(RuntimeError, match="no"):
+            async with upload.open_segment(2) as segment:
+                await segment.write(b"dropped")
+                raise RuntimeError("no")
+        assert segment.closed and segment.receipt is None
+        async with upload.open_segment(2) as segment:  # aborted: it can be written again
+            await segment.write(data[2])
+        receipts.append(segment.receipt)
+        with pytest.raises(SharedUploadError, match="no receipt for segment 2"):
+            await upload.commit(receipts[:2])
+        await upload.commit(receipts)
+        await upload.abort()  # harmless after the commit
+
+    asyncio.run(main())
+    assert _read(file) == b"".join(data)
+    assert os.listdir(tmp_path) == ["ckpt.bin"]
+
+
+def test_memory_takes_no_shared_uploads():
+    with pytest.raises(OSError, match="cannot assemble one object from segments"):
+        SharedUpload.begin_sync(File(path="memory://bucket/ckpt.bin"), segments=2)
