@@ -447,7 +447,9 @@ class TestGCS:
                            f"generation {generation} of 3 bytes"):
             upload.commit_sync([stale])
         assert _read(file) == b"previous"
-        assert names(remote_store) == ["ckpt.bin"]  # the failed commit aborted the upload
+        upload.commit_sync([segment.receipt])  # still open: the right receipt commits
+        assert _read(file) == b"new"
+        assert names(remote_store) == ["ckpt.bin"]
 
     def test_many_parts_compose_in_rounds_and_the_sweep_removes_leftovers(self, remote_store):
         file = _file(remote_store, "ckpt.bin", part_size=256 * 1024)
@@ -489,13 +491,12 @@ def test_azure_commit_checks_every_block_is_staged(remote_store):
                                               r"another write to the blob"),
     ]
     for parts, message in cases:
-        again = SharedUpload.join(file, upload.token)
         wrong = dataclasses.replace(segment.receipt, parts=parts, size=parts[0][2])
         with pytest.raises(SharedUploadError, match=message) as info:
-            again.commit_sync([wrong])
+            upload.commit_sync([wrong])
         assert info.value.index == 0
     assert _read(file) == b"previous"
-    SharedUpload.join(file, upload.token).commit_sync([segment.receipt])
+    upload.commit_sync([segment.receipt])
     assert _read(file) == b"staged"
 
 

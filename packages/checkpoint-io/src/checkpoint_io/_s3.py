@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,8 @@ from ._backend import (
 from ._errors import SharedUploadError
 
 __all__ = ["S3Backend"]
+
+log = logging.getLogger("checkpoint_io")
 
 
 def s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +185,11 @@ class _S3Shared(SharedTarget):
         if not parts:  # every segment empty: an empty object (a multipart upload needs one part)
             await self.call("list_parts", "commit shared upload", MaxParts=1)
             await self._b.call("put_object", Bucket=self._bucket, Key=self._key, Body=b"")
-            await self.abort()
+            try:
+                await self.abort()
+            except Exception as exc:  # published: the upload left is the sweep's
+                log.warning("shared upload %s to %s is committed, but aborting its empty "
+                            "multipart upload failed: %s", self.upload, self.path, exc)
             return
         retry = self._completing
         if not retry:
