@@ -522,6 +522,10 @@ class _LocalShared(SharedTarget):
                      | getattr(os, "O_CLOEXEC", 0), 0o666)
         _flock(fd, fcntl.LOCK_SH)
         with _markers_lock:
+            # Markers of uploads another process committed or aborted: their locks go.
+            stale = [name for name, held in _markers.items() if not _same_file(held, name)]
+            for name in stale:
+                _close_quietly(_markers.pop(name))
             _markers[self.marker] = fd
         fsync_dir(os.path.dirname(self.path))
         return self.state
