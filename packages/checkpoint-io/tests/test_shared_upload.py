@@ -380,7 +380,20 @@ class TestS3:
         with upload.open_segment_sync(2) as segment:
             segment.write(b"end")
         receipts.append(segment.receipt)
-        upload.commit_sync(receipts)
+        number, etag, size = receipts[2].parts[0]
+        for parts, message in [
+            (((1, etag, size),), r"the receipt of segment 2 names part 1, outside its part "
+                                 r"numbers 6667-9999"),
+            (((number, etag, size + 1),), rf"part {number} of segment 2 is not what its receipt "
+                                          rf"says \(ETag {etag}, 4 bytes\): ETag {etag}, 3 bytes"),
+            (((number + 1, etag, size),), rf"part {number + 1} of segment 2 is not what its "
+                                          r"receipt says .*: missing"),
+        ]:
+            wrong = dataclasses.replace(receipts[2], parts=parts,
+                                        size=sum(p[2] for p in parts))
+            with pytest.raises(SharedUploadError, match=message):
+                upload.commit_sync([*receipts[:2], wrong])
+        upload.commit_sync(receipts)  # still open after the refusals
         assert _read(file) == data + b"tiny" + zero_blocks(5 * MiB - 4) + b"end"
 
     def test_a_segment_past_its_part_numbers_fails_clearly(self, remote_store):
