@@ -1,17 +1,19 @@
 """Where a load and a save spend their CPU, thread by thread.
 
 A load and a save of incompressible files (8 files, 512 MiB by default) through
-``flyte_checkpoint.Checkpoint``, against moto over http and against a local path, each in a
-fresh process. For each: wall seconds, the process's CPU seconds per GiB, and each thread's
-CPU seconds per GiB (from ``/proc/self/task/*/stat``, sampled every 50 ms and named from
-``threading.enumerate()``; a pool's threads are summed under their name's prefix), busiest
-first. The busiest thread bounds the throughput: its ceiling is 1 / (its CPU-s per GiB) GiB/s.
+``flyte_checkpoint.Checkpoint``, against s3rver (npm, installed on first use) over http and
+against a local path, each in a fresh process (``--stores moto`` for moto, whose ranged GETs
+each read the whole object: slow, and under load they time out). For each: wall seconds, the
+process's CPU seconds per GiB, and each thread's CPU seconds per GiB (from
+``/proc/self/task/*/stat``, sampled every 50 ms and named from ``threading.enumerate()``; a
+pool's threads are summed under their name's prefix), busiest first. The busiest thread
+bounds the throughput: its ceiling is 1 / (its CPU-s per GiB) GiB/s.
 
 CPU seconds hold under load; wall seconds do not (the emulator shares the cores). Imports
 and the store client's set-up are made before the baseline, so only the transfer counts.
 Set PYTHONPATH to another tree's ``packages/*/src`` to profile that tree (a before/after).
 
-    python benchmarks/thread_profile.py                 # 512 MiB, moto and local
+    python benchmarks/thread_profile.py                 # 512 MiB, s3rver and local
     python benchmarks/thread_profile.py --size 128 --stores local
 """
 
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_support import Moto
+from bench_support import Moto, S3rver
 
 MiB = 1 << 20
 
@@ -126,7 +128,8 @@ def report(store: str, op: str, result: dict, size: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="MiB of data (default 512)")
-    parser.add_argument("--stores", default="moto,local")
+    parser.add_argument("--stores", default="s3rver,local",
+                        help="of s3rver (ranged GETs read only their range), moto, local")
     parser.add_argument("--runs", type=int, default=1, help="keep the run of least CPU")
     args = parser.parse_args()
     size = args.size * MiB
@@ -135,10 +138,10 @@ def main() -> int:
         data = tree(work / "data", size)
         size = sum(p.stat().st_size for p in data.iterdir())
         for store in args.stores.split(","):
-            moto = Moto() if store == "moto" else None
+            moto = {"moto": Moto, "s3rver": S3rver}[store]() if store != "local" else None
             try:
                 env = moto.env() if moto else {}
-                dest = "s3://bench/ckpt" if moto else str(work / "object")
+                dest = "s3://bench/ckpt.tar" if moto else str(work / "object")
                 for op in ("save", "load"):
                     best = None
                     for run in range(args.runs):

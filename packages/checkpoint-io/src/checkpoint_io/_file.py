@@ -306,7 +306,16 @@ class SyncFile:
         return run_sync(lambda: stream.read_pieces(n), name="read_pieces")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        return run_sync(lambda: self._afile.write(data), name="write")
+        stream = self._afile._stream
+        if not isinstance(stream, StreamWriter):
+            return run_sync(lambda: self._afile.write(data), name="write")
+        # The copy into the part buffer is made here, in the caller's thread; only full
+        # parts hop to the I/O loop (which has every connection's work to do).
+        refuse_in_loop("write")
+        size, parts = stream.stage(data)
+        if parts:
+            run_sync(lambda: stream.send(parts), name="write")
+        return size
 
     def close(self) -> None:
         run_sync(self._afile.close, name="close")

@@ -231,30 +231,47 @@ class StreamWriter:
         return self._written
 
     async def write(self, data: Piece) -> int:
+        """Append ``data``; waits while enough parts are in flight."""
+        size, parts = self.stage(data)
+        await self.send(parts)
+        return size
+
+    def stage(self, data: Piece) -> tuple[int, list[bytearray]]:
+        """Copy ``data`` into the part being filled, off the I/O loop: a blocking writer
+        calls this in its own thread, so that the copy is not the loop's work. Returns its
+        length and the parts it filled, for :meth:`send` (on the loop) to upload. A full
+        part is only handed out once more data arrives, so the final part handed to
+        ``finish`` is never empty unless the object is."""
         if self._state != "open":
             raise ValueError(f"write to {self._t.uri}: file is already {self._state}")
         view = memoryview(data).cast("B")
         size = view.nbytes
+        full: list[bytearray] = []
+        parts_sent = self._parts_sent
+        while view.nbytes:
+            part_size = self._part_size(parts_sent)
+            if self._filled == part_size:
+                full.append(self._buffer)
+                self._buffer, self._filled = bytearray(), 0
+                parts_sent += 1
+                part_size = self._part_size(parts_sent)
+            if not self._buffer:
+                self._buffer = bytearray(part_size)  # filled once, sent as it is
+            room = min(part_size - self._filled, view.nbytes)
+            self._buffer[self._filled:self._filled + room] = view[:room]
+            self._filled += room
+            view = view[room:]
+        self._written += size
+        return size, full
+
+    async def send(self, parts: list[bytearray]) -> None:
+        """Upload the parts :meth:`stage` filled (each waits for room in the width)."""
         try:
-            while view.nbytes:
-                part_size = self._part_size()
-                if self._filled == part_size:
-                    # A full part is only sent once more data arrives, so the final part
-                    # handed to finish() is never empty unless the object is.
-                    part, self._buffer, self._filled = self._buffer, bytearray(), 0
-                    await self._send(part)
-                    part_size = self._part_size()
-                if not self._buffer:
-                    self._buffer = bytearray(part_size)  # filled once, sent as it is
-                room = min(part_size - self._filled, view.nbytes)
-                self._buffer[self._filled:self._filled + room] = view[:room]
-                self._filled += room
-                view = view[room:]
+            for part in parts:
+                await self._send(part)
         except BaseException:
             await self.abort()
             raise
-        self._written += size
-        return size
 
     def _last_part(self) -> bytes | bytearray:
         """What is buffered, for the final part or a whole object: small ones as ``bytes``
@@ -266,13 +283,14 @@ class StreamWriter:
         del buffer[filled:]
         return buffer
 
-    def _part_size(self) -> int:
+    def _part_size(self, parts_sent: int | None = None) -> int:
         """The size of the part being filled. It doubles after every tenth of the backend's
         part limit, so that a stream of unknown length never runs out of parts: on S3
         (10,000 parts, 5 MiB to start) the first 4.9 GiB go in 5 MiB parts, memory stays
         small for the usual checkpoint, and the limit is about 5 TiB instead of 48 GiB."""
         backend = self._t.backend
-        doublings = min(self._parts_sent // max(1, backend.max_parts // 10), 9)
+        sent = self._parts_sent if parts_sent is None else parts_sent
+        doublings = min(sent // max(1, backend.max_parts // 10), 9)
         return max(self._t.part_size, min(self._t.part_size << doublings, backend.max_part_size))
 
     async def _send(self, part: bytearray) -> None:
