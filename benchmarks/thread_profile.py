@@ -115,7 +115,7 @@ def tree(root: Path, size: int) -> Path:
 
 def report(store: str, op: str, result: dict, size: int) -> None:
     gib = size / (1 << 30)
-    print(f"{store:6} {op:5} {result['seconds']:6.2f} s  process {result['cpu'] / gib:5.2f}"
+    print(f"{store:13} {op:5} {result['seconds']:6.2f} s  process {result['cpu'] / gib:5.2f}"
           " CPU-s/GiB")
     rows = sorted(result["threads"].items(), key=lambda kv: -kv[1][1])
     for name, (total, busiest, count) in rows:
@@ -131,6 +131,9 @@ def main() -> int:
     parser.add_argument("--stores", default="s3rver,local",
                         help="of s3rver (ranged GETs read only their range), moto, local")
     parser.add_argument("--runs", type=int, default=1, help="keep the run of least CPU")
+    parser.add_argument("--shaped", action="store_true",
+                        help="S3 through the shaping proxy (64 MiB/s down, 16 MiB/s up, 50 ms"
+                             " first byte per connection): wall seconds are what count")
     args = parser.parse_args()
     size = args.size * MiB
     with tempfile.TemporaryDirectory(prefix="thread-profile-") as tmp:
@@ -139,8 +142,16 @@ def main() -> int:
         size = sum(p.stat().st_size for p in data.iterdir())
         for store in args.stores.split(","):
             moto = {"moto": Moto, "s3rver": S3rver}[store]() if store != "local" else None
+            proxy = None
             try:
                 env = moto.env() if moto else {}
+                if moto and args.shaped:
+                    from checkpoint_testing.shaper import ShapingProxy
+
+                    proxy = ShapingProxy(moto.port, down=64 * MiB, up=16 * MiB,
+                                         first_byte=0.05).__enter__()
+                    env = {**env, "AWS_ENDPOINT_URL": proxy.endpoint,
+                           "FLYTE_AWS_ENDPOINT": proxy.endpoint}
                 dest = "s3://bench/ckpt.tar" if moto else str(work / "object")
                 for op in ("save", "load"):
                     best = None
@@ -151,8 +162,13 @@ def main() -> int:
                             result = child(job, {**env, "TMPDIR": scratch})
                         if best is None or result["cpu"] < best["cpu"]:
                             best = result
-                    report(store, op, best, size)
+                    report(store + (" shaped" if proxy else ""), op, best, size)
+                    if proxy:
+                        print(f"    most connections at once: {proxy.stats.most_concurrent}")
+                        proxy.stats.most_concurrent = 0
             finally:
+                if proxy:
+                    proxy.__exit__(None, None, None)
                 if moto:
                     moto.stop()
     return 0
