@@ -68,6 +68,13 @@ class TestWideningLogic:
         # 2 -> 4 brings 1.4x (each added connection 40% of one before): not enough.
         assert drive(widening, clock, lambda w: {2: 100, 4: 140}.get(w, 140) * MiB) == [2, 4]
 
+    def test_up_to_the_floor_it_doubles_whatever_it_measures(self):
+        clock = Clock()
+        widening = Widening(2, 64, floor=8, clock=clock)
+        # No gain at all (a busy machine): still the store's known width, then no further.
+        assert drive(widening, clock, lambda w: 100 * MiB) == [2, 4, 8]
+        assert widening.settled and widening.width == 8
+
     def test_never_beyond_the_cap_and_lowering_the_cap_narrows(self):
         clock = Clock()
         widening = Widening(2, 6, clock=clock)
@@ -114,9 +121,10 @@ class TestBudget:
         widening = transfer().read_widening(2 * MiB)
         assert widening.width == 1 and widening.cap == 1
 
-    def test_adaptive_reads_start_at_two(self):
+    def test_adaptive_reads_start_at_two_and_reach_the_stores_width(self):
         widening = transfer().read_widening(200 * MiB)
-        assert widening.width == 2 and widening.cap > 2
+        assert widening.width == 2 and widening.cap > 8 and widening.floor == 8
+        assert transfer().write_widening().floor == 8
 
     def test_file_with_options_takes_the_budget(self):
         file = File(path="memory://b/k").with_options(memory_budget=32 * MiB)

@@ -65,18 +65,23 @@ class Widening:
     the throughput it measures.
 
     It starts at ``start``. Each time a whole round at the current width has completed (as
-    many requests as the width), the round's rate (bytes completed over the round's time)
-    is compared with the rate at the width before: the width doubles while the connections
-    added each bring at least ``hold`` of what a connection brought before, and stops
-    growing for good the first time they do not, or at ``cap`` (the backend's cap, or what
-    the memory budget allows, whichever is smaller). ``clock`` is injectable, so tests can
+    many requests as the width), the width doubles up to ``floor`` unconditionally; past it
+    the round's rate (bytes completed over the round's time) is compared with the rate at
+    the width before: the width doubles while the connections added each bring at least
+    ``hold`` of what a connection brought before, and stops growing for good the first time
+    they do not, or at ``cap`` (the backend's cap, or what the memory budget allows,
+    whichever is smaller). ``clock`` is injectable, so tests can
     drive it with made-up throughput.
     """
 
-    def __init__(self, start: int, cap: int, *, hold: float = 0.5,
+    def __init__(self, start: int, cap: int, *, floor: int = 0, hold: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cap = max(1, cap)
         self.width = max(1, min(start, self.cap))
+        #: Below this width every round doubles, whatever it measured: the width a store
+        #: was known to sustain before (8 on object stores), so that a noisy measurement
+        #: (a busy machine, a slow first response) never leaves a transfer narrower.
+        self.floor = min(floor, self.cap)
         self.hold = hold
         self._clock = clock
         self.settled = self.width >= self.cap
@@ -111,7 +116,7 @@ class Widening:
         if self._round_done < self.width:
             return self.width
         rate = self._round_bytes / max(now - self._round_started, 1e-9)
-        if self._rate is not None:
+        if self._rate is not None and self.width >= self.floor:
             added = (self.width - self._width_before) / self._width_before
             if rate < self._rate * (1 + self.hold * added):
                 self.settled = True  # the added connections did not pay: stay here
@@ -188,12 +193,15 @@ class Transfer:
 
     def read_widening(self, remaining: int) -> Widening:
         width = self.read_width(remaining)
-        start = min(width, _START_WIDTH) if self.adaptive_reads else width
-        return Widening(start, width)
+        if not self.adaptive_reads:
+            return Widening(width, width)
+        return Widening(_START_WIDTH, width, floor=self.backend.read_concurrency)
 
     def write_widening(self) -> Widening:
         cap = self.write_cap(self.part_size)
-        return Widening(min(cap, _START_WIDTH) if self.adaptive_writes else cap, cap)
+        if not self.adaptive_writes:
+            return Widening(cap, cap)
+        return Widening(_START_WIDTH, cap, floor=self.backend.concurrency)
 
     def retried(self, operation: str, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         return call_with_retries(self.policy, self.uri, operation, request)
