@@ -122,3 +122,20 @@ def test_whole_members_reach_the_inflaters_as_the_source_pieces(tarball, tmp_pat
     # Members came as views of the source's buffer, not as bytes joined by a read().
     assert all(isinstance(p, memoryview) for pieces in seen for p in pieces[1:])
     assert source.joined_reads == 0 and source.handed > 0
+
+
+def test_a_raw_payload_is_written_by_the_pool_from_the_source_pieces(tmp_path, monkeypatch):
+    data = b"not a tarball " + os.urandom(9 * MiB)
+    writers: list[str] = []
+    real = os.pwrite
+
+    def pwrite(fd, piece, offset):
+        writers.append(threading.current_thread().name)
+        return real(fd, piece, offset)
+
+    monkeypatch.setattr(_extract.os, "pwrite", pwrite)
+    source = PiecesReader(data)
+    result = restore(source, tmp_path / "out", decode_threads=2)
+    assert result.kind == "raw" and result.path.read_bytes() == data
+    assert writers and {name.rsplit("_", 1)[0] for name in writers} == {"checkpoint-write"}
+    assert source.joined_reads == 0

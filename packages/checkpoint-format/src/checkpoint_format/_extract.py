@@ -9,12 +9,12 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from ._detect import Detection, sniff
+from ._detect import Detection, read_pieces_of, sniff
 from ._limits import Limits
 from ._reader import Member, TarReader
 from ._width import decode_width
@@ -91,7 +91,7 @@ def restore(
             version = reader.format_version
             restored = target
         else:
-            size = _copy_payload(stream, staging / PAYLOAD_NAME)
+            size = _copy_payload(stream, staging / PAYLOAD_NAME, decode_threads)
             members, version = 1, None
             restored = target / PAYLOAD_NAME
         _publish(staging, target)
@@ -236,14 +236,32 @@ def _publish(staging: Path, target: Path) -> None:
     os.rename(staging, target)  # atomic; replaces an empty directory on POSIX
 
 
-def _copy_payload(stream: BinaryIO, dest: Path) -> int:
-    size = 0
+def _copy_payload(stream: BinaryIO, dest: Path, width: int = 1) -> int:
+    """Write a raw payload: as the buffers the stream hands out (``read_pieces``), by the
+    writer pool at their offsets when there is more than one thread."""
     fd = os.open(dest, _FILE_FLAGS, 0o644)
-    with open(fd, "wb", buffering=0) as out:
-        while chunk := stream.read(_COPY_CHUNK):
-            out.write(chunk)
-            size += len(chunk)
-    return size
+    try:
+        pieces = _stream_pieces(stream)
+        if width < 2:
+            size = 0
+            for chunk in pieces:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                size += len(chunk)
+            return size
+        writers = _Writers(width)
+        try:
+            return writers.write(fd, pieces)
+        finally:
+            writers.close()
+    finally:
+        os.close(fd)
+
+
+def _stream_pieces(stream: BinaryIO) -> Iterator[bytes | memoryview]:
+    while pieces := read_pieces_of(stream, _COPY_CHUNK):
+        yield from pieces
 
 
 def _extract_members(reader: TarReader, staging: Path, width: int = 1) -> tuple[int, int]:
@@ -426,7 +444,7 @@ class _Writers:
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: collections.deque[Future[None]] = collections.deque()
 
-    def write(self, fd: int, pieces: Iterable[memoryview]) -> int:
+    def write(self, fd: int, pieces: Iterable[bytes | memoryview]) -> int:
         """Write ``pieces`` in order from offset 0 of ``fd``; returns the bytes written once
         every piece is on the file. The first failure is raised, after every write of
         ``fd`` in flight has ended (so the caller may close it)."""
@@ -435,6 +453,7 @@ class _Writers:
         offset = 0
         try:
             for chunk in pieces:
+                chunk = memoryview(chunk)  # slices are views, not copies
                 for start in range(0, len(chunk), _WRITE_PIECE):
                     piece = chunk[start:start + _WRITE_PIECE]
                     while len(self._in_flight) >= 2 * self._width:
