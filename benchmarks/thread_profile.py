@@ -89,7 +89,9 @@ for tid, (name, cpu) in seen.items():
     group = re.sub(r"_\d+$", "_*", name)
     group = re.sub(r"^Thread-\d+.*", "Thread-*", group)
     threads.setdefault(group, []).append(cpu)
-print(json.dumps({"seconds": seconds,
+peak = next(int(line.split()[1]) << 10 for line in open("/proc/self/status")
+            if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_rss": peak,
                   "cpu": (after.user + after.system) - (before.user + before.system),
                   "threads": {k: [sum(v), max(v), len(v)] for k, v in threads.items()}}))
 """
@@ -116,7 +118,7 @@ def tree(root: Path, size: int) -> Path:
 def report(store: str, op: str, result: dict, size: int) -> None:
     gib = size / (1 << 30)
     print(f"{store:13} {op:5} {result['seconds']:6.2f} s  process {result['cpu'] / gib:5.2f}"
-          " CPU-s/GiB")
+          f" CPU-s/GiB, peak RSS {result['peak_rss'] >> 20} MiB")
     rows = sorted(result["threads"].items(), key=lambda kv: -kv[1][1])
     for name, (total, busiest, count) in rows:
         if total / gib < 0.02:
