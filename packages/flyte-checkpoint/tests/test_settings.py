@@ -174,6 +174,19 @@ def test_io_widths_reach_every_transfer(tmp_path, monkeypatch, variable, attribu
     assert seen and set(seen) == {getattr(LocalBackend, attribute)}  # the store's default
 
 
+def test_the_memory_budget_reaches_every_transfer(tmp_path, monkeypatch):
+    from checkpoint_io import _stream
+
+    seen = []
+    _spy(monkeypatch, _stream.Transfer, "__init__",
+         lambda args, kwargs, _: seen.append(args[0].memory_budget))
+    _save_and_load(tmp_path, _env(tmp_path, CHECKPOINT_IO_MEMORY_BUDGET="64_000_000"))
+    assert seen and set(seen) == {64_000_000}
+    seen.clear()
+    _save_and_load(tmp_path / "blank", _env(tmp_path / "blank", CHECKPOINT_IO_MEMORY_BUDGET=""))
+    assert seen and set(seen) == {_stream.DEFAULT_MEMORY_BUDGET}
+
+
 @pytest.mark.parametrize("value, direct", [("off", False), ("on", True), ("", True)])
 def test_direct_writes_reach_the_local_writer(tmp_path, monkeypatch, value, direct):
     from checkpoint_io import _local
@@ -234,6 +247,7 @@ BAD = {
     "CHECKPOINT_COMPRESS_THREADS": ("\u00b2", "a whole number of 1 or more"),
     "CHECKPOINT_IO_CONCURRENCY": ("0", "a whole number of 1 or more"),
     "CHECKPOINT_IO_READ_CONCURRENCY": ("-1", "a whole number of 1 or more"),
+    "CHECKPOINT_IO_MEMORY_BUDGET": ("256MiB", "a whole number of 1 or more"),
     "CHECKPOINT_IO_DIRECT_WRITES": ("sometimes", "one of 1, on, true, yes, 0, off, false, no"),
     "CHECKPOINT_IO_GCS_COMPOSITE": ("2", "one of 1, on, true, yes, 0, off, false, no"),
     "FLYTE_CHECKPOINT_PROGRESS": ("loud", "auto or one of 1, on, true, yes, 0, off, false, no"),

@@ -256,13 +256,23 @@ def member_record(head: bytes | bytearray) -> tuple[int, int] | object | None:
     return record
 
 
-def inflate_member(pieces: list[bytes], inflated_size: int, offset: int) -> list[bytes]:
-    """Inflate one whole gzip member, given as the pieces it was read in, whose record says it
-    is exactly those bytes and inflates to ``inflated_size`` bytes. Checks CRC-32 and ISIZE
-    (the decompressor) and the record (CF-INTEG-06). Thread-safe: zlib and ISA-L release the
-    GIL while inflating."""
+#: A member read in more pieces than this (the network's buffers, tens to hundreds of KiB
+#: each) is joined into one buffer first, on the inflating worker: one output per piece
+#: would hand the tar reader and the file writers thousands of small chunks per GiB.
+_JOIN_PIECES = 4
+
+
+def inflate_member(pieces: list[bytes | memoryview], inflated_size: int,
+                   offset: int) -> list[bytes]:
+    """Inflate one whole gzip member, given as the pieces it was read in (any buffers),
+    whose record says it is exactly those bytes and inflates to ``inflated_size`` bytes.
+    Checks CRC-32 and ISIZE (the decompressor) and the record (CF-INTEG-06). Thread-safe:
+    zlib and ISA-L release the GIL while inflating, ``bytes.join`` while joining large
+    buffers."""
     decompressor = (_fast_zlib or zlib).decompressobj(wbits=31)
     length = sum(map(len, pieces))
+    if len(pieces) > _JOIN_PIECES:
+        pieces = [b"".join(pieces)]
     outs: list[bytes] = []
     produced = 0
     problem = None
@@ -307,8 +317,12 @@ class GzipMembers:
     truncated (CF-INTEG-01).
     """
 
-    def __init__(self, read: ReadFn, *, width: int | None = None, read_size: int = 1 << 20) -> None:
+    def __init__(self, read: ReadFn, *, width: int | None = None, read_size: int = 1 << 20,
+                 read_pieces: PiecesFn | None = None) -> None:
         self._read = read
+        #: Whole members are taken through this where given: the buffers as the source
+        #: handed them out (views of the network's), never joined on the reading thread.
+        self._read_pieces = read_pieces
         self._read_size = read_size
         self._width = decode_width(width)
         # Bytes read past the last member taken: a header being parsed, or what a streamed
@@ -330,18 +344,22 @@ class GzipMembers:
                 self._eof = True
         return len(self._head) >= size
 
-    def _take(self, size: int) -> list[bytes] | None:
+    def _take(self, size: int) -> list[bytes | memoryview] | None:
         """The next ``size`` bytes of the stream, as read; None if the stream ends first."""
-        pieces = [self._head[:size]] if self._head else []
+        pieces: list[bytes | memoryview] = [self._head[:size]] if self._head else []
         self._head = self._head[size:]
         have = len(pieces[0]) if pieces else 0
         while have < size:
-            data = b"" if self._eof else self._read(size - have)
-            if not data:
+            if self._read_pieces is not None:
+                got = [] if self._eof else self._read_pieces(size - have)
+            else:
+                data = b"" if self._eof else self._read(size - have)
+                got = [data] if data else []
+            if not got:
                 self._eof = True
                 return None
-            pieces.append(data)
-            have += len(data)
+            pieces.extend(got)
+            have += sum(map(len, got))
         self._offset += size
         self.compressed_in += size
         return pieces
@@ -603,3 +621,4 @@ def padding_members(size: int) -> bytes:
 
 
 ReadFn = Callable[[int], bytes]
+PiecesFn = Callable[[int], "list[bytes | memoryview]"]

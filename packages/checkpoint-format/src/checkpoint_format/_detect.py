@@ -122,6 +122,29 @@ class PrefixedReader(io.RawIOBase):
             return data
         return self._source.read(size)
 
+    def read_pieces(self, size: int = -1) -> list[bytes | memoryview]:
+        """Like :meth:`read`, as the buffers the source handed out, unjoined (``[]`` at the
+        end): the prefix's rest as a view, then the source's own ``read_pieces`` where it
+        has one (a streaming object reader), else one ``read``."""
+        if self._prefix:
+            if size is not None and 0 <= size < len(self._prefix):
+                piece, self._prefix = self._prefix[:size], self._prefix[size:]
+                return [piece]
+            piece, self._prefix = self._prefix, memoryview(b"")
+            if size is None or size < 0:
+                return [piece, *read_pieces_of(self._source, -1)]
+            return [piece]
+        return read_pieces_of(self._source, size)
+
+
+def read_pieces_of(source: BinaryIO, size: int) -> list[bytes | memoryview]:
+    """``source.read_pieces(size)`` if the source has it, else ``[source.read(size)]``."""
+    read_pieces = getattr(source, "read_pieces", None)
+    if read_pieces is not None:
+        return [piece for piece in read_pieces(size) if len(piece)]
+    data = source.read(size)
+    return [data] if data else []
+
 
 def read_up_to(source: BinaryIO, size: int) -> bytes:
     """Read until ``size`` bytes or end of stream (a single ``read`` may return less)."""

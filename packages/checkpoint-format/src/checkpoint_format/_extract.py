@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
 import stat
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from ._detect import Detection, sniff
+from ._detect import Detection, read_pieces_of, sniff
 from ._limits import Limits
 from ._reader import Member, TarReader
 from ._width import decode_width
@@ -22,6 +25,10 @@ __all__ = ["PAYLOAD_NAME", "RestoreResult", "remove_tree", "restore"]
 PAYLOAD_NAME = "payload"
 
 _COPY_CHUNK = 4 << 20
+#: Files at least this large are written by the writer pool, in pieces of at most
+#: ``_WRITE_PIECE`` at their offsets; smaller ones in the reading thread (a hop costs more).
+_PARALLEL_WRITE_MIN = 4 << 20
+_WRITE_PIECE = 4 << 20
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -63,8 +70,9 @@ def restore(
     subclasses; I/O errors of ``source`` propagate unchanged.
 
     ``limits`` raise or lower the reader caps (default ``Limits()``); ``decode_threads`` is
-    how many threads inflate and hash (default: the cores, at most 4). All of a restore's
-    inputs are its arguments: no ``CHECKPOINT_*`` variable is read.
+    how many threads inflate and hash, and how many write the pieces of large files at
+    their offsets (default: the cores, at most 4). All of a restore's inputs are its
+    arguments: no ``CHECKPOINT_*`` variable is read.
     """
     started = time.perf_counter()
     decode_threads = decode_width(decode_threads)  # a bad width fails before any I/O
@@ -79,11 +87,11 @@ def restore(
         if detection.kind == "tarball":
             reader = TarReader(stream, detection.compression, limits=limits,
                                decode_threads=decode_threads)
-            members, size = _extract_members(reader, staging)
+            members, size = _extract_members(reader, staging, decode_threads)
             version = reader.format_version
             restored = target
         else:
-            size = _copy_payload(stream, staging / PAYLOAD_NAME)
+            size = _copy_payload(stream, staging / PAYLOAD_NAME, decode_threads)
             members, version = 1, None
             restored = target / PAYLOAD_NAME
         _publish(staging, target)
@@ -228,19 +236,47 @@ def _publish(staging: Path, target: Path) -> None:
     os.rename(staging, target)  # atomic; replaces an empty directory on POSIX
 
 
-def _copy_payload(stream: BinaryIO, dest: Path) -> int:
-    size = 0
+def _copy_payload(stream: BinaryIO, dest: Path, width: int = 1) -> int:
+    """Write a raw payload: as the buffers the stream hands out (``read_pieces``), by the
+    writer pool at their offsets when there is more than one thread."""
     fd = os.open(dest, _FILE_FLAGS, 0o644)
-    with open(fd, "wb", buffering=0) as out:
-        while chunk := stream.read(_COPY_CHUNK):
-            out.write(chunk)
-            size += len(chunk)
-    return size
+    try:
+        pieces = _stream_pieces(stream)
+        if width < 2:
+            size = 0
+            for chunk in pieces:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                size += len(chunk)
+            return size
+        writers = _Writers(width)
+        try:
+            return writers.write(fd, pieces)
+        finally:
+            writers.close()
+    finally:
+        os.close(fd)
 
 
-def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
+def _stream_pieces(stream: BinaryIO) -> Iterator[bytes | memoryview]:
+    while pieces := read_pieces_of(stream, _COPY_CHUNK):
+        yield from pieces
+
+
+def _extract_members(reader: TarReader, staging: Path, width: int = 1) -> tuple[int, int]:
     """Write every member under ``staging``. Every entry is made relative to a descriptor of
-    its own directory, so a name as long as the limit allows never meets PATH_MAX."""
+    its own directory, so a name as long as the limit allows never meets PATH_MAX. Large
+    files are written by ``width`` threads (see :class:`_Writers`)."""
+    writers = _Writers(width) if width > 1 else None
+    try:
+        return _extract_all(reader, staging, writers)
+    finally:
+        if writers is not None:
+            writers.close()
+
+
+def _extract_all(reader: TarReader, staging: Path, writers: _Writers | None) -> tuple[int, int]:
     root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     made: dict[str, dict] = {}  # the directories made so far, as a trie of components
     directories: dict[str, Member] = {}
@@ -262,7 +298,7 @@ def _extract_members(reader: TarReader, staging: Path) -> tuple[int, int]:
                     parent, fd = here[1], here[2]
                     restored += 1
                     if member.type == "file":
-                        size += _write_file(member, chunks, leaf, fd)
+                        size += _write_file(member, chunks, leaf, fd, writers)
                     elif member.type == "dir":
                         if leaf not in parent:
                             os.mkdir(leaf, 0o700, dir_fd=fd)
@@ -397,18 +433,77 @@ def _naming(exc: OSError, member: str) -> OSError:
     return error
 
 
-def _write_file(member: Member, chunks, leaf: str, directory: int) -> int:
+class _Writers:
+    """Writes pieces of files at their offsets (``os.pwrite``) on a pool, so that no single
+    thread copies every restored byte into the kernel. At most ``2 x width`` pieces are in
+    flight; each keeps the decoded chunk it views alive until written, so memory stays
+    within that many pieces. The pool starts on the first large file."""
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: collections.deque[Future[None]] = collections.deque()
+
+    def write(self, fd: int, pieces: Iterable[bytes | memoryview]) -> int:
+        """Write ``pieces`` in order from offset 0 of ``fd``; returns the bytes written once
+        every piece is on the file. The first failure is raised, after every write of
+        ``fd`` in flight has ended (so the caller may close it)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._width, "checkpoint-write")
+        offset = 0
+        try:
+            for chunk in pieces:
+                chunk = memoryview(chunk)  # slices are views, not copies
+                for start in range(0, len(chunk), _WRITE_PIECE):
+                    piece = chunk[start:start + _WRITE_PIECE]
+                    while len(self._in_flight) >= 2 * self._width:
+                        self._in_flight.popleft().result()
+                    self._in_flight.append(self._pool.submit(_pwrite_all, fd, piece, offset))
+                    offset += len(piece)
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        except BaseException:
+            self._settle()
+            raise
+        return offset
+
+    def _settle(self) -> None:
+        """Let every write in flight end, its outcome dropped (a failure is being raised)."""
+        while self._in_flight:
+            future = self._in_flight.popleft()
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                future.result()
+
+    def close(self) -> None:
+        self._settle()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _pwrite_all(fd: int, piece: memoryview, offset: int) -> None:
+    view = piece
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(piece) - len(view)) :]
+
+
+def _write_file(member: Member, chunks, leaf: str, directory: int,
+                writers: _Writers | None = None) -> int:
     # Created private, its mode set once the content is in place. (Creating it with its
     # final mode and skipping the fchmod is not exact: a default ACL on the directory, or
     # another thread's umask, would narrow it.)
     fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=directory)
     written = 0
     try:
-        for chunk in chunks:
-            view = chunk
-            while view:
-                view = view[os.write(fd, view) :]
-            written += len(chunk)
+        if writers is not None and member.size >= _PARALLEL_WRITE_MIN:
+            written = writers.write(fd, chunks)
+        else:
+            for chunk in chunks:
+                view = chunk
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(chunk)
         os.fchmod(fd, member.mode)
         os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
     finally:

@@ -114,7 +114,8 @@ class _Blocks:
         # and inflated on several cores; bzip2 and xz, read only, stream through one decoder.
         self._decoder: _codec.Decoder | _codec.GzipMembers | None = None
         if compression == _codec.GZIP:
-            self._decoder = _codec.GzipMembers(source.read, width=width, read_size=_READ_SIZE)
+            self._decoder = _codec.GzipMembers(source.read, width=width, read_size=_READ_SIZE,
+                                               read_pieces=getattr(source, "read_pieces", None))
         elif compression != _codec.NONE:
             self._decoder = _codec.Decoder(compression)
         self._limits = limits

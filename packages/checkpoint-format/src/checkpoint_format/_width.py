@@ -34,8 +34,8 @@ def compress_width(workers: int | None = None) -> int:
 
 
 def decode_width(threads: int | None = None) -> int:
-    """Threads of a load's inflate and hash pools: ``threads`` if given, else the cores, at
-    most :data:`DECODE_WIDTH_CAP`."""
+    """Threads of a load's inflate, hash and file-writer pools: ``threads`` if given, else
+    the cores, at most :data:`DECODE_WIDTH_CAP`."""
     return _given("decode_threads", threads) or min(cores(), DECODE_WIDTH_CAP)
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from ._errors import RangeMismatch
 
-__all__ = ["Backend", "BackendOptions", "PartRecord", "SegmentSink", "SharedTarget", "Source",
-           "Upload", "check_range", "grown_part_size", "joined_range"]
+__all__ = ["Backend", "BackendOptions", "BufferBody", "PartRecord", "SegmentSink",
+           "SharedTarget", "Source", "Upload", "check_range", "grown_part_size",
+           "joined_range"]
 
 MiB = 1024 * 1024
 
@@ -48,8 +49,11 @@ class Source(abc.ABC):
     async def read_range(self, start: int, end: int) -> bytes:
         """Return bytes ``[start, end)``; ``0 <= start < end <= size``."""
 
-    async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def stream_range(self, start: int, end: int) -> AsyncIterator[Any]:
         """Yield bytes ``[start, end)`` in order, as they arrive, from ONE request.
+
+        Each piece is ``bytes`` or any buffer-protocol object (a memoryview, a client's own
+        buffer type): the caller hands it on as a view, never joined.
 
         Backends override this with a single long GET whose body is read incrementally;
         the caller (``_stream``) bounds how far it reads ahead, and after a fault resumes
@@ -94,11 +98,14 @@ class Upload(abc.ABC):
         """Start a multipart/resumable session (nothing visible yet)."""
 
     @abc.abstractmethod
-    async def put_part(self, number: int, data: bytes) -> None:
-        """Send part ``number`` (1-based) of a multipart upload; not the final one."""
+    async def put_part(self, number: int, data: bytes | bytearray) -> None:
+        """Send part ``number`` (1-based) of a multipart upload; not the final one.
+
+        ``data`` is the writer's own buffer (a ``bytearray`` for parts, handed over without
+        a copy): send it as it is, never change it (a retry sends it again)."""
 
     @abc.abstractmethod
-    async def finish(self, number: int, data: bytes, total: int) -> None:
+    async def finish(self, number: int, data: bytes | bytearray, total: int) -> None:
         """Send the final part (possibly empty) and publish the object atomically."""
 
     @abc.abstractmethod
@@ -222,6 +229,11 @@ class Backend(abc.ABC):
     #: fast: local disk, memory). An object smaller than two ranges is read by one GET.
     read_concurrency: int = 1
     read_range: int = 8 * MiB
+    #: Whether a width the caller leaves unset adapts to the measured throughput (object
+    #: stores, where each connection is slow and many are fast), and up to how many
+    #: requests in flight (the memory budget may allow fewer).
+    widen: bool = False
+    max_in_flight: int = 64
 
     def __init__(self, storage_options: dict[str, Any],
                  options: BackendOptions | None = None) -> None:
@@ -256,11 +268,53 @@ class Backend(abc.ABC):
         """Release client sessions."""
 
 
-def streamed_body(data: bytes) -> io.BytesIO | bytes:
+def streamed_body(data: bytes | bytearray) -> io.BytesIO | bytes | bytearray:
     """A request body for aiohttp-based clients (gcsfs, the Azure SDK). aiohttp sends a
     file-like body in pieces; a large ``bytes`` body it sends whole, with a ResourceWarning
     that strict runs turn into a failed upload. Make a new one per attempt."""
     return io.BytesIO(data) if len(data) > MiB else data
+
+
+class BufferBody(io.BytesIO):
+    """A file-like request body over a buffer the caller keeps unchanged, read as views of
+    it: no copy of the buffer (``io.BytesIO(bytearray)`` would copy it whole, and each of
+    its reads copies again). For clients that read a body in chunks and seek back to retry
+    or to checksum it (botocore, and aiohttp, which sends a ``BytesIO`` as it reads it)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._at = 0
+
+    def read(self, size: int | None = -1) -> memoryview:  # type: ignore[override]
+        end = self._view.nbytes if size is None or size < 0 else self._at + size
+        piece = self._view[self._at:end]
+        self._at += piece.nbytes
+        return piece
+
+    read1 = read
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        piece = self.read(memoryview(buffer).nbytes)
+        memoryview(buffer).cast("B")[:piece.nbytes] = piece
+        return piece.nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._view.nbytes}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def getbuffer(self) -> memoryview:
+        return self._view[:]
+
+    def getvalue(self) -> bytes:
+        return self._view.tobytes()
+
+    def __len__(self) -> int:
+        return self._view.nbytes
 
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

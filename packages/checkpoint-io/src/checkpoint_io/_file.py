@@ -30,6 +30,7 @@ class _Options:
     concurrency: int | None = None
     read_ahead: int | None = None
     read_concurrency: int | None = None
+    memory_budget: int | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
 
 
@@ -65,6 +66,7 @@ class File(BaseModel):
         concurrency: int | None = None,
         read_ahead: int | None = None,
         read_concurrency: int | None = None,
+        memory_budget: int | None = None,
         direct_writes: bool | None = None,
         gcs_composite: bool | None = None,
     ) -> File:
@@ -72,7 +74,9 @@ class File(BaseModel):
         part/block size in bytes, a number of parts in flight (default: the store's, 8 on
         object stores), the most bytes a streaming read fetches ahead of the reader (default
         16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
-        object stores; 1 is one long GET).
+        object stores; 1 is one long GET). Widths left unset adapt on object stores: they
+        start at 2 and grow with the measured throughput while ``memory_budget`` bytes of
+        buffers (default 256 MiB) hold the requests in flight.
 
         Backend switches: ``direct_writes`` (default on) writes local objects with
         ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects
@@ -90,6 +94,8 @@ class File(BaseModel):
             changes["read_ahead"] = read_ahead
         if read_concurrency is not None:
             changes["read_concurrency"] = read_concurrency
+        if memory_budget is not None:
+            changes["memory_budget"] = memory_budget
         switches: dict[str, bool] = {}
         if direct_writes is not None:
             switches["direct_writes"] = bool(direct_writes)
@@ -112,7 +118,8 @@ class File(BaseModel):
         opts = self._options
         backend = backend_for(self.path, opts.storage_options, opts.backend)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,
-                        opts.concurrency, opts.read_ahead, opts.read_concurrency)
+                        opts.concurrency, opts.read_ahead, opts.read_concurrency,
+                        opts.memory_budget)
 
     # --- constructors --------------------------------------------------------------
 
@@ -230,6 +237,14 @@ class AsyncFile:
             return await stream.read(n)
         return await on_io_loop(lambda: stream.read(n))
 
+    async def read_pieces(self, n: int = -1) -> list[Any]:
+        """Up to ``n`` bytes like :meth:`read`, as the buffers they arrived in (bytes or
+        memoryviews, in order; ``[]`` at the end): no copy joins them."""
+        stream = self._reader()
+        if stream.direct:
+            return await stream.read_pieces(n)
+        return await on_io_loop(lambda: stream.read_pieces(n))
+
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append ``data``; returns its length. Waits while enough parts are in flight."""
         if not isinstance(self._stream, StreamWriter):
@@ -281,8 +296,26 @@ class SyncFile:
             return stream.read_direct(n)
         return run_sync(lambda: stream.read(n), name="read")
 
+    def read_pieces(self, n: int = -1) -> list[Any]:
+        """Blocking twin of :meth:`AsyncFile.read_pieces`."""
+        stream = self._afile._reader()
+        if stream.direct:
+            refuse_in_loop("read_pieces")
+            data = stream.read_direct(n)
+            return [data] if data else []
+        return run_sync(lambda: stream.read_pieces(n), name="read_pieces")
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        return run_sync(lambda: self._afile.write(data), name="write")
+        stream = self._afile._stream
+        if not isinstance(stream, StreamWriter):
+            return run_sync(lambda: self._afile.write(data), name="write")
+        # The copy into the part buffer is made here, in the caller's thread; only full
+        # parts hop to the I/O loop (which has every connection's work to do).
+        refuse_in_loop("write")
+        size, parts = stream.stage(data)
+        if parts:
+            run_sync(lambda: stream.send(parts), name="write")
+        return size
 
     def close(self) -> None:
         run_sync(self._afile.close, name="close")

@@ -340,6 +340,8 @@ class GCSBackend(Backend):
     # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
+    # Unset widths adapt to the measured rate, up to max_in_flight and the memory budget.
+    widen = True
 
     def __init__(self, storage_options: dict[str, Any],
                  options: BackendOptions | None = None) -> None:

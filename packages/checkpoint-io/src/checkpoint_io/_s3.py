@@ -13,6 +13,7 @@ from typing import Any
 from ._backend import (
     Backend,
     BackendOptions,
+    BufferBody,
     MiB,
     PartRecord,
     SegmentSink,
@@ -50,8 +51,8 @@ class _S3Source(Source):
 
     async def stream_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         """One GET for ``[start, end)``, pinned by ``If-Match``; the body is yielded as it
-        arrives (aiohttp hands out what it has, at most 1 MiB at a time), once the answer
-        is known to carry that range."""
+        arrives, once the answer is known to carry that range: each buffer as aiohttp
+        received it (``readchunk``: no join into a new ``bytes``, as ``read(n)`` makes)."""
         extra = {"IfMatch": self._etag} if self._etag else {}
         response = await self._b.call(
             "get_object", Bucket=self._bucket, Key=self._key,
@@ -61,7 +62,17 @@ class _S3Source(Source):
             check_range(start, end, self.size,
                         response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
                         response.get("ContentRange"), response.get("ContentLength"))
-            while chunk := await body.read(MiB):
+            content = getattr(getattr(body, "raw_stream", None), "content", None)
+            if content is None or not hasattr(content, "readchunk"):  # another HTTP client
+                while chunk := await body.read(MiB):
+                    yield chunk
+                return
+            while True:
+                chunk, _ = await content.readchunk()
+                if not chunk:
+                    if content.at_eof():
+                        return
+                    continue  # the end of an HTTP chunk, no data
                 yield chunk
 
 
@@ -79,14 +90,17 @@ class _S3Upload(Upload):
             )
             self._upload_id = response["UploadId"]
 
-    async def put_part(self, number: int, data: bytes) -> None:
+    async def put_part(self, number: int, data: bytes | bytearray) -> None:
+        # bytes botocore wraps in a BytesIO that shares them; a part (the writer's buffer)
+        # goes as views of itself, not copied into one.
+        body = data if isinstance(data, bytes) else BufferBody(data)
         response = await self._b.call(
             "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-            PartNumber=number, Body=data,
+            PartNumber=number, Body=body,
         )
         self._etags[number] = response["ETag"]
 
-    async def finish(self, number: int, data: bytes, total: int) -> None:
+    async def finish(self, number: int, data: bytes | bytearray, total: int) -> None:
         if data and number not in self._etags:
             await self.put_part(number, data)
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
@@ -260,6 +274,8 @@ class S3Backend(Backend):
     # A real store gives each connection tens of MB/s; many ranged GETs at once fill the
     # link (the window held in memory is read_concurrency x read_range).
     read_concurrency = 8
+    # Unset widths adapt to the measured rate, up to max_in_flight and the memory budget.
+    widen = True
 
     def __init__(self, storage_options: dict[str, Any],
                  options: BackendOptions | None = None) -> None:

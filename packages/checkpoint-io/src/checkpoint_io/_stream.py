@@ -11,16 +11,21 @@ import collections
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from ._backend import Backend, Source, Upload, grown_part_size
+from ._backend import Backend, MiB, Source, Upload, grown_part_size
 from ._localfs import fsync_dir, open_temp_sibling, pwrite_all
 from ._retry import RetryPolicy, call_with_retries
 
-__all__ = ["StreamReader", "StreamWriter", "download_to", "upload_from"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "StreamReader", "StreamWriter", "Widening", "download_to",
+           "upload_from"]
 
 T = TypeVar("T")
+#: A piece of an object as it arrived: ``bytes``, or a view of a buffer (a memoryview, or
+#: any buffer-protocol object a backend yields). Handed on as it is, never joined.
+Piece = bytes | bytearray | memoryview
 log = logging.getLogger("checkpoint_io")
 
 # Aborting is best effort (the object is never published either way), so it gets a short
@@ -29,6 +34,99 @@ log = logging.getLogger("checkpoint_io")
 _PARTS_SETTLE_SECONDS = 30.0
 _ABORT_POLICY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, deadline=10.0,
                             attempt_timeout=10.0)
+
+#: Most bytes of buffers a transfer holds for requests in flight, when the caller does not
+#: say (``File.with_options(memory_budget=)``): ranges being read plus the read-ahead, or
+#: parts being sent, each counted twice (ours and the HTTP client's copy of its body).
+DEFAULT_MEMORY_BUDGET = 256 << 20
+#: Where an adaptive width starts: small, so that a small object pays for few connections.
+_START_WIDTH = 2
+
+
+def _nbytes(piece: Piece) -> int:
+    return piece.nbytes if isinstance(piece, memoryview) else len(piece)
+
+
+def _joined(pieces: list[Piece]) -> bytes:
+    """The pieces as one ``bytes``: the piece itself when it is one whole ``bytes`` (or a
+    view covering one), a copy only when pieces must be joined."""
+    if len(pieces) == 1:
+        piece = pieces[0]
+        if type(piece) is bytes:
+            return piece
+        if isinstance(piece, memoryview) and type(piece.obj) is bytes and \
+                piece.nbytes == len(piece.obj):
+            return piece.obj
+    return b"".join(pieces)
+
+
+class Widening:
+    """How many requests (ranges read, parts sent) a transfer keeps in flight, grown with
+    the throughput it measures.
+
+    It starts at ``start``. Each time a whole round at the current width has completed (as
+    many requests as the width), the width doubles up to ``floor`` unconditionally; past it
+    the round's rate (bytes completed over the round's time) is compared with the rate at
+    the width before: the width doubles while the connections added each bring at least
+    ``hold`` of what a connection brought before, and stops growing for good the first time
+    they do not, or at ``cap`` (the backend's cap, or what the memory budget allows,
+    whichever is smaller). ``clock`` is injectable, so tests can
+    drive it with made-up throughput.
+    """
+
+    def __init__(self, start: int, cap: int, *, floor: int = 0, hold: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cap = max(1, cap)
+        self.width = max(1, min(start, self.cap))
+        #: Below this width every round doubles, whatever it measured: the width a store
+        #: was known to sustain before (8 on object stores), so that a noisy measurement
+        #: (a busy machine, a slow first response) never leaves a transfer narrower.
+        self.floor = min(floor, self.cap)
+        self.hold = hold
+        self._clock = clock
+        self.settled = self.width >= self.cap
+        self._round_started: float | None = None
+        self._round_bytes = 0
+        self._round_done = 0
+        self._rate: float | None = None  # of the round before, at ``_width_before``
+        self._width_before = 0
+        #: Every width taken, in order (for logs and tests).
+        self.history = [self.width]
+
+    def launched(self) -> None:
+        """A request started: the first one starts the first round's clock."""
+        if self._round_started is None:
+            self._round_started = self._clock()
+
+    def limit(self, cap: int) -> None:
+        """Lower the cap (a part size that grew: fewer parts fit in the budget)."""
+        self.cap = max(1, min(self.cap, cap))
+        if self.width >= self.cap:
+            self.width, self.settled = self.cap, True
+
+    def completed(self, nbytes: int) -> int:
+        """A request of ``nbytes`` completed; returns the width to keep now."""
+        if self.settled:
+            return self.width
+        now = self._clock()
+        if self._round_started is None:
+            self._round_started = now
+        self._round_bytes += nbytes
+        self._round_done += 1
+        if self._round_done < self.width:
+            return self.width
+        rate = self._round_bytes / max(now - self._round_started, 1e-9)
+        if self._rate is not None and self.width >= self.floor:
+            added = (self.width - self._width_before) / self._width_before
+            if rate < self._rate * (1 + self.hold * added):
+                self.settled = True  # the added connections did not pay: stay here
+                return self.width
+        self._rate, self._width_before = rate, self.width
+        self.width = min(self.width * 2, self.cap)
+        self.history.append(self.width)
+        self.settled = self.width >= self.cap
+        self._round_started, self._round_bytes, self._round_done = now, 0, 0
+        return self.width
 
 
 class Transfer:
@@ -39,11 +137,17 @@ class Transfer:
     GETs per streaming read (1 reads with one long GET: for servers where a ranged GET costs
     as much as the whole object, as moto's do). Nothing is read from ``CHECKPOINT_*``
     variables: flyte-checkpoint's ``Settings`` turns them into these arguments.
+
+    A width the caller leaves unset adapts where the backend allows it (``Backend.widen``,
+    object stores): it starts at 2 and grows with measured throughput (see
+    :class:`Widening`) up to ``Backend.max_in_flight`` and to what ``memory_budget`` bytes
+    of buffers hold. A width the caller sets is kept fixed, as before.
     """
 
     def __init__(self, backend: Backend, path: str, uri: str, policy: RetryPolicy,
                  part_size: int | None, concurrency: int | None,
-                 read_ahead: int | None = None, read_concurrency: int | None = None) -> None:
+                 read_ahead: int | None = None, read_concurrency: int | None = None,
+                 memory_budget: int | None = None) -> None:
         self.backend = backend
         self.path = path
         self.uri = uri
@@ -55,13 +159,49 @@ class Transfer:
         self.read_concurrency = max(1, read_concurrency or backend.read_concurrency)
         # Whole blocks, so each range hands out whole blocks like one long GET does.
         self.read_range = max(backend.read_range // backend.read_block, 1) * backend.read_block
+        if memory_budget is not None and (isinstance(memory_budget, bool)
+                                          or not isinstance(memory_budget, int)
+                                          or memory_budget < 1):
+            raise ValueError(f"{uri}: memory_budget must be a whole number of bytes of 1 or"
+                             f" more or None, got {memory_budget!r}")
+        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        self.adaptive_reads = read_concurrency is None and backend.widen \
+            and backend.read_concurrency > 1
+        self.adaptive_writes = concurrency is None and backend.widen
 
     def read_width(self, remaining: int) -> int:
         """How many ranged GETs a streaming read of ``remaining`` bytes keeps in flight: one
-        (a single long GET) below two ranges, else up to ``read_concurrency``."""
+        (a single long GET) below two ranges, else up to ``read_concurrency`` (the most, for
+        an adaptive width)."""
         if remaining < 2 * self.read_range:
             return 1
-        return max(1, min(self.read_concurrency, -(-remaining // self.read_range)))
+        return max(1, min(self.read_cap(), -(-remaining // self.read_range)))
+
+    def read_cap(self) -> int:
+        """Most ranges in flight: the caller's width, or for an adaptive one the backend's
+        cap and what the budget holds beside the read-ahead (at least 2)."""
+        if not self.adaptive_reads:
+            return self.read_concurrency
+        fits = (self.memory_budget - self.read_ahead) // (2 * self.read_range)
+        return max(2, min(self.backend.max_in_flight, fits))
+
+    def write_cap(self, part_size: int) -> int:
+        """Most parts in flight for parts of ``part_size`` bytes (see :meth:`read_cap`)."""
+        if not self.adaptive_writes:
+            return self.concurrency
+        return max(1, min(self.backend.max_in_flight, self.memory_budget // (2 * part_size)))
+
+    def read_widening(self, remaining: int) -> Widening:
+        width = self.read_width(remaining)
+        if not self.adaptive_reads:
+            return Widening(width, width)
+        return Widening(_START_WIDTH, width, floor=self.backend.read_concurrency)
+
+    def write_widening(self) -> Widening:
+        cap = self.write_cap(self.part_size)
+        if not self.adaptive_writes:
+            return Widening(cap, cap)
+        return Widening(_START_WIDTH, cap, floor=self.backend.concurrency)
 
     def retried(self, operation: str, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         return call_with_retries(self.policy, self.uri, operation, request)
@@ -70,14 +210,21 @@ class Transfer:
 class StreamWriter:
     """Buffers writes into parts, keeps a bounded number of part uploads in flight, and
     publishes the object only in :meth:`commit`. :meth:`abort` (or any failure) leaves the
-    previous object as it was."""
+    previous object as it was.
+
+    Each part is one buffer filled once and handed to the backend as it is (no copy into a
+    ``bytes``); how many are in flight adapts to the throughput where the backend allows
+    it (see :class:`Transfer`), within the memory budget."""
 
     def __init__(self, transfer: Transfer) -> None:
         self._t = transfer
         self._upload: Upload = transfer.backend.new_upload(transfer.path)
-        width = 1 if self._upload.ordered else transfer.concurrency
-        self._slots = asyncio.Semaphore(width)
+        #: Parts in flight: grows with the measured rate (one at a time when ordered).
+        self.widening = Widening(1, 1) if self._upload.ordered else transfer.write_widening()
+        self._in_flight = 0
+        self._room = asyncio.Event()
         self._buffer = bytearray()
+        self._filled = 0
         self._parts_sent = 0
         self._written = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,64 +238,101 @@ class StreamWriter:
     def tell(self) -> int:
         return self._written
 
-    async def write(self, data: bytes | bytearray | memoryview) -> int:
+    async def write(self, data: Piece) -> int:
+        """Append ``data``; waits while enough parts are in flight."""
+        size, parts = self.stage(data)
+        await self.send(parts)
+        return size
+
+    def stage(self, data: Piece) -> tuple[int, list[bytearray]]:
+        """Copy ``data`` into the part being filled, off the I/O loop: a blocking writer
+        calls this in its own thread, so that the copy is not the loop's work. Returns its
+        length and the parts it filled, for :meth:`send` (on the loop) to upload. A full
+        part is only handed out once more data arrives, so the final part handed to
+        ``finish`` is never empty unless the object is."""
         if self._state != "open":
             raise ValueError(f"write to {self._t.uri}: file is already {self._state}")
         view = memoryview(data).cast("B")
         size = view.nbytes
+        full: list[bytearray] = []
+        parts_sent = self._parts_sent
+        while view.nbytes:
+            part_size = self._part_size(parts_sent)
+            if self._filled == part_size:
+                full.append(self._buffer)
+                self._buffer, self._filled = bytearray(), 0
+                parts_sent += 1
+                part_size = self._part_size(parts_sent)
+            if not self._buffer:
+                self._buffer = bytearray(part_size)  # filled once, sent as it is
+            room = min(part_size - self._filled, view.nbytes)
+            self._buffer[self._filled:self._filled + room] = view[:room]
+            self._filled += room
+            view = view[room:]
+        self._written += size
+        return size, full
+
+    async def send(self, parts: list[bytearray]) -> None:
+        """Upload the parts :meth:`stage` filled (each waits for room in the width)."""
         try:
-            while view.nbytes:
-                if len(self._buffer) == self._part_size():
-                    # A full part is only sent once more data arrives, so the final part
-                    # handed to finish() is never empty unless the object is.
-                    part, self._buffer = bytes(self._buffer), bytearray()
-                    await self._send(part)
-                room = self._part_size() - len(self._buffer)
-                self._buffer += view[:room]
-                view = view[room:]
+            for part in parts:
+                await self._send(part)
         except BaseException:
             await self.abort()
             raise
-        self._written += size
-        return size
 
-    def _part_size(self) -> int:
+    def _last_part(self) -> bytes | bytearray:
+        """What is buffered, for the final part or a whole object: small ones as ``bytes``
+        (every client takes those), larger ones as the buffer itself, cut to its length."""
+        buffer, filled = self._buffer, self._filled
+        self._buffer, self._filled = bytearray(), 0
+        if filled <= MiB:
+            return bytes(memoryview(buffer)[:filled])
+        del buffer[filled:]
+        return buffer
+
+    def _part_size(self, parts_sent: int | None = None) -> int:
         """The size of the part being filled. It doubles after every tenth of the backend's
         part limit, so that a stream of unknown length never runs out of parts: on S3
         (10,000 parts, 5 MiB to start) the first 4.9 GiB go in 5 MiB parts, memory stays
         small for the usual checkpoint, and the limit is about 5 TiB instead of 48 GiB."""
         backend = self._t.backend
-        return grown_part_size(self._t.part_size, self._parts_sent, backend.max_parts,
+        sent = self._parts_sent if parts_sent is None else parts_sent
+        return grown_part_size(self._t.part_size, sent, backend.max_parts,
                                backend.max_part_size)
 
-    async def _send(self, part: bytes) -> None:
+    async def _send(self, part: bytearray) -> None:
         self._raise_failure()
-        await self._slots.acquire()
-        try:
+        self.widening.limit(self._t.write_cap(len(part)))
+        while self._in_flight >= self.widening.width:
+            self._room.clear()
+            await self._room.wait()
             self._raise_failure()
-            if self._parts_sent == 0:
-                await self._t.retried("start upload", self._upload.begin)
-            self._parts_sent += 1
-            if self._parts_sent >= self._t.backend.max_parts:
-                raise OSError(f"write to {self._t.uri}: more than {self._t.backend.max_parts}"
-                              f" parts (the last of {len(part)} bytes); raise part_size")
-        except BaseException:
-            self._slots.release()
-            raise
+        self._raise_failure()
+        if self._parts_sent == 0:
+            await self._t.retried("start upload", self._upload.begin)
+        self._parts_sent += 1
+        if self._parts_sent >= self._t.backend.max_parts:
+            raise OSError(f"write to {self._t.uri}: more than {self._t.backend.max_parts}"
+                          f" parts (the last of {len(part)} bytes); raise part_size")
+        self._in_flight += 1
+        self.widening.launched()
         task = asyncio.ensure_future(self._put_part(self._parts_sent, part))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _put_part(self, number: int, part: bytes) -> None:
+    async def _put_part(self, number: int, part: bytearray) -> None:
         try:
             await self._t.retried(
                 f"upload part {number}", lambda: self._upload.put_part(number, part)
             )
+            self.widening.completed(len(part))
         except BaseException as exc:
             if self._failure is None:
                 self._failure = exc
         finally:
-            self._slots.release()
+            self._in_flight -= 1
+            self._room.set()
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -162,20 +346,21 @@ class StreamWriter:
             raise ValueError(f"commit of {self._t.uri}: the write was aborted")
         try:
             if self._parts_sent == 0:
-                data = bytes(self._buffer)
+                data = bytes(memoryview(self._buffer)[:self._filled])
+                self._buffer, self._filled = bytearray(), 0
                 await self._t.retried("upload", lambda: self._upload.put_whole(data))
             else:
                 if self._tasks:
                     await asyncio.gather(*list(self._tasks))
                 self._raise_failure()
-                number, data, total = self._parts_sent + 1, bytes(self._buffer), self._written
+                number, data, total = self._parts_sent + 1, self._last_part(), self._written
                 await self._t.retried(
                     "complete upload", lambda: self._upload.finish(number, data, total)
                 )
         except BaseException:
             await self.abort()
             raise
-        self._buffer = bytearray()
+        self._buffer, self._filled = bytearray(), 0
         self._state = "committed"
 
     async def abort(self) -> None:
@@ -183,7 +368,7 @@ class StreamWriter:
         if self._state != "open":
             return
         self._state = "aborted"
-        self._buffer = bytearray()
+        self._buffer, self._filled = bytearray(), 0
         tasks = list(self._tasks)
         if tasks and self._upload.parts_are_objects:
             # A part request cancelled after the server took it whole would create its
@@ -204,12 +389,13 @@ class _ResumableStream:
     """Bytes ``[start, end)`` of a pinned source, handed out in blocks, read from as few
     long requests as possible (``Source.stream_range``).
 
-    Blocks end at multiples of ``block`` counted from byte 0, so a caller reading
-    ``block`` bytes at a time gets each block whole, without a copy. Each block is one
-    retried operation: ``attempt_timeout`` bounds a stall, not the whole body, and a fault
-    drops the request and resumes with a new one from the first byte not yet received,
-    so nothing is read twice and nothing is skipped. The version stays pinned, so a
-    resumed request that finds another version fails with ``ObjectChangedError``.
+    Blocks end at multiples of ``block`` counted from byte 0. A block is handed out as the
+    pieces it arrived in (views of the buffers the backend yielded, cut at the block's
+    edges, never joined: no copy). Each block is one retried operation: ``attempt_timeout``
+    bounds a stall, not the whole body, and a fault drops the request and resumes with a
+    new one from the first byte not yet received, so nothing is read twice and nothing is
+    skipped. The version stays pinned, so a resumed request that finds another version
+    fails with ``ObjectChangedError``.
     """
 
     def __init__(self, transfer: Transfer, source: Source, start: int, end: int,
@@ -219,17 +405,17 @@ class _ResumableStream:
         self._end = end
         self._block = block
         self._received = start  # first byte not yet received from the server
-        self._pieces: list[bytes | memoryview] = []  # received, not yet handed out
+        self._pieces: collections.deque[Piece] = collections.deque()  # not yet handed out
         self._held = 0
-        self._body: AsyncIterator[bytes] | None = None
+        self._body: AsyncIterator[Piece] | None = None
 
     @property
     def position(self) -> int:
         """The first byte not yet handed out."""
         return self._received - self._held
 
-    async def next_block(self) -> bytes | None:
-        """The next block, or ``None`` at the end."""
+    async def next_block(self) -> list[Piece] | None:
+        """The pieces of the next block, or ``None`` at the end."""
         first = self.position
         if first >= self._end:
             return None
@@ -237,7 +423,7 @@ class _ResumableStream:
         return await self._t.retried(f"read bytes {first}-{first + size - 1}",
                                      lambda: self._fill(size))
 
-    async def _fill(self, size: int) -> bytes:
+    async def _fill(self, size: int) -> list[Piece]:
         try:
             while self._held < size:
                 if self._body is None:
@@ -249,11 +435,15 @@ class _ResumableStream:
                     raise ConnectionResetError(
                         f"body ended at byte {self._received}, before byte {self._end}"
                     ) from None
-                if len(piece) > self._end - self._received:
+                if not isinstance(piece, bytes):
+                    piece = memoryview(piece).cast("B")  # any buffer: counted in bytes
+                length = _nbytes(piece)
+                if length > self._end - self._received:
                     raise OSError(f"server sent more than bytes {self.position}-{self._end - 1}")
-                self._pieces.append(piece)
-                self._held += len(piece)
-                self._received += len(piece)
+                if length:
+                    self._pieces.append(piece)
+                self._held += length
+                self._received += length
                 if self._received == self._end:
                     await self.close()  # all there: release the connection now
         except BaseException:
@@ -261,21 +451,22 @@ class _ResumableStream:
             raise
         return self._take(size)
 
-    def _take(self, size: int) -> bytes:
-        pieces, taken = [], 0
+    def _take(self, size: int) -> list[Piece]:
+        pieces: list[Piece] = []
+        taken = 0
         while taken < size:
             piece = self._pieces[0]
-            if taken + len(piece) <= size:
-                self._pieces.pop(0)
+            length = _nbytes(piece)
+            if taken + length <= size:
+                self._pieces.popleft()
             else:
                 view = memoryview(piece)
                 piece, self._pieces[0] = view[:size - taken], view[size - taken:]
+                length = size - taken
             pieces.append(piece)
-            taken += len(piece)
+            taken += length
         self._held -= size
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]
-        return b"".join(pieces)
+        return pieces
 
     async def close(self) -> None:
         body, self._body = self._body, None
@@ -286,15 +477,19 @@ class _ResumableStream:
 class StreamReader:
     """Sequential reads of one pinned version, with a bounded read-ahead.
 
-    Remote objects are read by a background task into a queue of blocks, never more than
+    Remote objects are read by a background task into a queue of pieces, never more than
     ``read_ahead`` bytes ahead of the reader. Where the backend allows several connections
-    and the object spans two ranges or more, that task keeps up to ``read_concurrency``
-    ranged GETs in flight, each over its own connection and pinned to the same version,
-    and hands their blocks to the queue in order; memory stays within ``read_concurrency``
-    ranges plus the read-ahead. Otherwise it reads one long request. Either way a request
-    resumes where it broke off after a transient fault, alone (see
-    :class:`_ResumableStream`). Sources
-    that read cheaply in the caller's thread (local files, memory) are read directly:
+    and the object spans two ranges or more, that task keeps several ranged GETs in flight,
+    each over its own connection and pinned to the same version, and hands their pieces to
+    the queue in order: a width the caller set, or one that starts at 2 and grows with the
+    measured throughput (:class:`Widening`) within the memory budget; memory stays within
+    the ranges in flight plus the read-ahead. Otherwise it reads one long request. Either
+    way a request resumes where it broke off after a transient fault, alone (see
+    :class:`_ResumableStream`).
+
+    :meth:`read_pieces` hands out the bytes as the pieces they arrived in (no copy);
+    :meth:`read` joins them into one ``bytes`` when they are more than one. Sources that
+    read cheaply in the caller's thread (local files, memory) are read directly:
     :meth:`read_direct` serves blocking callers with no hop through the I/O loop.
     """
 
@@ -310,7 +505,9 @@ class StreamReader:
         self.read_ahead = transfer.read_ahead
         #: Most ranged GETs in flight, once reading has started (1: one long GET).
         self.width = 0
-        self._queue: collections.deque[bytes | memoryview] = collections.deque()
+        #: How the width grew (set once reading has started).
+        self.widening: Widening | None = None
+        self._queue: collections.deque[Piece] = collections.deque()
         self._queued = 0
         #: Highest ``_queued`` seen: lets tests check the bound holds.
         self.peak_queued = 0
@@ -347,16 +544,25 @@ class StreamReader:
         return data
 
     async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest when ``n < 0``) as one ``bytes``."""
         if self.direct:
             if self._source.read_blocking_is_instant:
                 return self.read_direct(n)
             return await asyncio.get_running_loop().run_in_executor(None, self.read_direct, n)
+        return _joined(await self.read_pieces(n))
+
+    async def read_pieces(self, n: int = -1) -> list[Piece]:
+        """Up to ``n`` bytes (all the rest when ``n < 0``) as the pieces they arrived in:
+        views of the network's buffers, in order, never joined (``[]`` at the end)."""
+        if self.direct:
+            data = await self.read(n)
+            return [data] if data else []
         n = self._wanted(n)
         if n <= 0:
-            return b""
+            return []
         if self._producer is None:
             self._producer = asyncio.ensure_future(self._produce())
-        pieces: list[bytes | memoryview] = []
+        pieces: list[Piece] = []
         taken = 0
         try:
             while taken < n:
@@ -366,14 +572,16 @@ class StreamReader:
                     self._arrived.clear()
                     await self._arrived.wait()
                 piece = self._queue[0]
-                if taken + len(piece) <= n:
+                length = _nbytes(piece)
+                if taken + length <= n:
                     self._queue.popleft()
                 else:
                     view = memoryview(piece)
                     piece, self._queue[0] = view[:n - taken], view[n - taken:]
+                    length = n - taken
                 pieces.append(piece)
-                taken += len(piece)
-                self._queued -= len(piece)
+                taken += length
+                self._queued -= length
                 self._room.set()
         except BaseException:
             # Cancelled or failed halfway: put back what was taken, so the next read
@@ -382,20 +590,21 @@ class StreamReader:
             self._queued += taken
             raise
         self._pos += taken
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]  # a whole block: handed over without a copy
-        return b"".join(pieces)
+        return pieces
 
     async def _produce(self) -> None:
-        width = self.width = self._t.read_width(self.size - self._pos)
-        fetched = self._ranges(width) if width > 1 else self._one_request()
+        remaining = self.size - self._pos
+        self.widening = self._t.read_widening(remaining)
+        self.width = self.widening.width
+        fetched = self._ranges(self.widening) if self.widening.cap > 1 else self._one_request()
         try:
             async for block in fetched:
-                while self._queued + len(block) > self.read_ahead and self._queued:
+                size = sum(map(_nbytes, block))
+                while self._queued + size > self.read_ahead and self._queued:
                     self._room.clear()
                     await self._room.wait()
-                self._queue.append(block)
-                self._queued += len(block)
+                self._queue.extend(block)
+                self._queued += size
                 self.peak_queued = max(self.peak_queued, self._queued)
                 self._arrived.set()
         except BaseException as exc:
@@ -411,7 +620,7 @@ class StreamReader:
             self._arrived.set()
             await fetched.aclose()
 
-    async def _one_request(self) -> AsyncIterator[bytes]:
+    async def _one_request(self) -> AsyncIterator[list[Piece]]:
         stream = _ResumableStream(self._t, self._source, self._pos, self.size, self.block_size)
         try:
             while (block := await stream.next_block()) is not None:
@@ -419,33 +628,38 @@ class StreamReader:
         finally:
             await stream.close()
 
-    async def _ranges(self, width: int) -> AsyncIterator[bytes]:
-        """Blocks of ``[pos, size)`` in order, fetched as ranges ``width`` at a time."""
+    async def _ranges(self, widening: Widening) -> AsyncIterator[list[Piece]]:
+        """Blocks of ``[pos, size)`` in order, fetched as ranges, as many at a time as
+        ``widening`` says (it measures each range completed)."""
         span = self._t.read_range
         starts = iter(range(self._pos, self.size, span))
-        in_flight: collections.deque[asyncio.Task[list[bytes]]] = collections.deque()
+        in_flight: collections.deque[asyncio.Task[list[list[Piece]]]] = collections.deque()
 
         def launch() -> None:
-            start = next(starts, None)
-            if start is not None:
+            while len(in_flight) < widening.width:
+                start = next(starts, None)
+                if start is None:
+                    return
+                widening.launched()
                 in_flight.append(asyncio.ensure_future(self._fetch_range(start, span)))
 
         try:
-            for _ in range(width):
-                launch()
+            launch()
             while in_flight:
                 blocks = await in_flight[0]
                 in_flight.popleft()
+                widening.completed(sum(_nbytes(p) for block in blocks for p in block))
+                self.width = max(self.width, widening.width)
                 while blocks:
                     yield blocks.pop(0)
-                # Only now: ranges held never exceed ``width`` (plus the read-ahead queue).
+                # Only now: ranges held never exceed the width (plus the read-ahead queue).
                 launch()
         finally:
             for task in in_flight:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
 
-    async def _fetch_range(self, start: int, span: int) -> list[bytes]:
+    async def _fetch_range(self, start: int, span: int) -> list[list[Piece]]:
         """One range, whole: its own request, retried and resumed alone."""
         end = min(start + span, self.size)
         stream = _ResumableStream(self._t, self._source, start, end, self.block_size)
@@ -528,9 +742,10 @@ async def _download_segments(transfer: Transfer, source: Source, fd: int) -> Non
     async def fetch(start: int, end: int) -> None:
         stream = _ResumableStream(transfer, source, start, end, block)
         try:
-            while (data := await stream.next_block()) is not None:
-                await loop.run_in_executor(None, pwrite_all, fd, data,
-                                           stream.position - len(data))
+            while (pieces := await stream.next_block()) is not None:
+                size = sum(map(_nbytes, pieces))
+                await loop.run_in_executor(None, _pwrite_pieces, fd, pieces,
+                                           stream.position - size)
         finally:
             await stream.close()
 
@@ -539,6 +754,13 @@ async def _download_segments(transfer: Transfer, source: Source, fd: int) -> Non
             await fetch(start, min(start + segment, source.size))
 
     await asyncio.gather(*(worker() for _ in range(transfer.concurrency)))
+
+
+def _pwrite_pieces(fd: int, pieces: list[Piece], offset: int) -> None:
+    """Write the pieces in order at ``offset``, each as it is (no join)."""
+    for piece in pieces:
+        pwrite_all(fd, piece, offset)
+        offset += _nbytes(piece)
 
 
 async def upload_from(transfer: Transfer, local_path: str) -> None:

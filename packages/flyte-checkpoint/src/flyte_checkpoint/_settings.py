@@ -120,15 +120,20 @@ def _limit_variables() -> tuple[Variable, ...]:
 VARIABLES: tuple[Variable, ...] = (
     *_limit_variables(),
     Variable("CHECKPOINT_DECODE_THREADS", "decode_threads", _whole,
-             "the cores, at most 4", "threads inflating and hashing during a load"),
+             "the cores, at most 4",
+             "threads inflating, hashing and writing large restored files during a load"),
     Variable("CHECKPOINT_COMPRESS_THREADS", "compress_threads", _whole,
              "the cores", "threads compressing and hashing during a save"),
     Variable("CHECKPOINT_IO_CONCURRENCY", "io_concurrency", _whole,
-             "the store's: 8 on S3, GCS and Azure, 2 local",
-             "parts a save uploads at once"),
+             "adaptive on S3, GCS and Azure (from 2, see the memory budget), 2 local",
+             "parts a save uploads at once (set: a fixed width)"),
     Variable("CHECKPOINT_IO_READ_CONCURRENCY", "io_read_concurrency", _whole,
-             "the store's: 8 on S3, GCS and Azure, 1 local",
-             "ranged GETs a load keeps in flight (1: one long GET)"),
+             "adaptive on S3, GCS and Azure (from 2, see the memory budget), 1 local",
+             "ranged GETs a load keeps in flight (1: one long GET; set: a fixed width)"),
+    Variable("CHECKPOINT_IO_MEMORY_BUDGET", "io_memory_budget", _whole,
+             "256 MiB (268,435,456)",
+             "bytes of buffers a transfer's requests in flight may hold: ranges and parts in"
+             " flight widen with the measured throughput up to it"),
     Variable("CHECKPOINT_IO_DIRECT_WRITES", "direct_writes", _switch, "on",
              "saves to local paths write with O_DIRECT (off: through the page cache, say on NFS)"),
     Variable("CHECKPOINT_IO_GCS_COMPOSITE", "gcs_composite", _switch, "off",
@@ -158,6 +163,8 @@ class Settings:
     io_concurrency: int | None = None
     #: ``File.with_options(read_concurrency=)``; ``None``: the store's.
     io_read_concurrency: int | None = None
+    #: ``File.with_options(memory_budget=)``; ``None``: 256 MiB.
+    io_memory_budget: int | None = None
     #: ``File.with_options(direct_writes=)``.
     direct_writes: bool = True
     #: ``File.with_options(gcs_composite=)``.
@@ -170,7 +177,7 @@ class Settings:
             raise ValueError(f"Settings.limits must be a checkpoint_format.Limits, got"
                              f" {self.limits!r}")
         for name in ("decode_threads", "compress_threads", "io_concurrency",
-                     "io_read_concurrency"):
+                     "io_read_concurrency", "io_memory_budget"):
             _count(name, getattr(self, name))
         for name in ("direct_writes", "gcs_composite"):
             if not isinstance(getattr(self, name), bool):
@@ -209,6 +216,7 @@ class Settings:
         return {
             "concurrency": self.io_concurrency,
             "read_concurrency": self.io_read_concurrency,
+            "memory_budget": self.io_memory_budget,
             "direct_writes": self.direct_writes,
             "gcs_composite": self.gcs_composite,
         }
