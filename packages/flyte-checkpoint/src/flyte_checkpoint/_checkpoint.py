@@ -311,6 +311,14 @@ class Checkpoint(BaseCheckpoint):
                 return None
             return self._restore_from(uri, cancelled)
 
+    def _load_from(self, uri: str | None) -> pathlib.Path | None:
+        """Restore ``uri``, chosen elsewhere (by a multi-rank load's first rank), as
+        :meth:`load` would."""
+        with self._load_lock:
+            if self._loaded:
+                return self._loaded_result
+            return None if uri is None else self._restore_from(uri, threading.Event())
+
     def _source(self) -> str | None:
         """The object a load restores: ``checkpoint_src``, or, under the resume rule, the
         newest candidate holding an object (one existence check each, in order)."""

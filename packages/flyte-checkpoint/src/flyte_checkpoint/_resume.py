@@ -32,7 +32,8 @@ logger = logging.getLogger("flyte_checkpoint")
 MAX_EARLIER_ATTEMPTS = 32
 
 # ".../<n>/_flytecheckpoints" (Flyte) or ".../attempt-<n>/_flytecheckpoints" (our runner).
-_LAYOUT = re.compile(r"^(?P<base>.*/)(?P<label>(?:attempt-)?)(?P<n>\d+)/(?P<name>_flytecheckpoints)/?$")
+_LAYOUT = re.compile(
+    r"^(?P<base>.*/)(?P<label>(?:attempt-)?)(?P<n>\d+)/(?P<name>_flytecheckpoints)/?$")
 
 
 def earlier_attempts(dest: str) -> list[str]:
