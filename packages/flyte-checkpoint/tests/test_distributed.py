@@ -146,7 +146,7 @@ def test_node_identity_tells_containers_apart_and_takes_an_override():
 
 def test_a_non_checkpoint_or_a_bad_timeout_is_refused(tmp_path):
     group = ThreadGroup(1).member(0)
-    with pytest.raises(TypeError, match="wraps a flyte_checkpoint.Checkpoint"):
+    with pytest.raises(TypeError, match=r"wraps a flyte_checkpoint\.Checkpoint"):
         DistributedCheckpoint("s3://b/x", group)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout must be a positive"):
         DistributedCheckpoint(Checkpoint(str(tmp_path / "x")), group, timeout=0)
@@ -163,7 +163,7 @@ def test_the_union_of_every_ranks_tree_is_one_object_a_plain_checkpoint_loads(tm
 
 
 def test_ranks_with_nothing_to_add_pass_none(tmp_path):
-    dest, trees, errors = save_all(tmp_path, 3, data=lambda r: None if r != 1 else
+    dest, _, errors = save_all(tmp_path, 3, data=lambda r: None if r != 1 else
                                    rank_tree(tmp_path / "only", 1))
     assert errors == [None] * 3
     assert load_plain(dest) == tree_of(tmp_path / "only" / "rank1")
