@@ -166,9 +166,10 @@ def dcp_load(args: dict, rank: int, dcp_ckpt) -> dict:
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(restored)))
     same = all(torch.equal(state[k].full_tensor() if isinstance(state[k], DTensor)
                            else state[k], expected[k]) for k in state)
+    files = sorted(os.listdir(restored))
     dcp_ckpt._group.barrier(step="test: read")
     dcp_ckpt.close()
-    return {"equal": same, "step": int(state["step"]), "files": sorted(os.listdir(restored))}
+    return {"equal": same, "step": int(state["step"]), "files": files}
 
 
 if __name__ == "__main__":
