@@ -132,12 +132,13 @@ def main() -> int:
                                "options": options, "data": trees, "timeout": args.timeout},
                               env, args.timeout)
                 collective = max(r["seconds"] for r in reports)
-                rows.append(("save", width, single, collective))
+                growth = max(r["rss_growth"] for r in reports) / MiB
+                rows.append(("save", width, single, collective, growth))
                 print(f"save {args.ranks} x {args.size} MiB, {width} parts in flight per"
                       f" process: rank 0 alone {single:.1f} s ({total / MiB / single:.0f}"
                       f" MiB/s), collective {collective:.1f} s"
-                      f" ({total / MiB / collective:.0f} MiB/s): {single / collective:.2f}x",
-                      flush=True)
+                      f" ({total / MiB / collective:.0f} MiB/s): {single / collective:.2f}x;"
+                      f" peak RSS growth of a rank {growth:.0f} MiB", flush=True)
 
             # Loads: one long GET per loader, so moto serves each byte once per loader.
             env = {**base_env, "CHECKPOINT_IO_READ_CONCURRENCY": "1"}

@@ -373,3 +373,42 @@ def test_a_failed_restore_raises_on_every_rank(tmp_path):
         assert "was not restored on every node" in str(error)
         assert "rank 0 (restoring for node 'node-0') failed" in str(error)
         assert "rank 2 (restoring for node 'node-1') failed" in str(error)
+
+
+def test_torch_is_imported_only_for_a_torch_group():
+    import subprocess
+    import sys
+
+    probe = ("import sys, flyte_checkpoint.distributed as d\n"
+             "from flyte_checkpoint import Checkpoint\n"
+             "d.DistributedCheckpoint(Checkpoint('/tmp/x'), d.ThreadGroup(1).member(0))\n"
+             "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_async_save_and_load(tmp_path):
+    import asyncio
+
+    dest = str(tmp_path / "store" / "ckpt")
+    trees = [rank_tree(tmp_path / "t", r) for r in range(2)]
+
+    def work(rank: int, group: Collectives) -> dict[str, Any]:
+        async def main() -> dict[str, Any]:
+            helper = Checkpoint(dest, dest, settings=settings(rank, nodes=2, size=2))
+            async with DistributedCheckpoint(helper, group) as dist:
+                await dist.save(trees[rank])
+                future = await dist.save(trees[rank], wait=False)
+                await future
+                restored = await dist.load()
+                tree = tree_of(restored)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: group.barrier(step="test: read"))
+                return tree
+
+        return asyncio.run(main())
+
+    results, errors = run_ranks(2, work)
+    assert errors == [None, None]
+    assert results[0] == results[1] == union_of(trees)
