@@ -70,7 +70,8 @@ def s3_store(e2e_emulators, tmp_path):
 def launch(tmp_path: pathlib.Path, size: int, *, nodes: int = 1,
            env: dict[str, str] | None = None, **args: Any) -> list[dict[str, Any]]:
     """Run ``size`` ranks of ``dist_rank.py`` with ``args``; each rank's report (a rank that
-    died without one: its exit status and log)."""
+    died without one: its exit status and log). A ``hang_rank`` is killed once the others
+    have ended."""
     job = tmp_path / f"job-{time.monotonic_ns()}"
     job.mkdir()
     port = free_port()
@@ -91,8 +92,12 @@ def launch(tmp_path: pathlib.Path, size: int, *, nodes: int = 1,
         ranks.append((process, log))
     deadline = time.monotonic() + JOB_TIMEOUT
     try:
-        for process, _ in ranks:
-            process.wait(max(0.1, deadline - time.monotonic()))
+        for rank, (process, _) in enumerate(ranks):
+            if rank != args.get("hang_rank"):
+                process.wait(max(0.1, deadline - time.monotonic()))
+        if "hang_rank" in args:
+            ranks[args["hang_rank"]][0].kill()
+            ranks[args["hang_rank"]][0].wait(10)
     except subprocess.TimeoutExpired:
         for process, _ in ranks:
             process.kill()
@@ -241,6 +246,20 @@ def test_a_rank_sigkilled_mid_upload_fails_the_others_and_nothing_is_published(s
     assert store.get("ckpt") == before
     assert store.pending_uploads() == []  # S3: rank 0 aborted the multipart upload
     assert store.names() == {"ckpt"}  # no part file (local) or temporary (GCS) left
+
+
+def test_a_rank_that_hangs_fails_the_others_within_the_timeout_naming_it(local_store,
+                                                                         tmp_path):
+    before = previous(local_store, "ckpt", tmp_path)
+    trees = rank_trees(tmp_path / "trees", 2)
+    started = time.monotonic()
+    reports = launch(tmp_path, 2, scenario="save", dest=local_store.uri("ckpt"), data=trees,
+                     hang_rank=1, timeout=10)
+    elapsed = time.monotonic() - started
+    assert reports[0].get("error_type") == "CheckpointSaveError", reports[0]
+    assert "rank 1 does not answer at step 'save: scan'" in reports[0]["error"], reports[0]
+    assert elapsed < JOB_TIMEOUT
+    assert local_store.get("ckpt") == before and local_store.names() == {"ckpt"}
 
 
 def test_background_saves_return_a_future_on_every_rank(local_store, tmp_path):

@@ -68,6 +68,8 @@ def run(args: dict, rank: int) -> dict:
     if scenario == "save":
         if rank == args.get("kill_rank"):
             _kill_after(int(args["kill_after"]))
+        if rank == args.get("hang_rank"):
+            time.sleep(3600)  # a rank stuck elsewhere: the test kills it
         dcp_ckpt.save_sync(data)
         return {"saved": True}
     if scenario == "background":
