@@ -136,8 +136,9 @@ LAYERS = {
     },
     "checkpoint_io": {
         # Backends (and the local file steps they share with downloads) sit below the
-        # streams and File that drive them.
-        f"checkpoint_io.{name}": {"checkpoint_io", "checkpoint_io._stream", "checkpoint_io._file"}
+        # streams, File and shared uploads that drive them.
+        f"checkpoint_io.{name}": {"checkpoint_io", "checkpoint_io._stream", "checkpoint_io._file",
+                                  "checkpoint_io._shared"}
         for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure")
     },
 }

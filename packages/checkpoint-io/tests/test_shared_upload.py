@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -73,19 +74,35 @@ def names(store) -> list[str]:
 
 
 def _run(file: File, token: str, jobs: list[tuple[int, int, int, str]]):
-    """Run one spawned process per ``(index, seed, size, mode)``; returns the processes and
-    a function that takes the next result (bounded wait)."""
+    """Run one spawned process per ``(index, seed, size, mode)``, each with a pipe of its
+    own; returns the processes and a function that takes the next result (bounded wait)."""
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=write_segment,
-                                 args=(file, token, index, seed, size, mode, results),
-                                 name=f"segment-{index}", daemon=True)
-                 for index, seed, size, mode in jobs]
-    for process in processes:
+    processes, readers = [], []
+    for index, seed, size, mode in jobs:
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(target=write_segment,
+                                  args=(file, token, index, seed, size, mode, writer),
+                                  name=f"segment-{index}", daemon=True)
         process.start()
+        writer.close()  # the child's copy is the only one: its death ends the pipe
+        processes.append(process)
+        readers.append(reader)
+    pending: list = []
 
     def next_result():
-        return results.get(timeout=JOIN_SECONDS)
+        while not pending:
+            ready = multiprocessing.connection.wait(readers, timeout=JOIN_SECONDS)
+            if not ready:
+                pytest.fail(f"no segment process reported within {JOIN_SECONDS} s")
+            for reader in ready:
+                try:
+                    pending.append(reader.recv())
+                except EOFError:  # that process ended (or was killed)
+                    readers.remove(reader)
+                    reader.close()
+            if not readers and not pending:
+                pytest.fail("every segment process ended without reporting")
+        return pending.pop(0)
 
     return processes, next_result
 
@@ -363,8 +380,33 @@ class TestS3:
         with upload.open_segment_sync(2) as segment:
             segment.write(b"end")
         receipts.append(segment.receipt)
-        upload.commit_sync(receipts)
+        number, etag, size = receipts[2].parts[0]
+        for parts, message in [
+            (((1, etag, size),), r"the receipt of segment 2 names part 1, outside its part "
+                                 r"numbers 6667-9999"),
+            (((number, etag, size + 1),), rf"part {number} of segment 2 is not what its receipt "
+                                          rf"says \(ETag {etag}, 4 bytes\): ETag {etag}, 3 bytes"),
+            (((number + 1, etag, size),), rf"part {number + 1} of segment 2 is not what its "
+                                          r"receipt says .*: missing"),
+        ]:
+            wrong = dataclasses.replace(receipts[2], parts=parts,
+                                        size=sum(p[2] for p in parts))
+            with pytest.raises(SharedUploadError, match=message):
+                upload.commit_sync([*receipts[:2], wrong])
+        upload.commit_sync(receipts)  # still open after the refusals
         assert _read(file) == data + b"tiny" + zero_blocks(5 * MiB - 4) + b"end"
+
+    def test_a_segment_past_its_part_numbers_fails_clearly(self, remote_store):
+        file = _file(remote_store, "ckpt.bin")
+        upload = SharedUpload.begin_sync(file, segments=10_000)  # one part number each
+        segment = upload.open_segment_sync(0)
+        segment.write(bytes(11 * MiB))
+        with pytest.raises(SharedUploadError, match=r"write segment 0 of s3://.*: the segment "
+                           r"needs more than its 1 parts; raise part_size or use fewer "
+                           r"segments"):
+            segment.close()
+        upload.abort_sync()
+        assert names(remote_store) == []
 
     def test_sweep_aborts_uploads_a_crash_left(self, remote_store):
         file = _file(remote_store, "ckpt.bin")
@@ -418,7 +460,9 @@ class TestGCS:
                            f"generation {generation} of 3 bytes"):
             upload.commit_sync([stale])
         assert _read(file) == b"previous"
-        assert names(remote_store) == ["ckpt.bin"]  # the failed commit aborted the upload
+        upload.commit_sync([segment.receipt])  # still open: the right receipt commits
+        assert _read(file) == b"new"
+        assert names(remote_store) == ["ckpt.bin"]
 
     def test_many_parts_compose_in_rounds_and_the_sweep_removes_leftovers(self, remote_store):
         file = _file(remote_store, "ckpt.bin", part_size=256 * 1024)
@@ -460,13 +504,12 @@ def test_azure_commit_checks_every_block_is_staged(remote_store):
                                               r"another write to the blob"),
     ]
     for parts, message in cases:
-        again = SharedUpload.join(file, upload.token)
         wrong = dataclasses.replace(segment.receipt, parts=parts, size=parts[0][2])
         with pytest.raises(SharedUploadError, match=message) as info:
-            again.commit_sync([wrong])
+            upload.commit_sync([wrong])
         assert info.value.index == 0
     assert _read(file) == b"previous"
-    SharedUpload.join(file, upload.token).commit_sync([segment.receipt])
+    upload.commit_sync([segment.receipt])
     assert _read(file) == b"staged"
 
 
@@ -483,3 +526,42 @@ def test_every_segment_empty_is_an_empty_object(store):
     upload.commit_sync(receipts)
     assert _read(file) == b""
     assert names(store) == ["ckpt.bin"]
+
+
+def test_the_async_forms(tmp_path):
+    import asyncio
+
+    file = File(path=str(tmp_path / "ckpt.bin")).with_options(part_size=64 * 1024)
+    data = [segment_data(i, 200_000 + i) for i in range(3)]
+
+    async def main() -> None:
+        upload = await SharedUpload.begin(file, segments=3)
+        receipts = []
+        async with upload.open_segment(0) as segment:  # an async context manager
+            assert await segment.write(data[0]) == len(data[0])
+            assert segment.tell() == len(data[0]) and segment.writable()
+        receipts.append(segment.receipt)
+        writer = await upload.open_segment(1)  # or awaited, and closed by hand
+        await writer.write(data[1])
+        receipts.append(await writer.close())
+        with pytest.raises(RuntimeError, match="no"):
+            async with upload.open_segment(2) as segment:
+                await segment.write(b"dropped")
+                raise RuntimeError("no")
+        assert segment.closed and segment.receipt is None
+        async with upload.open_segment(2) as segment:  # aborted: it can be written again
+            await segment.write(data[2])
+        receipts.append(segment.receipt)
+        with pytest.raises(SharedUploadError, match="no receipt for segment 2"):
+            await upload.commit(receipts[:2])
+        await upload.commit(receipts)
+        await upload.abort()  # harmless after the commit
+
+    asyncio.run(main())
+    assert _read(file) == b"".join(data)
+    assert os.listdir(tmp_path) == ["ckpt.bin"]
+
+
+def test_memory_takes_no_shared_uploads():
+    with pytest.raises(OSError, match="cannot assemble one object from segments"):
+        SharedUpload.begin_sync(File(path="memory://bucket/ckpt.bin"), segments=2)

@@ -286,7 +286,12 @@ class _GCSShared(SharedTarget):
             else:  # every segment empty; compose needs a source
                 await self.b.put_media(self.bucket, self.key, b"")
             self._published = True
-        await self.abort()  # the temporaries and the marker
+        try:
+            await self.abort()  # the temporaries and the marker
+        except Exception as exc:  # published: what is left is garbage for the sweep
+            log.warning("shared upload %s to gs://%s/%s is committed, but removing its "
+                        "temporary objects failed (the sweep or a lifecycle rule removes "
+                        "them): %s", self.upload, self.bucket, self.key, exc)
 
     async def _check_parts(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
         """Every part of every receipt is there, as the generation its segment wrote and of

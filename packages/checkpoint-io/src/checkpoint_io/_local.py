@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import logging
 import mmap
 import os
 import threading
@@ -25,6 +26,8 @@ from ._localfs import (
 )
 
 __all__ = ["LocalBackend"]
+
+log = logging.getLogger("checkpoint_io")
 
 
 async def _blocking(fn, *args: Any) -> Any:
@@ -519,6 +522,10 @@ class _LocalShared(SharedTarget):
                      | getattr(os, "O_CLOEXEC", 0), 0o666)
         _flock(fd, fcntl.LOCK_SH)
         with _markers_lock:
+            # Markers of uploads another process committed or aborted: their locks go.
+            stale = [name for name, held in _markers.items() if not _same_file(held, name)]
+            for name in stale:
+                _close_quietly(_markers.pop(name))
             _markers[self.marker] = fd
         fsync_dir(os.path.dirname(self.path))
         return self.state
@@ -581,8 +588,13 @@ class _LocalShared(SharedTarget):
             for fd in sources:
                 os.close(fd)
         fsync_dir(os.path.dirname(self.path))
-        self._release_marker()
-        self._remove_parts()
+        try:
+            self._release_marker()
+            self._remove_parts()
+        except OSError as exc:  # published: what is left is the sweep's
+            log.warning("shared upload %s to %s is committed, but removing its part files "
+                        "failed (the next save's sweep removes them): %s", self.upload,
+                        self.path, exc)
 
     async def commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
         await _blocking(self._commit, segments)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,8 @@ from ._backend import (
 from ._errors import SharedUploadError
 
 __all__ = ["S3Backend"]
+
+log = logging.getLogger("checkpoint_io")
 
 
 def s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
@@ -182,13 +185,17 @@ class _S3Shared(SharedTarget):
         if not parts:  # every segment empty: an empty object (a multipart upload needs one part)
             await self.call("list_parts", "commit shared upload", MaxParts=1)
             await self._b.call("put_object", Bucket=self._bucket, Key=self._key, Body=b"")
-            await self.abort()
+            try:
+                await self.abort()
+            except Exception as exc:  # published: the upload left is the sweep's
+                log.warning("shared upload %s to %s is committed, but aborting its empty "
+                            "multipart upload failed: %s", self.upload, self.path, exc)
             return
         retry = self._completing
         if not retry:
             # S3 answers a repeated complete with success: a token used after its commit
             # must be caught before (ListParts knows a finished upload no more).
-            await self.call("list_parts", "commit shared upload", MaxParts=1)
+            await self._check_parts(segments)
         self._completing = True
         try:
             await self.call("complete_multipart_upload", "commit shared upload",
@@ -203,6 +210,36 @@ class _S3Shared(SharedTarget):
             head = await self._b.call("head_object", Bucket=self._bucket, Key=self._key)
             if head.get("ETag") != _multipart_etag([etag for _, etag, _ in parts]):
                 raise
+
+    async def _check_parts(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        """Every part of every receipt is in the upload as the receipt says (its ETag and
+        size: a late writer of the same segment would have replaced it) and within its
+        segment's part numbers; one ListParts per 1,000 parts."""
+        held: dict[int, tuple[str, int]] = {}
+        marker: dict[str, Any] = {}
+        while True:
+            listing = await self.call("list_parts", "commit shared upload", MaxParts=1000,
+                                      **marker)
+            for part in listing.get("Parts", []):
+                held[int(part["PartNumber"])] = (part["ETag"], int(part["Size"]))
+            if not listing.get("IsTruncated"):
+                break
+            marker = {"PartNumberMarker": listing["NextPartNumberMarker"]}
+        span = S3Backend.max_parts // self.segments
+        for index, _, parts in segments:
+            for number, etag, size in parts:
+                if not index * span < number <= (index + 1) * span:
+                    raise SharedUploadError(
+                        self.path, "commit shared upload", f"the receipt of segment {index} "
+                        f"names part {number}, outside its part numbers "
+                        f"{index * span + 1}-{(index + 1) * span}", index)
+                if held.get(number) != (etag, size):
+                    found = "missing" if number not in held else (
+                        f"ETag {held[number][0]}, {held[number][1]} bytes")
+                    raise SharedUploadError(
+                        self.path, "commit shared upload", f"part {number} of segment {index} "
+                        f"is not what its receipt says (ETag {etag}, {size} bytes): {found}",
+                        index)
 
     async def abort(self) -> None:
         with contextlib.suppress(SharedUploadError):  # gone: aborted, committed, or swept

@@ -242,10 +242,11 @@ class SharedUpload:
 
     async def commit(self, receipts: Sequence[SegmentReceipt]) -> None:
         """Publish the object atomically from the receipts of every segment, pieces in
-        index order. A missing, duplicated or foreign receipt raises
-        :class:`SharedUploadError` naming the segment, and nothing is published (the
-        upload stays open: commit again, or abort). If the store fails the commit, the
-        upload is aborted and the error raised; the previous object stays as it was."""
+        index order. A missing, duplicated or foreign receipt, or one whose parts the store
+        does not hold as it says, raises :class:`SharedUploadError` naming the segment, and
+        nothing is published (the upload stays open: commit again, or abort). If the store
+        fails the commit otherwise, the upload is aborted and the error raised; either way
+        the previous object stays as it was."""
         self._check_open("commit shared upload")
         ordered = self._checked(list(receipts))
 
@@ -258,6 +259,8 @@ class SharedUpload:
                                            lambda: target.commit(segments))
                 else:
                     await target.commit(segments)
+            except SharedUploadError:
+                raise  # the store's check of the receipts: nothing published, still open
             except BaseException:
                 await self._abort_on_loop(transfer, target)
                 raise

@@ -30,9 +30,11 @@ def zero_blocks(missing: int) -> bytes:
 
 def write_segment(file, token: str, index: int, seed: int, size: int, mode: str,
                   results, chunk: int = 256 * 1024) -> None:
-    """Join the upload, write segment ``index`` in ``chunk``-byte writes, and put
-    ``(index, "ok", receipt JSON)`` or ``(index, "error", text)`` on ``results``; in mode
-    ``hang``, ``(index, "sent", bytes)`` once over half is written, then wait forever."""
+    """Join the upload, write segment ``index`` in ``chunk``-byte writes, and send
+    ``(index, "ok", receipt JSON)`` or ``(index, "error", text)`` on ``results``, this
+    worker's own pipe (a queue shared by several workers has a lock that a worker killed
+    while holding it keeps forever, blocking the others); in mode ``hang``, ``(index,
+    "sent", bytes)`` once over half is written, then wait forever."""
     import faulthandler
 
     from checkpoint_io import SharedUpload
@@ -48,9 +50,9 @@ def write_segment(file, token: str, index: int, seed: int, size: int, mode: str,
                 if mode != "ok" and start + chunk >= len(data) // 2:
                     if mode == "raise":
                         raise RuntimeError(f"segment {index}: the training step failed")
-                    results.put((index, "sent", start + chunk))
+                    results.send((index, "sent", start + chunk))
                     while True:  # until the parent kills this process
                         time.sleep(1)
-        results.put((index, "ok", segment.receipt.to_json()))
+        results.send((index, "ok", segment.receipt.to_json()))
     except BaseException as exc:
-        results.put((index, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        results.send((index, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
