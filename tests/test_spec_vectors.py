@@ -37,15 +37,18 @@ VECTORS = REPO / "spec" / "vectors"
 GENERATOR = VECTORS / "make_vectors.py"
 PACKAGE_SRC = REPO / "packages" / "checkpoint-format" / "src" / "checkpoint_format"
 INDEX: list[dict] = json.loads((VECTORS / "vectors.json").read_text(encoding="utf-8"))
-AREAS = ("detect", "valid", "extract", "limit", "integ", "mark", "raw")
+AREAS = ("detect", "valid", "extract", "limit", "integ", "mark", "raw", "asm")
 RULE_DEFINITION = re.compile(r"\*\*(CF-[A-Z]+-\d{2})\.\*\*")
 RULE_ID = re.compile(r"CF-[A-Z]+-\d{2}")
 
 # Rules a reader cannot observe in an object, so no vector can exercise them. They are
-# tested where they live: the writer's suite (CF-WRITE-*), the storage layer (CF-OBJ-01
-# atomic publication, CF-OBJ-02 absent object) and the validator/CLI suite (CF-VALID-01).
+# tested where they live: the writer's suite (CF-WRITE-*; CF-ASM-08, a segment checked
+# against its scan, in packages/checkpoint-format/tests/test_assembled.py), the storage
+# layer (CF-OBJ-01 atomic publication, CF-OBJ-02 absent object) and the validator/CLI suite
+# (CF-VALID-01).
 WRITER_OR_ELSEWHERE = {
     *(f"CF-WRITE-{n:02d}" for n in range(1, 11)),
+    "CF-ASM-08",
     "CF-OBJ-01",
     "CF-OBJ-02",
     "CF-VALID-01",

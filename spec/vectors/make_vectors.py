@@ -3,7 +3,7 @@
 
     python spec/vectors/make_vectors.py [--out DIR]
 
-Writes small objects under ``<area>/`` (detect, valid, extract, limit, integ, mark, raw) and
+Writes small objects under ``<area>/`` (detect, valid, extract, limit, integ, mark, raw, asm) and
 the index ``vectors.json`` next to this script, or under ``--out``. The output is
 deterministic: every mtime is fixed, gzip headers carry MTIME 0, our writer runs with stored
 deflate blocks (level 0, so the bytes do not depend on zlib or ISA-L being used), and the
@@ -44,7 +44,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from checkpoint_format import write_tarball
+from checkpoint_format import (
+    end_piece,
+    plan_union,
+    scan_tree,
+    write_head,
+    write_segment,
+    write_tarball,
+)
+from checkpoint_format import padding as gzip_padding
 from checkpoint_format._tarheader import (
     BLOCK,
     PAX_GLOBAL,
@@ -54,7 +62,7 @@ from checkpoint_format._tarheader import (
 )
 
 HERE = Path(__file__).resolve().parent
-AREAS = ("detect", "valid", "extract", "limit", "integ", "mark", "raw")
+AREAS = ("detect", "valid", "extract", "limit", "integ", "mark", "raw", "asm")
 MAX_VECTOR_SIZE = 64 * 1024 - 1
 MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z, every header's integer mtime
 MTIME_NS = MTIME * 1_000_000_000
@@ -248,6 +256,33 @@ def our_writer(spec: list[tuple], *, chunk_size: int = 4 << 20) -> bytes:
         sink = io.BytesIO()
         write_tarball(root, sink, level=0, workers=1, chunk_size=chunk_size)
         return sink.getvalue()
+
+
+def assembled_pieces(trees: list[list[tuple] | None]) -> list[bytes]:
+    """The pieces of the assembled object (spec §9) of contributors' trees, by the reference
+    writer (level 0, one thread): ``[head, segment 0, ..., segment N-1, end]``. ``None``: a
+    contributor with no tree."""
+    with tempfile.TemporaryDirectory(prefix="make-vectors-") as scratch:
+        manifests = []
+        for rank, spec in enumerate(trees):
+            if spec is None:
+                manifests.append(None)
+                continue
+            root = Path(scratch) / f"rank-{rank}"
+            root.mkdir()
+            build_tree(root, spec)
+            manifests.append(scan_tree(root, workers=1))
+        plan = plan_union(manifests)
+        head = io.BytesIO()
+        write_head(plan, head, level=0)
+        pieces = [head.getvalue()]
+        for rank, manifest in enumerate(manifests):
+            segment = io.BytesIO()
+            if manifest is not None:
+                write_segment(manifest.root, manifest, plan.assigned[rank], segment, workers=1,
+                              level=0)
+            pieces.append(segment.getvalue())
+        return [*pieces, end_piece()]
 
 
 def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -961,9 +996,107 @@ def valid_vectors(v: Vectors) -> None:
           tarball(D("p" * 120, mode=0o755), F(prefix_name, HELLO)))
 
 
+def asm_vectors(v: Vectors) -> None:
+    """Assembled objects (spec §9): pieces joined byte by byte."""
+    ns = MTIME_NS + 987_654_321
+    shard = [bytes([rank]) * 3000 + bytes(range(256)) * (rank + 1) for rank in range(3)]
+    config = b'{"layers": 4, "world_size": 3}\n'
+    ranks = [
+        [("dir", "model", None, 0o755, ns), ("file", "model/shard-0.bin", shard[0], 0o644, ns),
+         ("file", "config.json", config, 0o644, ns)],
+        [("dir", "model", None, 0o755, ns), ("dir", "model/opt", None, 0o700, ns),
+         ("file", "model/opt/state-1.bin", shard[1], 0o600, ns),
+         ("symlink", "latest", "model/opt/state-1.bin", 0, ns)],
+        [("dir", "model", None, 0o755, ns), ("file", "model/shard-2.bin", shard[2], 0o644, ns),
+         ("hardlink", "model/shard-2.alias", "model/shard-2.bin", 0, ns)],
+    ]
+    union = tarball(
+        D("model", mode=0o755, mtime_ns=ns), F("model/shard-0.bin", shard[0], mtime_ns=ns),
+        F("config.json", config, mode=0o644), D("model/opt", mode=0o700, mtime_ns=ns),
+        F("model/opt/state-1.bin", shard[1], mode=0o600, mtime_ns=ns),
+        S("latest", "model/opt/state-1.bin"), F("model/shard-2.bin", shard[2]),
+        H("model/shard-2.alias", "model/shard-2.bin", shard[2]),
+    )
+    pieces = assembled_pieces(ranks)
+    v.add("asm", "three-segments.tar.gz", b"".join(pieces), "CF-ASM-01",
+          "head, three segments (files, a symlink, a hard link), end piece, joined byte by byte",
+          union)
+    deep = assembled_pieces([
+        [("dir", "x", None, 0o755, ns), ("file", "x/zz.txt", HELLO, 0o644, ns)],
+        [("dir", "x", None, 0o755, ns), ("dir", "x/y", None, 0o750, ns),
+         ("dir", "x/y/z", None, 0o755, ns), ("file", "x/y/z/f.txt", HELLO, 0o644, ns),
+         ("file", "top.txt", HELLO, 0o644, ns)],
+    ])
+    v.add("asm", "head-directories.tar.gz", b"".join(deep), "CF-ASM-02",
+          "the head holds the 1.2 marker and every directory of the union (x, x/y, x/y/z, rank"
+          " 1's) before any file; members are in pre-order within each segment, not across",
+          tarball(D("x", mtime_ns=ns), D("x/y", mode=0o750, mtime_ns=ns),
+                  D("x/y/z", mtime_ns=ns), F("x/zz.txt", HELLO), F("x/y/z/f.txt", HELLO),
+                  F("top.txt", HELLO)))
+    minimum = 12 << 10  # an object store's minimum part size, scaled down
+    padded = [piece + gzip_padding(minimum - len(piece)) for piece in pieces[:-1]]
+    assert all(len(piece) == minimum for piece in padded)
+    v.add("asm", "padded-pieces.tar.gz", b"".join([*padded, pieces[-1]]), "CF-ASM-06",
+          "every piece but the end padded to 12 KiB with padding members (FP records): the"
+          " padding adds nothing to the tar stream", union)
+    between = (pieces[0] + gzip_padding(26) + gzip_padding(30_000) + pieces[1] + gzip_padding(27)
+               + pieces[2] + pieces[3] + gzip_padding(1000) + pieces[4])
+    v.add("asm", "padding-between-members.tar.gz", between, "CF-ASM-06",
+          "padding members of the smallest size and of 30,000 bytes between pieces",
+          union)
+    idle = assembled_pieces([ranks[0], [], ranks[2]])
+    v.add("asm", "empty-segment.tar.gz",
+          b"".join([idle[0], idle[1], gzip_padding(4096), idle[3], idle[4]]), "CF-ASM-03",
+          "rank 1 holds nothing: its segment is padding alone",
+          tarball(D("model", mode=0o755, mtime_ns=ns), F("model/shard-0.bin", shard[0]),
+                  F("config.json", config), F("model/shard-2.bin", shard[2]),
+                  H("model/shard-2.alias", "model/shard-2.bin", shard[2])))
+    later = ns + 60_000_000_000
+    shared = [
+        [("file", "config.json", config, 0o644, ns), ("file", "a.bin", shard[0], 0o644, ns)],
+        [("file", "config.json", config, 0o644, later), ("file", "b.bin", shard[1], 0o644, ns)],
+        [("dir", "d", None, 0o755, ns), ("file", "config.json", config, 0o644, later)],
+    ]
+    v.add("asm", "duplicate-kept-once.tar.gz", b"".join(assembled_pieces(shared)), "CF-ASM-07",
+          "config.json held identically by three ranks (mtimes differ): written once, by rank"
+          " 0, with its mtime",
+          tarball(F("config.json", config, mtime_ns=ns), F("a.bin", shard[0]),
+                  F("b.bin", shard[1]), D("d")))
+    linked = [
+        [("file", "w.bin", shard[0], 0o644, ns)],
+        [("file", "w.bin", shard[0], 0o644, ns), ("hardlink", "w.link", "w.bin", 0, ns)],
+    ]
+    v.add("asm", "hardlink-across-segments.tar.gz", b"".join(assembled_pieces(linked)),
+          "CF-ASM-04",
+          "rank 1's hard link names w.bin, which rank 0 writes (identical): the link points"
+          " backwards across segments",
+          tarball(F("w.bin", shard[0]), H("w.link", "w.bin", shard[0])))
+    empty = assembled_pieces([[], None, []])
+    assert empty == [b"", b"", b"", b"", end_piece()]
+    v.add("asm", "empty-union.tar.gz", b"".join(empty), "CF-ASM-05",
+          "no rank holds anything: the end piece alone, no head, no marker", tarball())
+    dirs_only = assembled_pieces([[("dir", "a", None, 0o755, ns)], [("dir", "b", None, 0o700, ns)]])
+    v.add("asm", "directories-only.tar.gz", b"".join(dirs_only), "CF-ASM-05",
+          "only directories: the head and the end piece, empty segments",
+          tarball(D("a", mtime_ns=ns), D("b", mode=0o700, mtime_ns=ns)))
+    # What readers do with objects whose writer broke the assembly rules.
+    twice = assembled_pieces([shared[0], [("file", "config.json", config, 0o644, ns)]])
+    rank1 = assembled_pieces([[("file", "config.json", config, 0o644, ns)]])[1]
+    v.add("asm", "name-in-two-segments.tar.gz", b"".join([*twice[:3], rank1, twice[-1]]),
+          "CF-ASM-04",
+          "a writer that ignored CF-ASM-07 wrote config.json in two segments: refused",
+          error(UNSAFE, "CF-EXTRACT-07", "config.json"))
+    seg_w = assembled_pieces([[("file", "w.bin", shard[0], 0o644, ns)]])
+    seg_link = assembled_pieces(linked)
+    v.add("asm", "hardlink-forward.tar.gz",
+          b"".join([seg_w[0], seg_link[2], seg_w[1], seg_w[2]]), "CF-ASM-04",
+          "segments out of order: the hard link precedes the file it names, refused",
+          error(UNSAFE, "CF-EXTRACT-04", "w.link"))
+
+
 GENERATORS: tuple[Callable[[Vectors], None], ...] = (
     detect_vectors, raw_vectors, mark_vectors, extract_vectors, limit_vectors, integ_vectors,
-    valid_vectors,
+    valid_vectors, asm_vectors,
 )
 
 

@@ -98,6 +98,8 @@ def write_segment(
     incomplete segment: the caller must not commit the object. ``ValueError`` for a name the
     manifest does not hold, or a directory (the head writes those).
     """
+    if isinstance(names, str):
+        raise TypeError("names must be a collection of member names, not one string")
     root = Path(directory)
     wanted = set(names)
     entries = [entry for entry in manifest.entries if entry.name in wanted]
