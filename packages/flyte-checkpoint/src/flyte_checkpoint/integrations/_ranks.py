@@ -1,0 +1,128 @@
+"""Which rank this process is, and the few decisions every rank of a job must take alike.
+
+Everything here goes through ``torch.distributed``, imported only when the job has imported
+torch already (a framework callback's job has) or when a launcher announced several ranks: a
+single-process job never pays for it and behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from .._checkpoint import Checkpoint
+from .._errors import CheckpointSaveError
+
+__all__ = ["Agreement", "distributed_checkpoint", "launched_size", "timeout_of", "world"]
+
+#: Seconds a collective of the callbacks may wait for the other ranks when the checkpoint's
+#: Settings name none (``Settings.distributed_timeout``, ``CHECKPOINT_DISTRIBUTED_TIMEOUT``).
+DEFAULT_TIMEOUT = 600.0
+
+
+def timeout_of(checkpoint: Any) -> float:
+    """The bound of every collective for ``checkpoint``: its Settings' distributed timeout."""
+    settings = getattr(checkpoint, "settings", None)
+    value = getattr(settings, "distributed_timeout", None)
+    return float(value) if value else DEFAULT_TIMEOUT
+
+
+def _distributed() -> Any | None:
+    """``torch.distributed`` when torch is imported and built with it, else ``None``."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
+
+
+def launched_size(environ: Mapping[str, str] | None = None) -> int:
+    """The world size a launcher announced (torchrun, the Elastic plugin, a JobSet's
+    torchrun: ``WORLD_SIZE``); 1 when none did."""
+    raw = (os.environ if environ is None else environ).get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"WORLD_SIZE={raw!r} is not a whole number of ranks (set by the"
+                         " launcher: torchrun or the task's plugin)")
+    return int(raw)
+
+
+def world(*, start: bool = False, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
+    """``(rank, size)`` of the default process group; ``(0, 1)`` for a single process.
+
+    With ``start``, when a launcher announced several ranks but nobody started the group yet
+    (Lightning starts it only inside ``fit``), start it here from the launcher's environment,
+    with torch's default backends (gloo for CPU tensors, NCCL for CUDA ones where CUDA is
+    there): the frameworks' strategies then find it started and use it.
+    """
+    dist = _distributed()
+    if dist is not None and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    size = launched_size()
+    if size == 1:
+        return 0, 1
+    if not start:
+        return int(os.environ.get("RANK", "0") or 0), size
+    if dist is None:
+        try:
+            import torch.distributed as dist
+        except ImportError as missing:
+            raise ImportError(f"WORLD_SIZE={size}: a job of several ranks needs torch"
+                              " (pip install torch)") from missing
+    dist.init_process_group(timeout=datetime.timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed_checkpoint(checkpoint: Checkpoint, timeout: float) -> Any:
+    """The collective helper over ``checkpoint`` (every rank calls this at the same point:
+    it may make a process group of its own)."""
+    from ..distributed import DistributedCheckpoint
+
+    return DistributedCheckpoint(checkpoint, timeout=timeout)
+
+
+class Agreement:
+    """A gloo group of the callbacks' own, for the decisions every rank must take alike
+    (whether a collective save starts now). Its collectives run in the training thread, at
+    batch boundaries, only while a save is waiting to start; the saves' own traffic goes
+    through the checkpoint's group, so the two never interleave.
+
+    Making one is a collective: every rank makes it at the same point.
+    """
+
+    def __init__(self, uri: str, timeout: float) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.uri = uri
+        self.timeout = timeout
+        self.rank = dist.get_rank()
+        self._group = dist.new_group(backend="gloo",
+                                     timeout=datetime.timedelta(seconds=timeout))
+
+    def all_idle(self, busy: bool) -> bool:
+        """Whether no rank has a save in flight (every rank learns the same answer)."""
+        import torch
+
+        flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
+        self._collective(lambda: self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX,
+                                                       group=self._group))
+        return int(flag.item()) == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank got here (each finished writing its share of a save)."""
+        self._collective(lambda: self._dist.barrier(group=self._group))
+
+    def _collective(self, call: Any) -> None:
+        try:
+            call()
+        except Exception as failure:  # gloo's timeout, or a peer that died
+            raise CheckpointSaveError(
+                f"checkpoint not saved to {self.uri} (the previous object is unchanged): rank"
+                f" {self.rank} could not agree with the other ranks on the save within"
+                f" {self.timeout:g} s (a rank died or hangs?): {type(failure).__name__}:"
+                f" {failure}", self.uri) from failure
