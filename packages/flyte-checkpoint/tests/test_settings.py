@@ -236,6 +236,8 @@ BAD = {
     "CHECKPOINT_IO_READ_CONCURRENCY": ("-1", "a whole number of 1 or more"),
     "CHECKPOINT_IO_DIRECT_WRITES": ("sometimes", "one of 1, on, true, yes, 0, off, false, no"),
     "CHECKPOINT_IO_GCS_COMPOSITE": ("2", "one of 1, on, true, yes, 0, off, false, no"),
+    "CHECKPOINT_DISTRIBUTED_TIMEOUT": ("0", "a positive number"),
+    "CHECKPOINT_NODE_ID": ("node\n1", "a printable name of at most 255 characters"),
     "FLYTE_CHECKPOINT_PROGRESS": ("loud", "auto or one of 1, on, true, yes, 0, off, false, no"),
 }
 

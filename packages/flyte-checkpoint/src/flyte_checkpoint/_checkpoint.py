@@ -48,6 +48,7 @@ from ._pipeline import (
     size_of,
 )
 from ._progress import Progress
+from ._resume import Resume
 from ._settings import Settings
 from ._snapshot import Snapshot, capture, special_kind
 from ._storage import file_for, storage_options_for
@@ -177,6 +178,9 @@ class Checkpoint(BaseCheckpoint):
         # (the event orders the two) or when none is in flight. Unlocked on purpose: a
         # settle holds _pending_lock while it joins, so the writer cannot take it.
         self._failed: CheckpointSaveError | None = None
+        # The resume rule (see _resume.py): set for the helper tasks get (from_env(), and
+        # flyte.ctx().checkpoint after install()); a plain Checkpoint(dest, src) loads src.
+        self._resume: Resume | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **options: Any) -> Checkpoint:
@@ -189,7 +193,9 @@ class Checkpoint(BaseCheckpoint):
             raise ValueError(f"{ENV_DEST} is not set: no checkpoint destination for this attempt")
         if options.get("settings") is None:
             options["settings"] = Settings.from_env(env)
-        return cls(dest, env.get(ENV_SRC), **options)
+        helper = cls(dest, env.get(ENV_SRC), **options)
+        helper._resume = Resume(helper._dest, helper._src)
+        return helper
 
     # ------------------------------------------------------------------ properties
 
@@ -268,7 +274,7 @@ class Checkpoint(BaseCheckpoint):
         """Copies and pickles are fresh helpers for the same locations: no workspace, nothing
         loaded, no save in flight (those belong to the process that made them)."""
         return (_rebuild, (type(self), self._dest, self._src, self._storage_options,
-                           self._settings))
+                           self._settings, self._resume))
 
     # ------------------------------------------------------------------ load
 
@@ -300,58 +306,85 @@ class Checkpoint(BaseCheckpoint):
         with self._load_lock:
             if self._loaded:
                 return self._loaded_result
-            if self._src is None:
+            uri = self._source()
+            if uri is None:
                 return None
-            uri = self._src
-            target = self.path
-            clear(target)
-            started = time.perf_counter()
-            with contextlib.ExitStack() as stack:
-                try:
-                    remote = stack.enter_context(self._file(uri).open_sync("rb"))
-                except FileNotFoundError as missing:
-                    listed = self._objects_under(uri)
-                    if listed:
-                        raise CheckpointLoadError(
-                            f"checkpoint at {uri} is a prefix holding objects ({listed[0]!r},"
-                            " ...), not one checkpoint object (CF-OBJ-01); nothing was"
-                            " restored (older flytekit checkpoints were directories of objects:"
-                            " not treating this as 'no checkpoint', which would restart"
-                            " training)",
-                            uri, "CF-OBJ-01",
-                        ) from missing
-                    logger.info("checkpoint load: no previous checkpoint at %s", uri)
-                    self._loaded, self._loaded_result = True, None
-                    return None
-                except Exception as exc:
-                    raise load_error(uri, exc) from exc
-                progress = Progress("load", uri, total=getattr(remote, "size", None),
-                                    setting=self._settings.progress)
-                try:
-                    result = restore(ReadStream(remote, progress, cancelled), target,
-                                     **self._settings.restore_options())
-                except Exception as exc:
-                    raise load_error(uri, exc) from exc
-            if result.path is None:
-                logger.info("checkpoint load: %s is empty: no previous checkpoint", uri)
+            return self._restore_from(uri, cancelled)
+
+    def _load_from(self, uri: str | None) -> pathlib.Path | None:
+        """Restore ``uri``, chosen elsewhere (by a multi-rank load's first rank), as
+        :meth:`load` would."""
+        with self._load_lock:
+            if self._loaded:
+                return self._loaded_result
+            return None if uri is None else self._restore_from(uri, threading.Event())
+
+    def _source(self) -> str | None:
+        """The object a load restores: ``checkpoint_src``, or, under the resume rule, the
+        newest candidate holding an object (one existence check each, in order)."""
+        if self._resume is None:
+            return self._src
+
+        def holds_object(uri: str) -> bool:
+            try:
+                return self._file(uri).exists_sync()
+            except Exception as exc:
+                raise load_error(uri, exc) from exc
+
+        return self._resume.choose(holds_object)
+
+    def _restore_from(self, uri: str, cancelled: threading.Event) -> pathlib.Path | None:
+        """Restore ``uri`` into :attr:`path` (the caller holds ``_load_lock``); caches and
+        returns the result as :meth:`load` does."""
+        target = self.path
+        clear(target)
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            try:
+                remote = stack.enter_context(self._file(uri).open_sync("rb"))
+            except FileNotFoundError as missing:
+                listed = self._objects_under(uri)
+                if listed:
+                    raise CheckpointLoadError(
+                        f"checkpoint at {uri} is a prefix holding objects ({listed[0]!r},"
+                        " ...), not one checkpoint object (CF-OBJ-01); nothing was"
+                        " restored (older flytekit checkpoints were directories of objects:"
+                        " not treating this as 'no checkpoint', which would restart"
+                        " training)",
+                        uri, "CF-OBJ-01",
+                    ) from missing
+                logger.info("checkpoint load: no previous checkpoint at %s", uri)
                 self._loaded, self._loaded_result = True, None
                 return None
-            seconds = time.perf_counter() - started
-            progress.done()
-            if result.kind == "tarball":
-                what = f"tarball ({result.detection.compression}, {result.members} members)"
-            else:
-                what = "raw payload"
-            logger.info(
-                "checkpoint load: %s, %s restored in %.2f s (%.0f MB/s) from %s",
-                what,
-                format_size(result.bytes),
-                seconds,
-                result.bytes / 1e6 / max(seconds, 1e-9),
-                uri,
-            )
-            self._loaded, self._loaded_result = True, result.path
-            return result.path
+            except Exception as exc:
+                raise load_error(uri, exc) from exc
+            progress = Progress("load", uri, total=getattr(remote, "size", None),
+                                setting=self._settings.progress)
+            try:
+                result = restore(ReadStream(remote, progress, cancelled), target,
+                                 **self._settings.restore_options())
+            except Exception as exc:
+                raise load_error(uri, exc) from exc
+        if result.path is None:
+            logger.info("checkpoint load: %s is empty: no previous checkpoint", uri)
+            self._loaded, self._loaded_result = True, None
+            return None
+        seconds = time.perf_counter() - started
+        progress.done()
+        if result.kind == "tarball":
+            what = f"tarball ({result.detection.compression}, {result.members} members)"
+        else:
+            what = "raw payload"
+        logger.info(
+            "checkpoint load: %s, %s restored in %.2f s (%.0f MB/s) from %s",
+            what,
+            format_size(result.bytes),
+            seconds,
+            result.bytes / 1e6 / max(seconds, 1e-9),
+            uri,
+        )
+        self._loaded, self._loaded_result = True, result.path
+        return result.path
 
     # ------------------------------------------------------------------ save
 
@@ -534,6 +567,8 @@ class Checkpoint(BaseCheckpoint):
 
 def _rebuild(cls: type[Checkpoint], dest: str, src: str | None,
              storage_options: dict[str, Any] | None,
-             settings: Settings | None = None) -> Checkpoint:
+             settings: Settings | None = None, resume: Resume | None = None) -> Checkpoint:
     # settings: None in pickles made before there were settings (read from the environment)
-    return cls(dest, src, storage_options=storage_options, settings=settings)
+    helper = cls(dest, src, storage_options=storage_options, settings=settings)
+    helper._resume = resume
+    return helper

@@ -64,6 +64,12 @@ def _positive(variable: str, raw: str) -> float:
     return value
 
 
+def _name(variable: str, raw: str) -> str:
+    if not raw.isprintable() or len(raw) > 255:
+        raise SettingsError(variable, raw, "a printable name of at most 255 characters")
+    return raw
+
+
 def _switch(variable: str, raw: str) -> bool:
     word = raw.lower()
     if word in _TRUE:
@@ -133,6 +139,11 @@ VARIABLES: tuple[Variable, ...] = (
              "saves to local paths write with O_DIRECT (off: through the page cache, say on NFS)"),
     Variable("CHECKPOINT_IO_GCS_COMPOSITE", "gcs_composite", _switch, "off",
              "GCS saves upload parts as temporary objects in parallel, then compose them"),
+    Variable("CHECKPOINT_DISTRIBUTED_TIMEOUT", "distributed_timeout", _positive, "1,800",
+             "seconds a rank of a multi-rank checkpoint waits for the others at each step"
+             " before the operation fails on every rank"),
+    Variable("CHECKPOINT_NODE_ID", "node_id", _name, "hostname, boot id and mount namespace",
+             "the node a rank counts as for multi-rank loads (one download per node)"),
     Variable("FLYTE_CHECKPOINT_PROGRESS", "progress", _auto_switch, "auto",
              "a progress line on standard error (auto: when it is a terminal)"),
 )
@@ -164,6 +175,13 @@ class Settings:
     gcs_composite: bool = False
     #: A progress line on standard error; ``None``: when it is a terminal.
     progress: bool | None = None
+    #: Seconds a rank of a :class:`~flyte_checkpoint.distributed.DistributedCheckpoint` waits
+    #: for the other ranks at each step of a save or load (and a rank's segment upload may
+    #: take) before the operation fails on every rank.
+    distributed_timeout: float = 1800.0
+    #: The node a rank counts as for multi-rank loads; ``None``: this host's hostname, boot id
+    #: and mount namespace (ranks that see the same local files).
+    node_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):
@@ -176,6 +194,14 @@ class Settings:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Settings.{name} must be True or False, got"
                                  f" {getattr(self, name)!r}")
+        timeout = self.distributed_timeout
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not (timeout > 0 and math.isfinite(timeout))):
+            raise ValueError(f"Settings.distributed_timeout must be a positive number of"
+                             f" seconds, got {timeout!r}")
+        if self.node_id is not None and (not isinstance(self.node_id, str) or not self.node_id):
+            raise ValueError(f"Settings.node_id must be a non-empty str or None, got"
+                             f" {self.node_id!r}")
         if self.progress not in (None, True, False):
             raise ValueError(f"Settings.progress must be True, False or None, got"
                              f" {self.progress!r}")

@@ -17,11 +17,13 @@ import importlib
 import importlib.metadata
 import logging
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ._checkpoint import Checkpoint
+from ._resume import Resume
 
 __all__ = ["SUPPORTED_UPSTREAM", "UpstreamNotSupportedError", "install", "installed", "uninstall"]
 
@@ -166,10 +168,18 @@ def _served_class(original: type) -> type:
     """
     if original not in _served:
         meta = type(original)
+        context_code = _context_builder_code()
 
         class _ServedMeta(meta):
             def __instancecheck__(cls, instance: object) -> bool:
                 return super().__instancecheck__(instance) or isinstance(instance, original)
+
+            def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+                helper = super().__call__(*args, **kwargs)
+                caller = sys._getframe(1)
+                if context_code is not None and caller.f_code is context_code:
+                    _resume_for_task(helper, caller.f_locals.get("self"))
+                return helper
 
         _served[original] = _ServedMeta(
             "FlyteCheckpoint",
@@ -178,6 +188,25 @@ def _served_class(original: type) -> type:
              "__doc__": Checkpoint.__doc__},
         )
     return _served[original]
+
+
+def _context_builder_code() -> Any:
+    """The code of upstream's ``TaskContext.checkpoint``: a helper built there is the one
+    tasks get (``flyte.ctx().checkpoint``), and takes the resume rule."""
+    try:
+        models = importlib.import_module("flyte.models")
+        return models.TaskContext.checkpoint.fget.__code__
+    except Exception:
+        return None
+
+
+def _resume_for_task(helper: Checkpoint, context: Any) -> None:
+    """Give the helper of ``flyte.ctx().checkpoint`` the resume rule (``_resume``), with the
+    ``prev`` the platform gave (upstream's JobSet rule replaces it by the destination)."""
+    paths = getattr(context, "checkpoint_paths", None)
+    prev = getattr(paths, "prev_checkpoint_path", None)
+    prev = prev.strip() if isinstance(prev, str) and prev.strip() else None
+    helper._resume = Resume(helper.remote_destination, prev or helper.remote_source)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,538 @@
+"""``DistributedCheckpoint``: one checkpoint object saved and loaded by every rank of a group.
+
+Every method that touches the store is a collective: each rank of the group calls it, in the
+same order. The steps of each, and what flows between ranks (through :class:`Collectives`):
+
+save (each rank passes its directory, or ``None``)
+    1. *scan*: each rank scans its tree (``scan_tree``: stats and digests, in parallel);
+       the manifests (or each rank's refusal) are gathered on every rank.
+    2. *plan*: rank 0 makes the union (``plan_union``: the same file from several ranks is
+       stored once, in the lowest rank; different content under one path is refused naming
+       the path and the ranks) and begins one :class:`~checkpoint_io.SharedUpload` with
+       ``size + 2`` segments: the head, one per rank, the end. It broadcasts the plan and the
+       upload's token.
+    3. *segments*: rank 0 writes the head and the end; every rank writes its own members as
+       its segment, in parallel (padded to the store's minimum part size with records that
+       add nothing to the tar stream); the receipts (or each rank's failure) are gathered.
+    4. *commit*: rank 0 commits once every segment succeeded, else aborts; the outcome is
+       broadcast, and every rank returns or raises the same :class:`CheckpointSaveError`.
+
+  A rank that fails, is killed or hangs past the timeout makes every rank raise naming it;
+  the upload is aborted, the previous object is untouched. (A crash of rank 0 itself after
+  step 2 leaves an unfinished upload for the store's lifecycle rule or
+  ``checkpoint_io.sweep_shared_uploads``.)
+
+load
+    Rank 0 chooses the object (the resume rule of the helper, when it has one) and broadcasts
+    it; the lowest rank of each node (ranks with the same :func:`node_identity`) downloads
+    and restores it; the node's other ranks get the same local path. A failed restore raises
+    :class:`CheckpointLoadError` on every rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import stat
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from checkpoint_format import CheckpointFormatError, format_size
+
+from .._background import Background
+from .._checkpoint import Checkpoint
+from .._errors import CheckpointError, CheckpointLoadError, CheckpointSaveError, rule_of
+from .._pipeline import ensure_local_parent
+from .._snapshot import capture
+from ._collectives import CollectiveError, Collectives, node_identity
+
+__all__ = ["DistributedCheckpoint"]
+
+logger = logging.getLogger("flyte_checkpoint")
+
+_KEPT = "the previous object is unchanged"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (CheckpointError, CheckpointFormatError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure(exc: BaseException) -> tuple[str, str | None]:
+    return _describe(exc), rule_of(exc)
+
+
+class _NoData:
+    """What a rank that saves nothing hands the background machinery instead of a snapshot."""
+
+    source = None
+
+    def verify(self) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "nothing of its own"
+
+
+class _Refusal(_NoData):
+    """A rank whose data could not be frozen: it still takes part, and fails the save."""
+
+    def __init__(self, error: tuple[str, str | None]) -> None:
+        self.error = error
+
+
+class DistributedCheckpoint:
+    """The multi-rank face of a :class:`~flyte_checkpoint.Checkpoint`: every rank of
+    ``group`` saves its share of one atomic object and each node loads it once.
+
+    ``checkpoint`` is this rank's helper (every rank's has the same locations: what
+    ``flyte.ctx().checkpoint`` or ``Checkpoint.from_env()`` gives each torchrun worker).
+    ``group`` is a ``torch.distributed`` process group (``None``: the default one; torch is
+    imported only then), or any :class:`Collectives`. ``timeout`` bounds each step, in
+    seconds (default: the helper's ``Settings.distributed_timeout``,
+    ``CHECKPOINT_DISTRIBUTED_TIMEOUT``, 1,800 s).
+
+    Every method that touches the store is a collective: :meth:`load`/:meth:`load_sync`,
+    :meth:`save`/:meth:`save_sync` and :meth:`close` are called by every rank, in the same
+    order. A save takes a directory on each rank, or ``None`` on ranks with nothing to add.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, group: Any = None, *,
+                 timeout: float | None = None) -> None:
+        if not isinstance(checkpoint, Checkpoint):
+            raise TypeError("DistributedCheckpoint wraps a flyte_checkpoint.Checkpoint, not"
+                            f" {type(checkpoint).__name__}")
+        self._checkpoint = checkpoint
+        settings = checkpoint.settings
+        self._timeout = settings.distributed_timeout if timeout is None else float(timeout)
+        if not self._timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if _is_collectives(group):
+            self._group: Collectives = group
+        else:
+            from ._torch import TorchCollectives  # torch, only for a torch group
+
+            self._group = TorchCollectives(group, timeout=self._timeout)
+        self._node = node_identity(settings.node_id)
+        self._turn = threading.Lock()  # one collective operation at a time, in call order
+        self._pending: Background | None = None
+        self._failed: CheckpointSaveError | None = None
+        self._loaded = False
+        self._loaded_path: pathlib.Path | None = None
+        self._leader = True  # whether this rank restored for its node (until a load says)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """This rank's helper."""
+        return self._checkpoint
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank
+
+    @property
+    def size(self) -> int:
+        return self._group.size
+
+    @property
+    def path(self) -> pathlib.Path:
+        """Local directory of the restored checkpoint: after a load, the one its node's first
+        rank restored into (the same on every rank of a node)."""
+        if self._loaded_path is not None:
+            return self._loaded_path
+        return self._checkpoint.path
+
+    @property
+    def remote_destination(self) -> str:
+        return self._checkpoint.remote_destination
+
+    @property
+    def remote_source(self) -> str | None:
+        return self._checkpoint.remote_source
+
+    def prev_exists(self) -> bool:
+        return self._checkpoint.prev_exists()
+
+    def __repr__(self) -> str:
+        return (f"DistributedCheckpoint({self._checkpoint!r}, rank={self.rank},"
+                f" size={self.size})")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Collective: wait for a background save in flight, then, once every rank is done
+        with the restored files, remove the local workspaces. Raises a background save's
+        failure not raised before."""
+        try:
+            with self._turn:
+                self._settle("close()")
+        finally:
+            try:
+                self._group.barrier(step="close")
+            except CollectiveError as exc:
+                logger.warning("checkpoint close: %s; removing this rank's files anyway", exc)
+            finally:
+                self._loaded, self._loaded_path = False, None
+                self._checkpoint.close()
+
+    def __enter__(self) -> DistributedCheckpoint:
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        try:
+            self.close()
+        except CheckpointSaveError:
+            if exc_type is None:
+                raise
+
+    async def __aenter__(self) -> DistributedCheckpoint:
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.__exit__, exc_type, *exc_info)
+
+    # ------------------------------------------------------------------ load
+
+    def load_sync(self) -> pathlib.Path | None:
+        """Collective: restore the checkpoint once per node; every rank gets the path (or
+        ``None`` when there is no previous checkpoint)."""
+        with self._turn:
+            self._settle("a load")
+            return self._load_collective()
+
+    async def load(self) -> pathlib.Path | None:
+        return await _in_thread(self.load_sync)
+
+    def _load_collective(self) -> pathlib.Path | None:
+        if self._loaded:
+            return self._loaded_path
+        group, rank = self._group, self._group.rank
+        where = self.remote_source or self.remote_destination
+        nodes = self._collect(group.all_gather_object, self._node, step="load: nodes",
+                              error=CheckpointLoadError, uri=where)
+        firsts = {node: nodes.index(node) for node in nodes}
+        leader = firsts[self._node]
+        self._leader = leader == rank
+        choice: tuple[str | None, tuple[str, str | None] | None] = (None, None)
+        if rank == 0:
+            try:
+                choice = (self._checkpoint._source(), None)
+            except Exception as exc:
+                choice = (None, _failure(exc))
+        uri, refused = self._collect(group.broadcast_object, choice, src=0,
+                                     step="load: source", error=CheckpointLoadError, uri=where)
+        if refused is not None:
+            raise CheckpointLoadError(f"rank 0: {refused[0]}", where, refused[1])
+        outcome: tuple[str | None, tuple[str, str | None] | None] = (None, None)
+        if self._leader:
+            started = time.perf_counter()
+            try:
+                restored = self._checkpoint._load_from(uri)
+                outcome = (None if restored is None else str(restored), None)
+                logger.info("checkpoint load: rank %d restored %s for its node (%d rank(s))"
+                            " in %.2f s", rank, uri, nodes.count(self._node),
+                            time.perf_counter() - started)
+            except Exception as exc:
+                outcome = (None, _failure(exc))
+        outcomes = self._collect(group.all_gather_object, outcome, step="load: restore",
+                                 error=CheckpointLoadError, uri=uri or where)
+        failed = [(r, o[1]) for r, o in enumerate(outcomes) if o[1] is not None]
+        if failed:
+            text = "; ".join(f"rank {r} (restoring for node {nodes[r]!r}) failed: {why}"
+                             for r, (why, _) in failed)
+            raise CheckpointLoadError(
+                f"checkpoint at {uri} was not restored on every node: {text}", uri or where,
+                failed[0][1][1])
+        restored_path = outcomes[leader][0]
+        self._loaded = True
+        self._loaded_path = None if restored_path is None else pathlib.Path(restored_path)
+        return self._loaded_path
+
+    # ------------------------------------------------------------------ save
+
+    def save_sync(self, data: pathlib.Path | str | None, *,
+                  wait: bool = True) -> Future[None] | None:
+        """Collective: save the union of every rank's directory as one object.
+
+        ``data`` is this rank's directory, or ``None`` when it adds nothing. With
+        ``wait=False`` each rank freezes its directory (a hard-link snapshot) and gets a
+        :class:`concurrent.futures.Future` at once; the uploads and the commit go on in a
+        thread that talks only to the checkpoint's own group. Every rank's future (or call)
+        ends alike: ``None`` once the object is published, or the same
+        :class:`CheckpointSaveError`."""
+        if not wait:
+            return self._save_background(data)
+        with self._turn:
+            self._settle("a new save")
+            self._save_collective(self._checked(data), None)
+        return None
+
+    async def save(self, data: pathlib.Path | str | None, *,
+                   wait: bool = True) -> asyncio.Future[None] | None:
+        loop = asyncio.get_running_loop()
+        if not wait:
+            future = await loop.run_in_executor(None, self._save_background, data)
+            return asyncio.wrap_future(future, loop=loop)
+        await _in_thread(lambda: self.save_sync(data))
+        return None
+
+    def _checked(self, data: Any) -> pathlib.Path | _Refusal | None:
+        """This rank's directory, ``None``, or the refusal it carries into the save (so the
+        other ranks fail at once, naming it, instead of waiting for it)."""
+        if data is None:
+            return None
+        try:
+            if not isinstance(data, (str, pathlib.PurePath)) or isinstance(data, bytes):
+                raise TypeError(f"a multi-rank save takes a directory (or None) on each rank,"
+                                f" not {type(data).__name__}")
+            path = pathlib.Path(data)
+            st = path.stat()
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(f"{path} is not a directory; a multi-rank save takes"
+                                         " a directory (or None) on each rank")
+            self._checkpoint._refuse_destination_inside(path)
+            return path
+        except Exception as exc:
+            return _Refusal(_failure(exc))
+
+    def _save_background(self, data: Any) -> Future[None]:
+        checked = self._checked(data)
+        with self._turn:
+            self._settle("a new save")
+            if isinstance(checked, pathlib.Path):
+                try:
+                    snapshot: Any = capture(checked)
+                except Exception as exc:
+                    snapshot = _Refusal((f"the data could not be frozen for a background"
+                                         f" save: {_describe(exc)}", rule_of(exc)))
+            else:
+                snapshot = checked if checked is not None else _NoData()
+            logger.info("checkpoint save: rank %d in the background to %s, %s", self.rank,
+                        self.remote_destination, snapshot.describe())
+            background = Background(self.remote_destination, snapshot, self._upload_snapshot,
+                                    self._record_failure)
+            background.start()
+            self._pending = background
+        return background.future
+
+    def _upload_snapshot(self, snapshot: Any) -> None:
+        data = snapshot if isinstance(snapshot, _Refusal) else snapshot.source
+        self._save_collective(data, snapshot)
+
+    def _record_failure(self, error: CheckpointSaveError) -> None:
+        self._failed = error
+
+    def _settle(self, why: str) -> None:
+        """Wait for the background save in flight; raise a failure not raised before."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            after = ("raised by close(), which waited for it" if why == "close()"
+                     else f"{why} was not started")
+            raise CheckpointSaveError(f"{failed} (a background save; {after})", failed.uri,
+                                      failed.rule) from failed
+
+    def _save_collective(self, data: pathlib.Path | _Refusal | None, snapshot: Any) -> None:
+        from checkpoint_format import (
+            UnionConflictError,
+            end_piece,
+            padding,
+            plan_union,
+            scan_tree,
+            write_head,
+            write_segment,
+        )
+        from checkpoint_io import SharedUpload
+
+        group, rank, size = self._group, self._group.rank, self._group.size
+        dest = self.remote_destination
+        settings = self._checkpoint.settings
+        started = time.perf_counter()
+
+        # 1. scan
+        manifest, refused = None, None
+        if isinstance(data, _Refusal):
+            refused = data.error
+        elif data is not None:
+            try:
+                manifest = scan_tree(data, workers=settings.compress_threads,
+                                     limits=settings.limits)
+            except Exception as exc:
+                refused = _failure(exc)
+        scanned = self._collect(group.all_gather_object, (manifest, refused),
+                                step="save: scan", error=CheckpointSaveError, uri=dest)
+        self._raise_refusals(dest, [(r, s[1]) for r, s in enumerate(scanned)])
+        manifests = [s[0] for s in scanned]
+        if all(m is None for m in manifests):
+            raise CheckpointSaveError(
+                f"checkpoint not saved to {dest} ({_KEPT}): no rank passed a directory",
+                dest)
+
+        # 2. plan, and the upload begun by rank 0
+        upload = None
+        announced: tuple[Any, str | None, tuple[str, str | None] | None] = (None, None, None)
+        if rank == 0:
+            try:
+                plan = plan_union(manifests)
+                ensure_local_parent(dest)
+                upload = SharedUpload.begin_sync(self._checkpoint._file(dest),
+                                                 segments=size + 2)
+                announced = (plan, upload.token, None)
+            except UnionConflictError as exc:
+                announced = (None, None, (f"the ranks' trees conflict: {exc}", rule_of(exc)))
+            except Exception as exc:
+                announced = (None, None, (f"rank 0 could not begin the upload:"
+                                          f" {_describe(exc)}", rule_of(exc)))
+        try:
+            plan, token, refused = self._collect(group.broadcast_object, announced, src=0,
+                                                 step="save: plan", error=CheckpointSaveError,
+                                                 uri=dest)
+        except CheckpointSaveError:
+            _abort(upload)
+            raise
+        if refused is not None:
+            raise CheckpointSaveError(f"checkpoint not saved to {dest} ({_KEPT}): {refused[0]}",
+                                      dest, refused[1])
+
+        # 3. every rank's segment, in parallel
+        receipts: list[Any] = []
+        refused = None
+        stored = 0
+        try:
+            if upload is None:
+                upload = SharedUpload.join(self._checkpoint._file(dest), token)
+            if rank == 0:
+                receipts.append(_piece(upload, 0, padding, lambda sink: write_head(plan, sink)))
+            names = plan.assigned[rank] or []
+
+            def segment(sink: Any) -> None:
+                nonlocal stored
+                if names:
+                    assert isinstance(data, pathlib.Path) and manifest is not None
+                    stored = write_segment(data, manifest, names, sink,
+                                           workers=settings.compress_threads)
+                if snapshot is not None:  # an in-place write since the freeze: not this one
+                    snapshot.verify()
+
+            receipts.append(_piece(upload, rank + 1, padding, segment))
+            if rank == 0:
+                receipts.append(_piece(upload, size + 1, None,
+                                       lambda sink: sink.write(end_piece())))
+        except Exception as exc:
+            refused = _failure(exc)
+        try:
+            written = self._collect(group.all_gather_object, (receipts, refused),
+                                    step="save: segments", error=CheckpointSaveError, uri=dest)
+        except CheckpointSaveError:
+            _abort(upload if rank == 0 else None)
+            raise
+
+        # 4. commit by rank 0
+        outcome: tuple[str, str | None] | None = None
+        if rank == 0:
+            failures = [(r, w[1]) for r, w in enumerate(written) if w[1] is not None]
+            if failures:
+                _abort(upload)
+                outcome = (_refusal_text(failures), failures[0][1][1])
+            else:
+                try:
+                    upload.commit_sync([receipt for w in written for receipt in w[0]])
+                except Exception as exc:
+                    _abort(upload)
+                    outcome = (f"rank 0 could not commit: {_describe(exc)}", rule_of(exc))
+        outcome = self._collect(group.broadcast_object, outcome, src=0, step="save: commit",
+                                error=CheckpointSaveError, uri=dest)
+        if outcome is not None:
+            raise CheckpointSaveError(f"checkpoint not saved to {dest} ({_KEPT}): {outcome[0]}",
+                                      dest, outcome[1])
+        seconds = time.perf_counter() - started
+        logger.info("checkpoint save: rank %d of %d stored %s of its own in %.2f s; one object"
+                    " for all at %s", rank, size, format_size(stored), seconds, dest)
+
+    # ------------------------------------------------------------------ collectives
+
+    def _collect(self, call: Any, obj: Any, *, step: str, error: type[CheckpointError],
+                 uri: str, src: int | None = None) -> Any:
+        """One collective; its failure as ``error`` (naming the missing ranks) on this rank."""
+        try:
+            if src is None:
+                return call(obj, step=step)
+            return call(obj, src=src, step=step)
+        except CollectiveError as exc:
+            verb = "saved to" if error is CheckpointSaveError else "loaded from"
+            kept = f" ({_KEPT})" if error is CheckpointSaveError else "; nothing was restored"
+            raise error(f"checkpoint not {verb} {uri}{kept}: rank {self._group.rank} gave up:"
+                        f" {exc}", uri) from exc
+
+    @staticmethod
+    def _raise_refusals(dest: str, answers: list[tuple[int, tuple[str, str | None] | None]]
+                        ) -> None:
+        failures = [(r, a) for r, a in answers if a is not None]
+        if failures:
+            raise CheckpointSaveError(
+                f"checkpoint not saved to {dest} ({_KEPT}): {_refusal_text(failures)}", dest,
+                failures[0][1][1])
+
+
+def _refusal_text(failures: list[tuple[int, tuple[str, str | None]]]) -> str:
+    return "; ".join(f"rank {rank} failed: {why}" for rank, (why, _) in failures)
+
+
+def _piece(upload: Any, index: int, pad: Any, fill: Any) -> Any:
+    """Segment ``index`` of ``upload`` filled by ``fill(sink)``; its receipt. A failure
+    aborts the segment (nothing of it stays in the store) and propagates."""
+    writer = upload.open_segment(index, pad=pad)
+    try:
+        fill(writer)
+        return writer.close()
+    except BaseException:
+        try:
+            writer.abort()
+        except Exception as exc:
+            logger.warning("checkpoint save: could not abort segment %d: %s", index, exc)
+        raise
+
+
+def _abort(upload: Any) -> None:
+    if upload is None:
+        return
+    try:
+        upload.abort_sync()
+    except Exception as exc:  # the store's lifecycle rule or the sweep removes what is left
+        logger.warning("checkpoint save: could not abort the shared upload: %s", exc)
+
+
+def _is_collectives(group: Any) -> bool:
+    return group is not None and all(
+        hasattr(group, name) for name in ("rank", "size", "all_gather_object",
+                                          "broadcast_object", "barrier")
+    ) and isinstance(getattr(group, "rank", None), int)
+
+
+async def _in_thread(work: Any) -> Any:
+    """Run a collective on a worker thread. A cancelled awaiting task does not stop it (the
+    other ranks are in the same step): it finishes, and the cancellation goes through."""
+    future = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:
+                break
+        raise
