@@ -18,16 +18,11 @@ from .._errors import CheckpointSaveError
 
 __all__ = ["Agreement", "distributed_checkpoint", "launched_size", "timeout_of", "world"]
 
-#: Seconds a collective of the callbacks may wait for the other ranks when the checkpoint's
-#: Settings name none (``Settings.distributed_timeout``, ``CHECKPOINT_DISTRIBUTED_TIMEOUT``).
-DEFAULT_TIMEOUT = 600.0
 
-
-def timeout_of(checkpoint: Any) -> float:
-    """The bound of every collective for ``checkpoint``: its Settings' distributed timeout."""
-    settings = getattr(checkpoint, "settings", None)
-    value = getattr(settings, "distributed_timeout", None)
-    return float(value) if value else DEFAULT_TIMEOUT
+def timeout_of(checkpoint: Checkpoint) -> float:
+    """The bound of every collective for ``checkpoint``: its ``Settings.distributed_timeout``
+    (``CHECKPOINT_DISTRIBUTED_TIMEOUT``)."""
+    return float(checkpoint.settings.distributed_timeout)
 
 
 def _distributed() -> Any | None:
@@ -51,7 +46,7 @@ def launched_size(environ: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
-def world(*, start: bool = False, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
+def world(*, start: bool = False, timeout: float = 1800.0) -> tuple[int, int]:
     """``(rank, size)`` of the default process group; ``(0, 1)`` for a single process.
 
     With ``start``, when a launcher announced several ranks but nobody started the group yet
@@ -86,43 +81,43 @@ def distributed_checkpoint(checkpoint: Checkpoint, timeout: float) -> Any:
 
 
 class Agreement:
-    """A gloo group of the callbacks' own, for the decisions every rank must take alike
-    (whether a collective save starts now). Its collectives run in the training thread, at
-    batch boundaries, only while a save is waiting to start; the saves' own traffic goes
-    through the checkpoint's group, so the two never interleave.
+    """The decisions every rank must take alike (whether a collective save starts now),
+    over a group of the callbacks' own: a second instance of the checkpoint's collective
+    seam (a gloo group of its own on torch). Its collectives run in the training thread, at
+    batch boundaries, only while a save waits to start; the saves' own traffic goes through
+    the helper's group, in its background thread, so the two never interleave.
 
     Making one is a collective: every rank makes it at the same point.
     """
 
-    def __init__(self, uri: str, timeout: float) -> None:
-        import torch.distributed as dist
+    def __init__(self, uri: str, timeout: float, group: Any = None) -> None:
+        if group is None:
+            from ..distributed._torch import TorchCollectives
 
-        self._dist = dist
+            group = TorchCollectives(timeout=timeout)
+        self._group = group
         self.uri = uri
         self.timeout = timeout
-        self.rank = dist.get_rank()
-        self._group = dist.new_group(backend="gloo",
-                                     timeout=datetime.timedelta(seconds=timeout))
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank
 
     def all_idle(self, busy: bool) -> bool:
         """Whether no rank has a save in flight (every rank learns the same answer)."""
-        import torch
-
-        flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
-        self._collective(lambda: self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX,
-                                                       group=self._group))
-        return int(flag.item()) == 0
+        answers = self._collective(self._group.all_gather_object, busy,
+                                   step="callback: saves in flight")
+        return not any(answers)
 
     def barrier(self) -> None:
         """Wait until every rank got here (each finished writing its share of a save)."""
-        self._collective(lambda: self._dist.barrier(group=self._group))
+        self._collective(self._group.barrier, step="callback: shares written")
 
-    def _collective(self, call: Any) -> None:
+    def _collective(self, call: Any, *args: Any, step: str) -> Any:
         try:
-            call()
-        except Exception as failure:  # gloo's timeout, or a peer that died
+            return call(*args, step=step)
+        except Exception as failure:  # a peer died, or the timeout passed: the seam says which
             raise CheckpointSaveError(
                 f"checkpoint not saved to {self.uri} (the previous object is unchanged): rank"
                 f" {self.rank} could not agree with the other ranks on the save within"
-                f" {self.timeout:g} s (a rank died or hangs?): {type(failure).__name__}:"
-                f" {failure}", self.uri) from failure
+                f" {self.timeout:g} s: {failure}", self.uri) from failure
