@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import CorruptArchiveError
-from ._spec import SIZE_RECORD, SIZE_RECORD_ID
+from ._spec import PADDING_RECORD_ID, SIZE_RECORD, SIZE_RECORD_ID
 from ._width import decode_width
 
 try:  # optional speed extra
@@ -567,6 +567,39 @@ def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
     length = _GZIP_HEADER_SIZE + sum(map(len, body)) + _GZIP_TRAILER_SIZE
     record = SIZE_RECORD.pack(length, len(view))
     return b"".join([_GZIP_HEADER_START, _EXTRA_FIELD, record, *body, trailer])
+
+
+# CF-ASM-06: a padding member is a header with FEXTRA holding the FP subfield alone, the empty
+# fixed-Huffman deflate block, and a trailer of CRC-32 0 and ISIZE 0.
+_EMPTY_DEFLATE = b"\x03\x00"
+_PADDING_OVERHEAD = len(_GZIP_HEADER_START) + 2 + 4 + len(_EMPTY_DEFLATE) + _GZIP_TRAILER_SIZE
+#: The smallest and the largest padding member (XLEN is 16 bits: LEN at most 65,531).
+PADDING_MIN = _PADDING_OVERHEAD
+PADDING_MAX = _PADDING_OVERHEAD + 0xFFFF - 4
+
+
+def padding_member(length: int) -> bytes:
+    """One padding member of exactly ``length`` bytes (PADDING_MIN to PADDING_MAX)."""
+    data = length - _PADDING_OVERHEAD
+    assert 0 <= data <= 0xFFFF - 4, length
+    extra = struct.pack("<H2sH", 4 + data, PADDING_RECORD_ID, data)
+    return b"".join(
+        [_GZIP_HEADER_START, extra, bytes(data), _EMPTY_DEFLATE, bytes(_GZIP_TRAILER_SIZE)]
+    )
+
+
+def padding_members(size: int) -> bytes:
+    """Padding members (CF-ASM-06) of exactly ``size`` bytes in all, as few as can be, of
+    near-equal lengths; ``size`` 0 is no bytes, and 1 to PADDING_MIN - 1 is one member of
+    PADDING_MIN bytes (the least there is)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"padding size must be a whole number of 0 or more, got {size!r}")
+    if size == 0:
+        return b""
+    size = max(size, PADDING_MIN)
+    count = -(-size // PADDING_MAX)
+    base, longer = divmod(size, count)  # base >= PADDING_MIN for every count (see spec)
+    return b"".join(padding_member(base + (index < longer)) for index in range(count))
 
 
 ReadFn = Callable[[int], bytes]

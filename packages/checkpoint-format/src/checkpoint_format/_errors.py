@@ -6,6 +6,7 @@ __all__ = [
     "CheckpointFormatError",
     "CorruptArchiveError",
     "LimitExceededError",
+    "UnionConflictError",
     "UnsafeMemberError",
     "UnsupportedFormatError",
     "WriteRefusedError",
@@ -50,3 +51,18 @@ class UnsupportedFormatError(CheckpointFormatError):
 
 class WriteRefusedError(CheckpointFormatError):
     """The tree to be saved cannot be written as a spec-compliant tarball (CF-WRITE)."""
+
+
+class UnionConflictError(WriteRefusedError):
+    """The trees of several contributors cannot be joined into one assembled object
+    (CF-ASM-07): ``path`` is held differently by the contributors ``ranks`` (in increasing
+    order), for ``reason``."""
+
+    def __init__(self, path: str, ranks: tuple[int, ...] | list[int], reason: str) -> None:
+        self.path = path
+        self.ranks = tuple(ranks)
+        self.reason = reason
+        super().__init__("CF-ASM-07", reason, path)
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.ranks, self.reason))

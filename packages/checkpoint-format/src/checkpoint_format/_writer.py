@@ -15,7 +15,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -24,7 +24,7 @@ from ._codec import codec_name, gzip_member
 from ._digest import piece_digest
 from ._errors import WriteRefusedError
 from ._links import NameTree, target_problem
-from ._spec import BLOCK, FORMAT_VERSION, PIECE, PLAIN_KEY, TREE_KEY, VERSION_KEY, WRITER_KEY
+from ._spec import BLOCK, PIECE, PLAIN_KEY, TARBALL_VERSION, TREE_KEY, VERSION_KEY, WRITER_KEY
 from ._tarheader import (
     DIRECTORY,
     HARDLINK,
@@ -91,19 +91,43 @@ def write_tarball(
         raise NotADirectoryError(f"checkpoint source {root} is not a directory")
     started = time.perf_counter()
     stats = WriteStats(codec=codec_name())
+    stats.tar_bytes, stats.compressed_bytes = compress_stream(
+        sink,
+        lambda pool: _tar_stream(root, stats, chunk_size, pool),
+        level=level,
+        workers=workers,
+        chunk_size=chunk_size,
+    )
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def compress_stream(
+    sink: Sink | BinaryIO,
+    tar_pieces: Callable[[ThreadPoolExecutor], Iterator[bytes]],
+    *,
+    level: int | str | None = "auto",
+    workers: int | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[int, int]:
+    """Cut the tar stream ``tar_pieces(pool)`` yields into slices, each one gzip member
+    compressed on ``pool`` (which the pieces may use too, for hashing), written to ``sink``
+    in order. Returns the tar bytes and the compressed bytes written. The one compression
+    path of every writer: :func:`write_tarball` and the pieces of an assembled object."""
+    if level is None:
+        level = "auto"
     workers = compress_width(workers)
+    tar_bytes = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
         emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
         try:
-            for piece in _slices(_tar_stream(root, stats, chunk_size, pool), chunk_size):
-                stats.tar_bytes += len(piece)
+            for piece in _slices(tar_pieces(pool), chunk_size):
+                tar_bytes += len(piece)
                 emitter.put(pool.submit(gzip_member, piece, level))
-            stats.compressed_bytes = emitter.finish()
+            return tar_bytes, emitter.finish()
         except BaseException:
             emitter.abort()
             raise
-    stats.seconds = time.perf_counter() - started
-    return stats
 
 
 class _Emitter:
@@ -192,7 +216,7 @@ def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
 def _tar_stream(
     root: Path, stats: WriteStats, chunk_size: int, pool: ThreadPoolExecutor
 ) -> Iterator[bytes]:
-    records = [(VERSION_KEY, FORMAT_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
+    records = [(VERSION_KEY, TARBALL_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
     inodes: dict[tuple[int, int], str] = {}
     links = NameTree()  # the links only, with their parents: what CF-EXTRACT-03 needs
     for name, path, st in _walk(root):

@@ -7,18 +7,37 @@
 
 __version__ = "0.1.0"
 
-from ._errors import MissingBackendError, ObjectChangedError, StorageError, StorageRetryError
+from ._errors import (
+    MissingBackendError,
+    ObjectChangedError,
+    SharedUploadError,
+    StorageError,
+    StorageRetryError,
+)
 from ._file import AsyncFile, File, SyncFile
 from ._loop import SyncInAsyncError, io_loop, refuse_in_loop
 from ._registry import filesystem, require_backend, scheme_of
 from ._retry import RetryPolicy
+from ._shared import (
+    AsyncSegmentWriter,
+    SegmentReceipt,
+    SegmentWriter,
+    SharedUpload,
+    sweep_shared_uploads,
+    sweep_shared_uploads_sync,
+)
 
 __all__ = [
     "AsyncFile",
+    "AsyncSegmentWriter",
     "File",
     "MissingBackendError",
     "ObjectChangedError",
     "RetryPolicy",
+    "SegmentReceipt",
+    "SegmentWriter",
+    "SharedUpload",
+    "SharedUploadError",
     "StorageError",
     "StorageRetryError",
     "SyncFile",
@@ -29,4 +48,6 @@ __all__ = [
     "refuse_in_loop",
     "require_backend",
     "scheme_of",
+    "sweep_shared_uploads",
+    "sweep_shared_uploads_sync",
 ]

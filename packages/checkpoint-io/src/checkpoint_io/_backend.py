@@ -15,7 +15,8 @@ from typing import Any
 
 from ._errors import RangeMismatch
 
-__all__ = ["Backend", "BackendOptions", "Source", "Upload", "check_range", "joined_range"]
+__all__ = ["Backend", "BackendOptions", "PartRecord", "SegmentSink", "SharedTarget", "Source",
+           "Upload", "check_range", "grown_part_size", "joined_range"]
 
 MiB = 1024 * 1024
 
@@ -109,6 +110,94 @@ class Upload(abc.ABC):
         """Discard everything sent so far; the previous object stays as it was."""
 
 
+def grown_part_size(base: int, sent: int, max_parts: int, max_part_size: int) -> int:
+    """The size of the part being filled after ``sent`` parts of a stream whose length is
+    unknown: ``base``, doubled after every tenth of ``max_parts`` (at most 9 times, never
+    past ``max_part_size``), so that the stream never runs out of part numbers. On S3
+    (10,000 parts, 5 MiB to start) the first 4.9 GiB go in 5 MiB parts and the limit is
+    about 5 TiB. Streaming writes and the segments of shared uploads both follow it."""
+    doublings = min(sent // max(1, max_parts // 10), 9)
+    return max(base, min(base << doublings, max_part_size))
+
+
+#: One part of a segment as the store knows it: its part number, the store's identifier for
+#: it (an S3 ETag, an Azure block ID, a GCS temporary object "name#generation"; empty on
+#: local files) and its size in bytes.
+PartRecord = tuple[int, str, int]
+
+
+class SegmentSink(abc.ABC):
+    """The store's side of one segment of a shared upload (see ``checkpoint_io._shared``):
+    parts sent in any order, several at once, each a retried request of its own.
+
+    Part numbers run from ``first_part`` to ``first_part + max_parts - 1``; every part but
+    the segment's last holds at least ``min_part`` bytes (the writer holds back its last
+    full part to make sure). Each hook makes ONE attempt and raises the client's error, or
+    :class:`~checkpoint_io.SharedUploadError` when the upload is no longer open.
+    """
+
+    first_part: int = 1
+    max_parts: int = 1_000_000
+    min_part: int = 1
+
+    async def open(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
+        """Check that the upload is still open and take what the segment needs."""
+
+    @abc.abstractmethod
+    async def put_part(self, number: int, offset: int, data: bytes) -> str:
+        """Send part ``number``, the segment's bytes ``[offset, offset + len(data))``;
+        return the store's identifier of it."""
+
+    async def close(self, size: int) -> None:  # noqa: B027 -- optional hook
+        """Every part was sent (``size`` bytes in all): make them durable where that is a
+        separate step, and check the upload is still open."""
+
+    async def abort(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
+        """Remove what this segment sent, where the store keeps parts apart until the
+        commit; stores that drop unused parts with the upload do nothing."""
+
+
+class SharedTarget(abc.ABC):
+    """The store's side of a shared upload: ``segments`` pieces written by any processes,
+    published as ONE object, pieces in index order, by :meth:`commit` alone.
+
+    Built by :meth:`Backend.shared_target` from the upload's random ``upload`` id and, when
+    another process joins, from the ``state`` that :meth:`begin` returned (JSON-able: it
+    travels in the token). Hooks make one attempt each, as :class:`Upload`'s do.
+    """
+
+    #: Bytes every segment but the last must hold, unless it is empty.
+    min_segment: int = 1
+    #: Most segments one upload may have.
+    max_segments: int = 10_000
+    #: The commit runs under the retry policy (one request); False for a commit that is one
+    #: long local step, which a retry after ``attempt_timeout`` would only race.
+    commit_retried: bool = True
+
+    def __init__(self, path: str, segments: int, upload: str, state: dict | None) -> None:
+        self.path = path
+        self.segments = segments
+        self.upload = upload
+        self.state = dict(state or {})
+
+    async def begin(self) -> dict:
+        """Start the upload (nothing visible at ``path`` yet); returns ``state``."""
+        return self.state
+
+    @abc.abstractmethod
+    def segment(self, index: int) -> SegmentSink:
+        """The sink of segment ``index``; makes no request yet."""
+
+    @abc.abstractmethod
+    async def commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        """Publish the object atomically from ``(index, size, parts)`` of every segment, in
+        index order, parts in number order; then drop what is left of the upload."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Remove everything every segment sent; the previous object stays as it was."""
+
+
 class Backend(abc.ABC):
     """The hooks one URI scheme provides. Instances live on the I/O loop."""
 
@@ -150,6 +239,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def new_upload(self, path: str) -> Upload:
         """Prepare a write to ``path``; makes no request yet."""
+
+    def shared_target(self, path: str, segments: int, upload: str,
+                      state: dict | None) -> SharedTarget:
+        """The store's side of a shared upload to ``path`` (see :class:`SharedTarget`)."""
+        raise io.UnsupportedOperation(
+            f"{path}: this store cannot assemble one object from segments written by several "
+            "processes (shared uploads work on local paths, s3://, gs:// and Azure)")
+
+    async def sweep_shared(self, path: str, older_than: float) -> list[str]:
+        """Remove what shared uploads to ``path`` started over ``older_than`` seconds ago
+        left behind (processes killed before a commit or an abort); returns what went."""
+        return []
 
     async def close(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Release client sessions."""

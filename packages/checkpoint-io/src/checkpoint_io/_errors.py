@@ -17,7 +17,8 @@ import errno
 import socket
 
 __all__ = ["Fault", "MissingBackendError", "ObjectChangedError", "RangeMismatch",
-           "RangesIgnoredError", "StorageError", "StorageRetryError", "VersionMismatch", "classify"]
+           "RangesIgnoredError", "SharedUploadError", "StorageError", "StorageRetryError",
+           "VersionMismatch", "classify"]
 
 
 class MissingBackendError(ImportError):
@@ -122,6 +123,27 @@ class RangesIgnoredError(StorageError):
 
     def __reduce__(self):
         return (RangesIgnoredError, (self.uri, self.operation, self.reason))
+
+
+class SharedUploadError(StorageError):
+    """A shared upload (``SharedUpload``) cannot go on as asked: its token is bad or names
+    another object, it was committed or aborted already, a segment's receipt is missing,
+    duplicated or from another upload, a segment is too small. ``index`` is the segment
+    concerned (``None`` when the whole upload is); never retried."""
+
+    def __init__(self, uri: str, operation: str, reason: str,
+                 index: int | None = None) -> None:
+        super().__init__(errno.EINVAL, f"{operation} of {uri}: {reason}")
+        self.uri = uri
+        self.operation = operation
+        self.reason = reason
+        self.index = index
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    def __reduce__(self):
+        return (SharedUploadError, (self.uri, self.operation, self.reason, self.index))
 
 
 class VersionMismatch(Exception):
@@ -247,6 +269,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def _classify_one(exc: BaseException) -> Fault | None:
+    if isinstance(exc, SharedUploadError):
+        return Fault.FATAL  # already says what is wrong, whatever caused it
     if isinstance(exc, VersionMismatch):
         return Fault.CHANGED
     if isinstance(exc, RangeMismatch):

@@ -12,8 +12,17 @@ import os
 import threading
 from typing import Any
 
-from ._backend import Backend, MiB, Source, Upload
-from ._localfs import fsync_dir, open_temp_sibling, pwrite_all, sweep_partials
+from ._backend import Backend, MiB, PartRecord, SegmentSink, SharedTarget, Source, Upload
+from ._errors import SharedUploadError
+from ._localfs import (
+    _NO_FLOCK,
+    _PARTIAL,
+    _same_file,
+    fsync_dir,
+    open_temp_sibling,
+    pwrite_all,
+    sweep_partials,
+)
 
 __all__ = ["LocalBackend"]
 
@@ -309,6 +318,283 @@ class _LocalUpload(Upload):
         self._discard()  # never waits on anything: no executor hop
 
 
+# --- shared uploads --------------------------------------------------------------------
+#
+# Segment i of upload U to /d/name is the part file /d/.name.partial-<U><i as 4 hex digits>,
+# and /d/.name.partial-<U>ffff marks the upload as open: named like the temp siblings of
+# ordinary saves, so that the same sweep removes what a killed process left (unlocked and
+# idle for PARTIAL_IDLE). The process that began the upload holds a shared flock on the
+# marker, a segment writer an exclusive one on its part file, for as long as they live.
+
+_MARKER_INDEX = 0xFFFF
+#: Open markers of this process: path -> the descriptor holding its shared lock.
+_markers: dict[str, int] = {}
+_markers_lock = threading.Lock()
+
+
+def _shared_name(path: str, upload: str, index: int) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}{_PARTIAL}{upload}{index:04x}")
+
+
+def _flock(fd: int, how: int) -> bool:
+    """Take a lock; False if another holds it. A file system without flock counts as
+    locked by us (the sweep's idle guard protects the file then)."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                             errno.EPERM})
+
+
+def _copy_range(src: int, dst: int, size: int, offset: int) -> None:
+    """Write the first ``size`` bytes of ``src`` at ``offset`` of ``dst``: in the kernel with
+    ``copy_file_range`` (a reflink on file systems that share extents), else ``sendfile``,
+    else through a buffer."""
+    done = 0
+    for step in (_copy_file_range, _sendfile, _buffered):
+        try:
+            done = step(src, dst, size, offset, done)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY or step is _buffered:
+                raise
+            continue  # refused here (another file system, an old kernel): the next way
+        if done == size:
+            return
+
+
+def _ended(done: int, size: int) -> OSError:
+    return OSError(errno.EIO, f"part file ended at byte {done} of {size} (it shrank?)")
+
+
+def _copy_file_range(src: int, dst: int, size: int, offset: int, done: int) -> int:
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None:
+        raise OSError(errno.ENOSYS, "no copy_file_range")
+    while done < size:
+        sent = copy(src, dst, size - done, done, offset + done)
+        if sent == 0:
+            raise _ended(done, size)
+        done += sent
+    return done
+
+
+def _sendfile(src: int, dst: int, size: int, offset: int, done: int) -> int:
+    os.lseek(dst, offset + done, os.SEEK_SET)
+    while done < size:
+        sent = os.sendfile(dst, src, done, size - done)
+        if sent == 0:
+            raise _ended(done, size)
+        done += sent
+    return done
+
+
+def _buffered(src: int, dst: int, size: int, offset: int, done: int) -> int:
+    while done < size:
+        chunk = os.pread(src, min(8 * MiB, size - done), done)
+        if not chunk:
+            raise _ended(done, size)
+        pwrite_all(dst, chunk, offset + done)
+        done += len(chunk)
+    return done
+
+
+class _LocalSegment(SegmentSink):
+    """One segment written into its own part file, at the offsets of its parts."""
+
+    def __init__(self, target: _LocalShared, index: int) -> None:
+        self._target = target
+        self._index = index
+        self._name = _shared_name(target.path, target.upload, index)
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def _open(self) -> None:
+        self._target.check_open(f"open segment {self._index}", self._index)
+        fd = os.open(self._name, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            if not _flock(fd, fcntl.LOCK_EX):
+                raise SharedUploadError(self._target.path, f"open segment {self._index}",
+                                        f"segment {self._index} is being written by another "
+                                        f"writer ({self._name} is locked)", self._index)
+            if not _same_file(fd, self._name):  # aborted in between
+                self._target.check_open(f"open segment {self._index}", self._index)
+                raise OSError(errno.ESTALE, f"{self._name} was removed while opening")
+            os.ftruncate(fd, 0)  # what a writer of this segment that died left
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            old, self._fd = self._fd, fd
+        _close_quietly(old)
+        self._target.touch()
+
+    async def open(self) -> None:
+        await _blocking(self._open)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"segment {self._index} of {self._target.path} "
+                              "is closed")
+            fd = os.dup(self._fd)
+        try:
+            pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    async def put_part(self, number: int, offset: int, data: bytes) -> str:
+        await _blocking(self._write, offset, data)
+        return ""
+
+    def _close(self, size: int) -> None:
+        with self._lock:
+            fd = self._fd
+        operation = f"close segment {self._index}"
+        if fd < 0:
+            raise OSError(errno.EBADF, f"{operation} of {self._target.path}: not open")
+        if os.fstat(fd).st_size != size:
+            raise OSError(errno.EIO, f"{operation} of {self._target.path}: {self._name} holds "
+                          f"{os.fstat(fd).st_size} bytes, {size} were written")
+        os.fsync(fd)
+        if not _same_file(fd, self._name):
+            raise SharedUploadError(self._target.path, operation, f"{self._name} was removed "
+                                    "(the upload was aborted, or swept)", self._index)
+        self._target.check_open(operation, self._index)
+        self._target.touch()
+        with self._lock:
+            self._fd = -1
+        os.close(fd)  # the lock goes: the file waits, fresh, for the commit
+
+    async def close(self, size: int) -> None:
+        await _blocking(self._close, size)
+
+    async def abort(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            if _same_file(fd, self._name):  # removed while still locked: no sweep races
+                _unlink_quietly(self._name)
+            _close_quietly(fd)
+
+
+class _LocalShared(SharedTarget):
+    """Part files beside the destination, joined in the kernel into a temp sibling that is
+    fsynced and renamed into place; see the comment above."""
+
+    max_segments = _MARKER_INDEX  # indexes 0-fffe; ffff is the marker
+    commit_retried = False  # one long local copy: never raced by a retry after a timeout
+
+    def __init__(self, path: str, segments: int, upload: str, state: dict | None) -> None:
+        super().__init__(path, segments, upload, state)
+        self.marker = _shared_name(path, upload, _MARKER_INDEX)
+
+    def check_open(self, operation: str, index: int | None = None) -> None:
+        if not os.path.exists(self.marker):
+            raise SharedUploadError(
+                self.path, operation, f"shared upload {self.upload} is no longer open (it was "
+                f"committed or aborted, or swept: {self.marker} is gone)", index)
+
+    def touch(self) -> None:
+        # Keeps the marker fresh for the sweep's idle guard while segments come and go.
+        with contextlib.suppress(OSError):
+            os.utime(self.marker)
+
+    def _begin(self) -> dict:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        sweep_partials(self.path)
+        fd = os.open(self.marker, os.O_RDONLY | os.O_CREAT | os.O_EXCL
+                     | getattr(os, "O_CLOEXEC", 0), 0o666)
+        _flock(fd, fcntl.LOCK_SH)
+        with _markers_lock:
+            _markers[self.marker] = fd
+        fsync_dir(os.path.dirname(self.path))
+        return self.state
+
+    async def begin(self) -> dict:
+        return await _blocking(self._begin)
+
+    def segment(self, index: int) -> SegmentSink:
+        return _LocalSegment(self, index)
+
+    def _release_marker(self) -> None:
+        _unlink_quietly(self.marker)
+        with _markers_lock:
+            fd = _markers.pop(self.marker, -1)
+        _close_quietly(fd)
+
+    def _remove_parts(self) -> None:
+        for index in range(self.segments):
+            _unlink_quietly(_shared_name(self.path, self.upload, index))
+
+    def _commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        operation = "commit shared upload"
+        self.check_open(operation)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(errno.EISDIR, "commit: a directory is there, and an object "
+                                    "is one file, not a directory", self.path)
+        sources = []
+        try:
+            for index, size, _ in segments:
+                if size == 0:
+                    continue
+                name = _shared_name(self.path, self.upload, index)
+                try:
+                    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise SharedUploadError(self.path, operation, f"the part file of segment "
+                                            f"{index} is gone ({name})", index) from None
+                sources.append(fd)
+                held = os.fstat(fd).st_size
+                if held != size:
+                    raise SharedUploadError(self.path, operation, f"the part file of segment "
+                                            f"{index} holds {held} bytes, its receipt says "
+                                            f"{size}", index)
+            temp, out = open_temp_sibling(self.path)
+            try:
+                offset = 0
+                for fd in sources:
+                    size = os.fstat(fd).st_size
+                    _copy_range(fd, out, size, offset)
+                    offset += size
+                os.fsync(out)
+                self.check_open(operation)  # aborted meanwhile: publish nothing
+                os.replace(temp, self.path)
+            except BaseException:
+                _unlink_quietly(temp)
+                raise
+            finally:
+                os.close(out)
+        finally:
+            for fd in sources:
+                os.close(fd)
+        fsync_dir(os.path.dirname(self.path))
+        self._release_marker()
+        self._remove_parts()
+
+    async def commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        await _blocking(self._commit, segments)
+
+    def _abort(self) -> None:
+        self._release_marker()  # first: segments still writing fail at close
+        self._remove_parts()
+
+    async def abort(self) -> None:
+        await _blocking(self._abort)
+
+
 class LocalBackend(Backend):
     part_size = 8 * MiB
     concurrency = 2
@@ -339,3 +625,15 @@ class LocalBackend(Backend):
             raise IsADirectoryError(errno.EISDIR, "write: a directory is there, and an "
                                     "object is one file, not a directory", path)
         return _LocalUpload(local, direct_writes=self.options.direct_writes)
+
+    def shared_target(self, path: str, segments: int, upload: str,
+                      state: dict | None) -> SharedTarget:
+        local = self.local_path(path)
+        if os.path.isdir(local):
+            raise IsADirectoryError(errno.EISDIR, "write: a directory is there, and an "
+                                    "object is one file, not a directory", path)
+        return _LocalShared(local, segments, upload, state)
+
+    async def sweep_shared(self, path: str, older_than: float) -> list[str]:
+        local = self.local_path(path)
+        return await _blocking(sweep_partials, local, older_than)

@@ -74,7 +74,7 @@ def open_temp_sibling(path: str) -> tuple[str, int]:
         os.close(fd)  # swept before we held it: that name is gone, make another
 
 
-def sweep_partials(path: str) -> list[str]:
+def sweep_partials(path: str, idle: float | None = None) -> list[str]:
     """Remove the temp siblings of ``path`` (``.<name>.partial-<12 hex>``) that no process
     is writing: what a save killed mid-write (SIGKILL, OOM, a lost node) left behind.
 
@@ -84,9 +84,11 @@ def sweep_partials(path: str) -> list[str]:
     could not take one (a file system without ``flock`` on its side, an older
     checkpoint-io on a shared volume, an NFS mount with local locks only), but every writer
     writes: so a file is removed only if it is unlocked *and* unmodified for
-    :data:`PARTIAL_IDLE` seconds. Best effort: what cannot be examined or removed stays.
-    Returns the names removed.
+    :data:`PARTIAL_IDLE` seconds (or ``idle``, when given). Best effort: what cannot be
+    examined or removed stays. Returns the names removed. The part files of shared uploads
+    (see ``_local``) are named the same way, and swept by the same rules.
     """
+    limit = PARTIAL_IDLE if idle is None else idle
     directory, name = os.path.split(path)
     prefix = f".{name}{_PARTIAL}"
     removed = []
@@ -111,9 +113,9 @@ def sweep_partials(path: str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a save in progress holds it
-            idle = time.time() - os.fstat(fd).st_mtime
+            unmodified = time.time() - os.fstat(fd).st_mtime
             # Still that file under that name, and long unwritten: no writer left.
-            if idle > PARTIAL_IDLE and _same_file(fd, full):
+            if unmodified > limit and _same_file(fd, full):
                 os.unlink(full)
                 removed.append(entry)
         except OSError as exc:

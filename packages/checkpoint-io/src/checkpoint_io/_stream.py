@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from ._backend import Backend, Source, Upload
+from ._backend import Backend, Source, Upload, grown_part_size
 from ._localfs import fsync_dir, open_temp_sibling, pwrite_all
 from ._retry import RetryPolicy, call_with_retries
 
@@ -118,8 +118,8 @@ class StreamWriter:
         (10,000 parts, 5 MiB to start) the first 4.9 GiB go in 5 MiB parts, memory stays
         small for the usual checkpoint, and the limit is about 5 TiB instead of 48 GiB."""
         backend = self._t.backend
-        doublings = min(self._parts_sent // max(1, backend.max_parts // 10), 9)
-        return max(self._t.part_size, min(self._t.part_size << doublings, backend.max_part_size))
+        return grown_part_size(self._t.part_size, self._parts_sent, backend.max_parts,
+                               backend.max_part_size)
 
     async def _send(self, part: bytes) -> None:
         self._raise_failure()
