@@ -13,16 +13,14 @@ task's checkpoint, in the background, and resume the next attempt from it.
 (``save_total_limit``); the hard-link snapshot of a background save keeps the files it holds
 even when they are deleted, so the loop waits only for the snapshot.
 
-Under several ranks (torchrun, ``ClusteredTaskEnvironment``, the Elastic plugin), the
-callback finds the setup itself, the same code on every rank:
-
-- replicated state (DDP, FSDP with ``FULL_STATE_DICT``): rank 0 uploads, once every rank has
-  written its share of ``checkpoint-N`` (``Trainer`` writes an ``rng_state_<rank>.pth`` per
-  rank); ``resume_path()`` is a collective: one rank per node downloads, and every rank gets
-  the same directory.
-- sharded state (Accelerate FSDP with ``SHARDED_STATE_DICT``, DeepSpeed): every rank
-  contributes its ``checkpoint-N`` through the collective save, which stores one object
-  holding the union of the ranks' trees.
+Under several ranks (torchrun, ``ClusteredTaskEnvironment``, the Elastic plugin), every
+rank contributes its ``checkpoint-N`` through the collective save, which stores one object
+holding the union of the ranks' trees, and ``resume_path()`` is a collective: one rank per
+node downloads, and every rank gets the same directory. Every rank, because ``Trainer``'s
+checkpoint is never rank 0's alone: even under DDP each rank writes its own
+``rng_state_<rank>.pth`` (into its own ``output_dir``, on its own node), and with sharded
+state (Accelerate FSDP with ``SHARDED_STATE_DICT``, DeepSpeed) each writes its shard files.
+Ranks that share one directory contribute the same files, which the object holds once.
 """
 
 from __future__ import annotations
@@ -45,32 +43,6 @@ __all__ = ["FlyteCheckpointCallback"]
 _STATE = "trainer_state.json"
 
 
-def sharded_state(args: Any) -> bool:
-    """Whether ``Trainer`` with ``args`` saves a checkpoint that every rank holds a share of:
-    DeepSpeed, or FSDP whose state dict type (Accelerate's plugin, else ``fsdp_config``) is
-    ``SHARDED_STATE_DICT``."""
-    if getattr(args, "deepspeed", None):
-        return True
-    if not getattr(args, "fsdp", None):
-        return False
-    kind = _accelerate_state_dict_type()
-    if kind is None:
-        config = getattr(args, "fsdp_config", None) or {}
-        kind = config.get("state_dict_type") or config.get("fsdp_state_dict_type")
-    return "SHARDED_STATE_DICT" in str(kind).upper()
-
-
-def _accelerate_state_dict_type() -> Any:
-    """The FSDP plugin's state dict type of Accelerate's started state, else ``None``."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:
-        return None
-    if not AcceleratorState._shared_state:  # not started: constructing it would start it
-        return None
-    return getattr(getattr(AcceleratorState(), "fsdp_plugin", None), "state_dict_type", None)
-
-
 class FlyteCheckpointCallback(TrainerCallback):
     """Upload the newest ``checkpoint-N`` directory after each save, without blocking training.
 
@@ -91,8 +63,7 @@ class FlyteCheckpointCallback(TrainerCallback):
         self._newest: pathlib.Path | None = None
         self._timeout = timeout_of(self.checkpoint)
         self._distributed: Any = None  # the collective helper, made at first collective use
-        self._agreement: Agreement | None = None  # several ranks, from on_train_begin
-        self._collective: CollectiveMirror | None = None  # sharded state
+        self._collective: CollectiveMirror | None = None  # several ranks, from on_train_begin
 
     def resume_path(self) -> str | None:
         """Restore the previous attempt's checkpoint; the directory for
@@ -129,7 +100,7 @@ class FlyteCheckpointCallback(TrainerCallback):
         now if it was waiting for an earlier upload; raises a failed upload's error.
 
         For an attempt that must end soon (a preemption notice, say): the next attempt then
-        resumes from the newest save instead of an older one. With sharded state this is a
+        resumes from the newest save instead of an older one. Under several ranks this is a
         collective: call it on every rank.
         """
         if self._collective is not None:
@@ -139,26 +110,20 @@ class FlyteCheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Every rank, with the process group started: the groups of our own are made here.
-        if self._agreement is not None or world()[1] == 1:
+        if self._collective is not None or world()[1] == 1:
             return
-        if sharded_state(args):
-            helper = self._collective_helper()
-            self._agreement = Agreement(self.checkpoint.remote_destination, self._timeout)
-            self._collective = CollectiveMirror(helper, self._agreement)
-        else:
-            self._agreement = Agreement(self.checkpoint.remote_destination, self._timeout)
+        self._collective = CollectiveMirror(
+            self._collective_helper(),
+            Agreement(self.checkpoint.remote_destination, self._timeout))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._newest = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self._collective is not None:  # every rank; the offer's agreement waits for all
+        if self._collective is not None:
+            # Every rank: the offer's agreement is also what waits until every rank has
+            # written its share (nothing in Trainer waits after rng_state_<rank>.pth).
             self._collective.note_save()
             self._collective.offer(self._newest)
-            return
-        if self._agreement is not None:
-            # Each rank writes its own rng_state_<rank>.pth, and nothing waits after it:
-            # rank 0 snapshots checkpoint-N once every rank is done writing.
-            self._agreement.barrier()
-        if state.is_world_process_zero:
+        elif state.is_world_process_zero:
             self._mirror.note_save()
             self._offer()
 
