@@ -71,6 +71,28 @@ restarted = context("/tmp/ckpt/dest", "/tmp/ckpt/prev").checkpoint
 results["jobset_restart_source"] = restarted.remote_source
 del os.environ["JOBSET_RESTART_ATTEMPT"]
 
+# The resume rule (issue 18): the helper tasks get restores the newest checkpoint the store
+# holds; a plain flyte.Checkpoint(dest, src) keeps upstream's meaning.
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+store = Path(tempfile.mkdtemp(prefix="resume-rule-"))
+tree = store / "tree"
+tree.mkdir()
+(tree / "step").write_text("attempt 0")
+with flyte_checkpoint.Checkpoint(str(store / "a0" / "0" / "_flytecheckpoints")) as first:
+    first.save_sync(tree)  # attempt 0 saved; attempt 1 died before saving
+dest, prev = (str(store / "a0" / n / "_flytecheckpoints") for n in ("2", "1"))
+os.environ["JOBSET_RESTART_ATTEMPT"] = "1"  # and attempt 2 restarted before its first save
+task_helper = context(dest, prev).checkpoint
+del os.environ["JOBSET_RESTART_ATTEMPT"]
+restored = task_helper.load_sync()
+results["resume_finds_the_newest_earlier_attempt"] = (
+    restored is not None and (restored / "step").read_text() == "attempt 0")
+task_helper.close()
+with flyte.Checkpoint(dest, prev) as plain:
+    results["plain_checkpoint_keeps_upstreams_meaning"] = plain.load_sync() is None
+
 
 results["class_pickles"] = pickle.loads(pickle.dumps(served)) is served
 clone = pickle.loads(pickle.dumps(helper))

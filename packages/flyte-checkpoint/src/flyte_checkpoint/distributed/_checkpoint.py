@@ -493,7 +493,7 @@ def _refusal_text(failures: list[tuple[int, tuple[str, str | None]]]) -> str:
 def _piece(upload: Any, index: int, pad: Any, fill: Any) -> Any:
     """Segment ``index`` of ``upload`` filled by ``fill(sink)``; its receipt. A failure
     aborts the segment (nothing of it stays in the store) and propagates."""
-    writer = upload.open_segment(index, pad=pad)
+    writer = upload.open_segment_sync(index, pad=pad)
     try:
         fill(writer)
         return writer.close()
