@@ -151,6 +151,16 @@ class FlyteCheckpointCallback(Callback):
             helper = self._collective_helper()
             self._collective = CollectiveMirror(
                 helper, Agreement(self.checkpoint.remote_destination, self._timeout))
+            saver = getattr(trainer, "checkpoint_callback", None)
+            if getattr(saver, "save_last", None) is True and trainer.is_global_zero:
+                # DCP writes shard files in place: a last.ckpt/ rewritten while its previous
+                # upload runs fails that upload (caught, never published torn).
+                logger.warning(
+                    "flyte-checkpoint: ModelCheckpoint(save_last=True) rewrites the shard files"
+                    " of last.ckpt in place under %s; a save while the previous upload runs"
+                    " then fails that upload. Use ModelCheckpoint(save_last=\"link\"): each"
+                    " save in a directory of its own, last.ckpt a link to the newest",
+                    type(trainer.strategy).__name__)
 
     def flush(self) -> None:
         """Wait until the newest checkpoint seen so far is the remote checkpoint, uploading it
