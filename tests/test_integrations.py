@@ -110,10 +110,12 @@ def test_lightning_ddp_resumes_killed_attempts(task_venv, tmp_path, bounded_coll
 
 
 def test_transformers_ddp_resumes_killed_attempts(task_venv, tmp_path, bounded_collectives):
-    # 2 ranks, 12 steps an epoch, save_steps=4: killed at steps 6 and 19. Each rank writes
-    # its checkpoint-N into its own output_dir; the object holds both ranks' RNG states.
+    # 2 ranks, 12 steps an epoch, save_steps=4: killed at steps 6 and 19. The killed run's
+    # ranks share one output_dir (each file contributed by both, stored once); the clean
+    # run's write each into its own, as on two nodes: either way the object holds both
+    # ranks' RNG states, and both resume alike.
     starts, killed = _run(task_venv, tmp_path / "killed", "hf_integration.py", [6, 19],
-                          ranks=2)
+                          ranks=2, output=str(tmp_path / "shared-output"))
     clean_starts, clean = _run(task_venv, tmp_path / "clean", "hf_integration.py", [], ranks=2)
     assert starts == [0, 4, 16] and clean_starts == [0]
     assert killed["step"] == clean["step"] == 24

@@ -7,7 +7,8 @@ Under torchrun (``WORLD_SIZE`` > 1) the same program trains with DDP over gloo: 
 follows the failure plan, and every rank logs the resume directory it was given.
 
 Arguments (JSON): ``plan``, ``log`` (one line per rank and attempt), ``out`` (rank 0's),
-``steps``.
+``steps``, ``output`` (a directory every rank of an attempt writes its checkpoints into,
+``output/attempt-N``; default: a temporary directory of each rank's own).
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def main() -> None:
     mirror = FlyteCheckpointCallback()
     # The arguments first: under torchrun, they start the process group (gloo, with
     # ddp_timeout bounding every collective) that resume_path() then uses.
+    if ARGS.get("output"):
+        output_dir = str(pathlib.Path(ARGS["output"]) / f"attempt-{os.environ['FLYTE_ATTEMPT']}")
+    else:
+        output_dir = tempfile.mkdtemp(prefix="hf-")
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-"), max_steps=ARGS.get("steps", 24),
+        output_dir=output_dir, max_steps=ARGS.get("steps", 24),
         save_steps=4, save_total_limit=2, per_device_train_batch_size=4, learning_rate=1e-3,
         seed=0, data_seed=0, report_to=[], logging_strategy="no", use_cpu=True,
         disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo", ddp_timeout=120)

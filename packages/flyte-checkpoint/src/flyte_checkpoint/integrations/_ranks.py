@@ -16,7 +16,8 @@ from typing import Any
 from .._checkpoint import Checkpoint
 from .._errors import CheckpointSaveError
 
-__all__ = ["Agreement", "distributed_checkpoint", "launched_size", "timeout_of", "world"]
+__all__ = ["Agreement", "distributed_checkpoint", "launched_size", "node_of", "timeout_of",
+           "world"]
 
 
 def timeout_of(checkpoint: Checkpoint) -> float:
@@ -72,6 +73,13 @@ def world(*, start: bool = False, timeout: float = 1800.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def node_of(checkpoint: Checkpoint) -> str:
+    """This rank's node, as the collective helper identifies it (``CHECKPOINT_NODE_ID``)."""
+    from ..distributed import node_identity
+
+    return node_identity(checkpoint.settings.node_id)
+
+
 def distributed_checkpoint(checkpoint: Checkpoint, timeout: float) -> Any:
     """The collective helper over ``checkpoint`` (every rank calls this at the same point:
     it may make a process group of its own)."""
@@ -103,15 +111,18 @@ class Agreement:
     def rank(self) -> int:
         return self._group.rank
 
-    def all_idle(self, busy: bool) -> bool:
-        """Whether no rank has a save in flight (every rank learns the same answer)."""
-        answers = self._collective(self._group.all_gather_object, busy,
-                                   step="callback: saves in flight")
-        return not any(answers)
-
-    def barrier(self) -> None:
-        """Wait until every rank got here (each finished writing its share of a save)."""
-        self._collective(self._group.barrier, step="callback: shares written")
+    def decide(self, busy: bool, share: Any) -> tuple[bool, bool]:
+        """One exchange, the same answers on every rank: whether no rank has a save in
+        flight, and whether this rank is the first to offer ``share`` (a key naming the
+        directory it would contribute, or ``None``). Ranks that share one directory (one
+        node's ranks writing into one ``output_dir``) then contribute it once: its files
+        hard-linked into several processes' snapshots would look rewritten to each (a new
+        link moves a file's change time)."""
+        answers = self._collective(self._group.all_gather_object, (busy, share),
+                                   step="callback: start a save")
+        idle = not any(answer[0] for answer in answers)
+        first = share is None or [a[1] for a in answers].index(share) == self.rank
+        return idle, first
 
     def _collective(self, call: Any, *args: Any, step: str) -> Any:
         try:
