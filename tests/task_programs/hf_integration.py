@@ -76,11 +76,14 @@ def main() -> None:
         output_dir = str(pathlib.Path(ARGS["output"]) / f"attempt-{os.environ['FLYTE_ATTEMPT']}")
     else:
         output_dir = tempfile.mkdtemp(prefix="hf-")
+    # Only for several ranks: a backend named makes Accelerate start a group even for one.
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = {"ddp_backend": "gloo", "ddp_timeout": 120} if ranks > 1 else {}
     args = TrainingArguments(
         output_dir=output_dir, max_steps=ARGS.get("steps", 24),
         save_steps=4, save_total_limit=2, per_device_train_batch_size=4, learning_rate=1e-3,
         seed=0, data_seed=0, report_to=[], logging_strategy="no", use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo", ddp_timeout=120)
+        disable_tqdm=True, dataloader_num_workers=0, **distributed)
     resume = mirror.resume_path()
     start = json.loads((pathlib.Path(resume) / "trainer_state.json").read_text())[
         "global_step"] if resume else 0
