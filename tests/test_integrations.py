@@ -147,3 +147,34 @@ def test_dcp_dtensors_saved_by_4_ranks_restore_on_2(task_venv, tmp_path, bounded
         assert {f"__{r}_0.distcp" for r in range(4)} <= set(report["files"])
     # One node: one restore, the same directory handed to both ranks.
     assert loaded[0]["restored_at"] == loaded[1]["restored_at"]
+
+
+_STRATEGIES = """
+import json, os, pathlib, sys, tempfile
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from flyte_checkpoint.integrations.lightning import newest_checkpoint, sharded_strategy
+
+kinds = {name: sharded_strategy(strategy) for name, strategy in [
+    ("fsdp-sharded", FSDPStrategy(state_dict_type="sharded")), ("fsdp-full", FSDPStrategy()),
+    ("ddp", DDPStrategy()), ("model-parallel", ModelParallelStrategy()),
+    ("model-parallel-full", ModelParallelStrategy(save_distributed_checkpoint=False))]}
+root = pathlib.Path(tempfile.mkdtemp())
+for age, name in enumerate(["epoch=0-step=4.ckpt", "last.ckpt"]):  # sharded: directories
+    (root / "ckpts" / name).mkdir(parents=True)
+    (root / "ckpts" / name / "__0_0.distcp").write_bytes(b"shard")
+    (root / "ckpts" / name / "meta.pt").write_bytes(b"meta")
+    os.utime(root / "ckpts" / name / "meta.pt", ns=(10**18 + age, 10**18 + age))
+(root / "ckpts" / "stray.ckpt").write_bytes(b"old")
+os.utime(root / "ckpts" / "stray.ckpt", ns=(10**17, 10**17))
+picked = {"last": newest_checkpoint(root, "**/last.ckpt").name,
+          "any": newest_checkpoint(root, "**/*.ckpt").name}
+print(json.dumps({"kinds": kinds, "picked": picked}))
+"""
+
+
+def test_lightning_tells_sharded_strategies_and_resumes_a_sharded_directory(task_venv):
+    # Constructing a strategy needs no GPU; FSDP itself does, so only the decision is run.
+    found = json.loads(task_venv.run("-c", _STRATEGIES, timeout=120).stdout.splitlines()[-1])
+    assert found["kinds"] == {"fsdp-sharded": True, "fsdp-full": False, "ddp": False,
+                              "model-parallel": True, "model-parallel-full": False}
+    assert found["picked"] == {"last": "last.ckpt", "any": "last.ckpt"}
