@@ -136,7 +136,7 @@ class FlyteCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._collective is not None:
-            self._collective.finish(self._newest)
+            self._collective.finish(self._final(pathlib.Path(args.output_dir)))
         elif state.is_world_process_zero:
             self._mirror.finish(self._final(pathlib.Path(args.output_dir)))
 
