@@ -79,9 +79,11 @@ def run(args: dict, rank: int) -> dict:
         return {"saved": True, "returned": returned}
     if scenario == "time_save":
         dist.barrier()
+        before = _reset_peak()
         started = time.perf_counter()
         dcp_ckpt.save_sync(data)
-        return {"seconds": time.perf_counter() - started}
+        return {"seconds": time.perf_counter() - started,
+                "rss_growth": _status("VmHWM") - before}
     if scenario == "load":
         restored = dcp_ckpt.load_sync()
         seen = None if restored is None else tree_of(restored)
@@ -94,6 +96,21 @@ def run(args: dict, rank: int) -> dict:
     if scenario == "dcp_load":
         return dcp_load(args, rank, dcp_ckpt)
     raise ValueError(f"no scenario {scenario!r}")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    """Reset the peak RSS to the current one (``clear_refs`` 5); return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status("VmRSS")
 
 
 def _kill_after(limit: int) -> None:
@@ -166,9 +183,10 @@ def dcp_load(args: dict, rank: int, dcp_ckpt) -> dict:
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(restored)))
     same = all(torch.equal(state[k].full_tensor() if isinstance(state[k], DTensor)
                            else state[k], expected[k]) for k in state)
+    files = sorted(os.listdir(restored))
     dcp_ckpt._group.barrier(step="test: read")
     dcp_ckpt.close()
-    return {"equal": same, "step": int(state["step"]), "files": sorted(os.listdir(restored))}
+    return {"equal": same, "step": int(state["step"]), "files": files}
 
 
 if __name__ == "__main__":

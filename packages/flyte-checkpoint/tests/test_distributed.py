@@ -146,7 +146,7 @@ def test_node_identity_tells_containers_apart_and_takes_an_override():
 
 def test_a_non_checkpoint_or_a_bad_timeout_is_refused(tmp_path):
     group = ThreadGroup(1).member(0)
-    with pytest.raises(TypeError, match="wraps a flyte_checkpoint.Checkpoint"):
+    with pytest.raises(TypeError, match=r"wraps a flyte_checkpoint\.Checkpoint"):
         DistributedCheckpoint("s3://b/x", group)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout must be a positive"):
         DistributedCheckpoint(Checkpoint(str(tmp_path / "x")), group, timeout=0)
@@ -163,7 +163,7 @@ def test_the_union_of_every_ranks_tree_is_one_object_a_plain_checkpoint_loads(tm
 
 
 def test_ranks_with_nothing_to_add_pass_none(tmp_path):
-    dest, trees, errors = save_all(tmp_path, 3, data=lambda r: None if r != 1 else
+    dest, _, errors = save_all(tmp_path, 3, data=lambda r: None if r != 1 else
                                    rank_tree(tmp_path / "only", 1))
     assert errors == [None] * 3
     assert load_plain(dest) == tree_of(tmp_path / "only" / "rank1")
@@ -356,7 +356,10 @@ def test_no_previous_checkpoint_is_none_on_every_rank(tmp_path):
 
 def test_a_failed_restore_raises_on_every_rank(tmp_path):
     damaged = tmp_path / "damaged.tar.gz"
-    damaged.write_bytes(b"\x1f\x8b\x08\x00" + b"\0" * 100)
+    with Checkpoint(str(damaged), settings=Settings(progress=False)) as helper:
+        helper.save_sync(rank_tree(tmp_path / "t", 0))
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])  # cut short: a broken object, not "none"
 
     def work(rank: int, group: Collectives) -> Any:
         helper = Checkpoint(str(tmp_path / "d"), str(damaged),
@@ -370,3 +373,42 @@ def test_a_failed_restore_raises_on_every_rank(tmp_path):
         assert "was not restored on every node" in str(error)
         assert "rank 0 (restoring for node 'node-0') failed" in str(error)
         assert "rank 2 (restoring for node 'node-1') failed" in str(error)
+
+
+def test_torch_is_imported_only_for_a_torch_group():
+    import subprocess
+    import sys
+
+    probe = ("import sys, flyte_checkpoint.distributed as d\n"
+             "from flyte_checkpoint import Checkpoint\n"
+             "d.DistributedCheckpoint(Checkpoint('/tmp/x'), d.ThreadGroup(1).member(0))\n"
+             "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_async_save_and_load(tmp_path):
+    import asyncio
+
+    dest = str(tmp_path / "store" / "ckpt")
+    trees = [rank_tree(tmp_path / "t", r) for r in range(2)]
+
+    def work(rank: int, group: Collectives) -> dict[str, Any]:
+        async def main() -> dict[str, Any]:
+            helper = Checkpoint(dest, dest, settings=settings(rank, nodes=2, size=2))
+            async with DistributedCheckpoint(helper, group) as dist:
+                await dist.save(trees[rank])
+                future = await dist.save(trees[rank], wait=False)
+                await future
+                restored = await dist.load()
+                tree = tree_of(restored)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: group.barrier(step="test: read"))
+                return tree
+
+        return asyncio.run(main())
+
+    results, errors = run_ranks(2, work)
+    assert errors == [None, None]
+    assert results[0] == results[1] == union_of(trees)
