@@ -8,6 +8,7 @@ single-process job never pays for it and behaves exactly as before.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,11 @@ from typing import Any
 
 from .._checkpoint import Checkpoint
 from .._errors import CheckpointSaveError
+
+logger = logging.getLogger("flyte_checkpoint")
+
+#: What ``init_process_group()`` reads from the environment besides ``WORLD_SIZE``.
+_RENDEZVOUS = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 __all__ = ["Agreement", "distributed_checkpoint", "launched_size", "node_of", "timeout_of",
            "world"]
@@ -63,6 +69,13 @@ def world(*, start: bool = False, timeout: float = 1800.0) -> tuple[int, int]:
         return 0, 1
     if not start:
         return int(os.environ.get("RANK", "0") or 0), size
+    missing = [name for name in _RENDEZVOUS if not os.environ.get(name)]
+    if missing:
+        # Not torchrun's environment (Lightning's own launcher sets WORLD_SIZE alone, and
+        # starts the group later): each process goes on as a single one, as before.
+        logger.info("flyte-checkpoint: WORLD_SIZE=%d but no %s: not starting a process group;"
+                    " this rank restores on its own", size, " or ".join(missing))
+        return 0, 1
     if dist is None:
         try:
             import torch.distributed as dist
