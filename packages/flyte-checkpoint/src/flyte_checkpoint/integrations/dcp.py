@@ -31,8 +31,9 @@ a checkpoint saved by 4 ranks loads on 2, or on 8, into whatever sharding the st
 passed in has.
 
 **Memory and disk.** Each rank holds no more in memory than DCP's own ``FileSystemWriter``
-and ``FileSystemReader`` do (its shards, written and read tensor by tensor), plus what a
-single save or load holds (about 300 MiB of buffers at most). On disk, each save needs this
+and ``FileSystemReader`` do (its shards, written and read tensor by tensor), plus the
+buffers of the collective save or load, which stream files as a single-rank save does (no
+rank gathers the state, nor reads a whole file into memory). On disk, each save needs this
 rank's share of the checkpoint once, in its staging directory, until the upload has read it
 (a background save's frozen snapshot is made of hard links, so it takes no second copy); each
 load needs the whole checkpoint once per node, until the helper is closed.
