@@ -140,6 +140,9 @@ def test_dcp_dtensors_saved_by_4_ranks_restore_on_2(task_venv, tmp_path, bounded
     loaded = _dcp(task_venv, tmp_path, "load", 2)
     for report in loaded:
         assert report["loaded_absent"] is False and report["untouched"] is True
+        assert report["not_dcp"].startswith(f"checkpoint at {tmp_path / 'store' / 'plain.obj'}"
+                                            " holds no .metadata: it was not saved by"
+                                            " torch.distributed.checkpoint")
         assert report["loaded"] is True and report["step"] == 7
         assert report["equal"] == {"w": True, "uneven": True, "bias": True}
         assert report["local_shard_rows"] == 32

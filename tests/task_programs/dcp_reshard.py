@@ -16,7 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from flyte_checkpoint import Checkpoint
+from flyte_checkpoint import Checkpoint, CheckpointLoadError
 from flyte_checkpoint.integrations import dcp as flyte_dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -56,6 +56,11 @@ def main() -> None:
         state = {"model": sharded(expected(7), mesh), "step": 7}
         flyte_dcp.save(state, checkpoint, staging_dir=staging)
         report["staged_after_save"] = sorted(os.listdir(staging))
+        if rank == 0:  # an ordinary directory checkpoint, for the load phase to refuse
+            plain = staging / "plain"
+            plain.mkdir()
+            (plain / "model.bin").write_bytes(b"not dcp")
+            Checkpoint(store / "plain.obj").save_sync(plain)
         report["local_shard_rows"] = state["model"]["w"].to_local().shape[0]
     else:
         nothing = Checkpoint(store / "unused.obj", store / "absent.obj")
@@ -63,6 +68,10 @@ def main() -> None:
                                   mesh), "step": -1}
         report["loaded_absent"] = flyte_dcp.load(empty, nothing)
         report["untouched"] = empty["step"] == -1
+        try:
+            flyte_dcp.load(empty, Checkpoint(store / "unused2.obj", store / "plain.obj"))
+        except CheckpointLoadError as refused:
+            report["not_dcp"] = str(refused)
         checkpoint = Checkpoint(store / "next.obj", store / "dcp.obj")
         state = {"model": sharded({k: torch.zeros_like(v) for k, v in expected(0).items()},
                                   mesh), "step": -1}
