@@ -171,24 +171,12 @@ def previous(store, name: str, tmp_path: pathlib.Path) -> bytes:
     return store.get(name)
 
 
-def served_bytes(proxy, size: int) -> int:
-    """What the store sent for the GETs the proxy saw (a GET without a range: the whole)."""
-    total = 0
-    for header in proxy.gets:
-        if not header:
-            total += size
-            continue
-        first, _, last = header.removeprefix("bytes=").partition("-")
-        total += (min(int(last), size - 1) if last else size - 1) - int(first) + 1
-    return total
-
-
 # ------------------------------------------------------------------------------ tests
 
 
 def test_union_round_trip_and_one_download_per_node(store, tmp_path):
-    trees = rank_trees(tmp_path / "trees", 3)
-    ok(launch(tmp_path, 3, scenario="save", dest=store.uri("ckpt"), options=store.options,
+    trees = rank_trees(tmp_path / "trees", 2)
+    ok(launch(tmp_path, 2, scenario="save", dest=store.uri("ckpt"), options=store.options,
               data=trees))
     union = union_of(trees)
     assert plain_load(store, "ckpt") == union
@@ -205,8 +193,8 @@ def test_union_round_trip_and_one_download_per_node(store, tmp_path):
     assert all(r["tree"] == union for r in reports)
     assert reports[0]["path"] == reports[1]["path"] != reports[2]["path"] == reports[3]["path"]
     if proxy is not None:
-        served = served_bytes(proxy, size)
-        assert served <= 2 * size * 1.05, (served, size, proxy.gets)
+        # what the store sent for GETs: the object's bytes and any metadata (GCS, Azure)
+        assert proxy.get_bytes <= 2 * size * 1.05, (proxy.get_bytes, size, proxy.gets)
 
 
 def test_upstream_loads_the_union_as_an_ordinary_directory_checkpoint(
@@ -241,24 +229,18 @@ def test_a_failing_rank_fails_every_rank_naming_it(local_store, tmp_path):
     assert local_store.names() == {"ckpt"}
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
-def test_a_rank_sigkilled_mid_upload_fails_the_others_and_nothing_is_published(
-        kind, e2e_emulators, tmp_path):
-    for store in make_store(kind, e2e_emulators, tmp_path):
-        before = previous(store, "ckpt", tmp_path)
-        trees = rank_trees(tmp_path / "trees", 3, big=12 * MiB)
-        started = time.monotonic()
-        reports = launch(tmp_path, 3, scenario="save", dest=store.uri("ckpt"),
-                         options=store.options, data=trees, kill_rank=2, kill_after=6 * MiB)
-        assert reports[2].get("returncode") == -9, reports[2]  # SIGKILLed, no report
-        for report in reports[:2]:
-            assert report.get("error_type") == "CheckpointSaveError", report
-            assert "rank 2 does not answer at step 'save: segments'" in report["error"], report
-        assert time.monotonic() - started < STEP_TIMEOUT + 60
-        assert store.get("ckpt") == before
-        assert store.pending_uploads() == []  # rank 0 aborted the multipart upload
-        if kind == "local":
-            assert store.names() == {"ckpt"}  # no part file left
+def test_a_rank_sigkilled_mid_upload_fails_the_others_and_nothing_is_published(store,
+                                                                             tmp_path):
+    before = previous(store, "ckpt", tmp_path)
+    trees = rank_trees(tmp_path / "trees", 2, big=12 * MiB)  # several parts of 5 MiB
+    reports = launch(tmp_path, 2, scenario="save", dest=store.uri("ckpt"),
+                     options=store.options, data=trees, kill_rank=1, kill_after=6 * MiB)
+    assert reports[1].get("returncode") == -9, reports[1]  # SIGKILLed: no report
+    assert reports[0].get("error_type") == "CheckpointSaveError", reports[0]
+    assert "rank 1 does not answer at step 'save: segments'" in reports[0]["error"], reports[0]
+    assert store.get("ckpt") == before
+    assert store.pending_uploads() == []  # S3: rank 0 aborted the multipart upload
+    assert store.names() == {"ckpt"}  # no part file (local) or temporary (GCS) left
 
 
 def test_background_saves_return_a_future_on_every_rank(local_store, tmp_path):
@@ -269,7 +251,7 @@ def test_background_saves_return_a_future_on_every_rank(local_store, tmp_path):
     assert plain_load(local_store, "ckpt") == union_of(trees)
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local"])  # the stores are covered above; this is DCP's
 def test_a_dcp_state_dict_sharded_over_4_ranks_is_restored_by_2(kind, e2e_emulators,
                                                                   tmp_path):
     for store in make_store(kind, e2e_emulators, tmp_path):

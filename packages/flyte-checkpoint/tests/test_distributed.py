@@ -412,3 +412,18 @@ def test_async_save_and_load(tmp_path):
     results, errors = run_ranks(2, work)
     assert errors == [None, None]
     assert results[0] == results[1] == union_of(trees)
+
+
+def test_ranks_naming_different_locations_are_refused(tmp_path):
+    trees = [rank_tree(tmp_path / "t", r) for r in range(2)]
+
+    def work(rank: int, group: Collectives) -> None:
+        helper = Checkpoint(str(tmp_path / f"dest-{rank}"), settings=settings(rank, size=2))
+        DistributedCheckpoint(helper, group).save_sync(trees[rank])
+
+    _, errors = run_ranks(2, work)
+    for error in errors:
+        assert isinstance(error, CheckpointSaveError), error
+        assert "the ranks' helpers name different locations" in str(error)
+        assert "rank 1: " in str(error)
+    assert not any(tmp_path.glob("dest-*"))

@@ -12,12 +12,16 @@ from ._backend import (
     Backend,
     BackendOptions,
     MiB,
+    PartRecord,
+    SegmentSink,
+    SharedTarget,
     Source,
     Upload,
     check_range,
     joined_range,
     streamed_body,
 )
+from ._errors import SharedUploadError
 
 __all__ = ["AzureBackend"]
 
@@ -103,6 +107,89 @@ class _AzureUpload(Upload):
         self._blocks.clear()
 
 
+class _AzureSegment(SegmentSink):
+    """Segment ``index``: blocks ``shared-<upload>-<index>-<part>``, 32 characters as the
+    block IDs of ordinary writes are (Azure wants one length for every block of a blob; the
+    SDK base64-encodes them)."""
+
+    def __init__(self, target: _AzureShared, index: int) -> None:
+        self._target = target
+        self._index = index
+        self.max_parts = AzureBackend.max_parts // target.segments
+
+    async def open(self) -> None:
+        await self._target.check_not_committed(f"open segment {self._index}", self._index)
+
+    async def put_part(self, number: int, offset: int, data: bytes) -> str:
+        block_id = self._target.block_id(self._index, number)
+        await self._target.blob.stage_block(block_id, streamed_body(data), length=len(data),
+                                            **_ONCE)
+        return block_id
+
+
+class _AzureShared(SharedTarget):
+    """Blocks of one blob staged by every segment, committed by one ``Put Block List`` in
+    index order. Uncommitted blocks are invisible, and the service discards them (after a
+    week, or when anything commits that blob): an abort has nothing to remove."""
+
+    max_segments = 50_000
+
+    def __init__(self, backend: AzureBackend, path: str, segments: int, upload: str,
+                 state: dict | None) -> None:
+        super().__init__(path, segments, upload, state)
+        self.blob = backend.blob(path)
+        self._prefix = f"shared-{upload}-"
+        self._completing = False  # a commit request was sent (a retry may find it done)
+
+    def block_id(self, index: int, number: int) -> str:
+        return f"{self._prefix}{index:06d}-{number:09d}"
+
+    async def _blocks(self, kind: str) -> tuple[list, list]:
+        try:
+            return await self.blob.get_block_list(kind, **_ONCE)
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "BlobNotFound" \
+                    or getattr(exc, "status_code", None) == 404:
+                return [], []
+            raise
+
+    async def check_not_committed(self, operation: str, index: int | None = None) -> None:
+        committed, _ = await self._blocks("committed")
+        if any(str(block.id).startswith(self._prefix) for block in committed):
+            raise SharedUploadError(self.path, operation, f"shared upload {self.upload} is no "
+                                    "longer open (it was committed)", index)
+
+    def segment(self, index: int) -> SegmentSink:
+        return _AzureSegment(self, index)
+
+    async def commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        from azure.storage.blob import BlobBlock
+
+        retry, self._completing = self._completing, True
+        wanted = [(index, number, block_id, size) for index, _, parts in segments
+                  for number, block_id, size in parts]
+        if not retry:
+            committed, staged = await self._blocks("all")
+            if any(str(block.id).startswith(self._prefix) for block in committed):
+                raise SharedUploadError(self.path, "commit shared upload", f"shared upload "
+                                        f"{self.upload} is no longer open (it was committed)")
+            sizes = {str(block.id): block.size for block in staged}
+            for index, number, block_id, size in wanted:
+                if sizes.get(block_id) != size:
+                    raise SharedUploadError(
+                        self.path, "commit shared upload", f"block {block_id} (part {number} of "
+                        f"segment {index}, {size} bytes) is not staged"
+                        + ("" if block_id not in sizes else f" as such ({sizes[block_id]} bytes)")
+                        + ": expired, or discarded by another write to the blob", index)
+        await self.blob.commit_block_list([BlobBlock(block_id=block_id)
+                                           for _, _, block_id, _ in wanted], **_ONCE)
+
+    async def abort(self) -> None:
+        # Staged blocks never become visible without a commit, and the service discards
+        # them on its own; there is nothing to undo.
+        return None
+
+
 class AzureBackend(Backend):
     # 4 MiB blocks, 8 in flight (the reasons are S3's, see there): 8 MiB blocks took a save
     # to 268 MiB of peak RSS. Blocks grow past the first 5,000.
@@ -142,6 +229,10 @@ class AzureBackend(Backend):
 
     def new_upload(self, path: str) -> Upload:
         return _AzureUpload(self.blob(path))
+
+    def shared_target(self, path: str, segments: int, upload: str,
+                      state: dict | None) -> SharedTarget:
+        return _AzureShared(self, path, segments, upload, state)
 
     async def close(self) -> None:
         client = getattr(self.fs, "service_client", None)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -17,13 +18,16 @@ from ._backend import (
     Backend,
     BackendOptions,
     MiB,
+    PartRecord,
+    SegmentSink,
+    SharedTarget,
     Source,
     Upload,
     check_range,
     joined_range,
     streamed_body,
 )
-from ._errors import VersionMismatch
+from ._errors import SharedUploadError, VersionMismatch
 
 __all__ = ["GCSBackend"]
 
@@ -150,26 +154,12 @@ class _GCSComposeUpload(Upload):
     async def finish(self, number: int, data: bytes, total: int) -> None:
         if data:
             await self.put_part(number, data)
-        sources = [self._parts[n] for n in sorted(self._parts)]
-        level = 0
-        while len(sources) > _COMPOSE_SOURCES:
-            groups = [sources[i:i + _COMPOSE_SOURCES]
-                      for i in range(0, len(sources), _COMPOSE_SOURCES)]
-            names = [f"{self._prefix}c{level}-{i:06d}{PART_SUFFIX}"
-                     for i in range(len(groups))]
-            self._temporaries.update(names)
-            await asyncio.gather(*(self._compose(group, name)
-                                   for group, name in zip(groups, names, strict=True)))
-            sources, level = names, level + 1
-        await self._compose(sources, self._key)  # the object appears here, whole
+        sources = [{"name": self._parts[n]} for n in sorted(self._parts)]
+        await self._b.compose_tree(  # the object appears in its last request, whole
+            self._bucket, sources, self._key,
+            lambda level, i: f"{self._prefix}c{level}-{i:06d}{PART_SUFFIX}",
+            self._temporaries.add)
         await self._delete_temporaries()
-
-    async def _compose(self, sources: list[str], destination: str) -> None:
-        await self._b.request(
-            "POST", f"{self._object(destination)}/compose",
-            json={"sourceObjects": [{"name": name} for name in sources],
-                  "destination": {"contentType": _CONTENT_TYPE}},
-        )
 
     async def put_whole(self, data: bytes) -> None:
         await self._b.put_media(self._bucket, self._key, data)
@@ -201,6 +191,137 @@ class _GCSComposeUpload(Upload):
                             self._bucket, self._key, exc)
 
         await asyncio.gather(*(delete(name) for name in sorted(names)))
+
+
+def _created(stamp: str) -> datetime.datetime:
+    """An RFC 3339 ``timeCreated`` (any number of fraction digits: Python 3.10's
+    ``fromisoformat`` takes 3 or 6)."""
+    head, _, rest = stamp.rstrip("Z").partition(".")
+    fraction = "".join(ch for ch in rest if ch.isdigit())
+    when = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.timezone.utc)
+    return when + datetime.timedelta(microseconds=int((fraction + "000000")[:6]))
+
+
+class _GCSSegment(SegmentSink):
+    """Segment ``index``: each part a temporary object
+    ``<key>.<upload>-<index>-<part>.flyte-checkpoint-part``; the part's identifier is the
+    generation it was created with, which the commit's compose pins."""
+
+    def __init__(self, target: _GCSShared, index: int) -> None:
+        self._target = target
+        self._index = index
+
+    async def open(self) -> None:
+        await self._target.check_open(f"open segment {self._index}", self._index)
+
+    async def put_part(self, number: int, offset: int, data: bytes) -> str:
+        target = self._target
+        meta = await target.b.put_media(target.bucket, target.part_name(self._index, number),
+                                        data)
+        return str(meta.get("generation", ""))
+
+    async def close(self, size: int) -> None:
+        try:
+            await self._target.check_open(f"close segment {self._index}", self._index)
+        except SharedUploadError:
+            await self.abort()  # committed or aborted meanwhile: ours would stay behind
+            raise
+
+    async def abort(self) -> None:
+        await self._target.delete_under(self._target.segment_prefix(self._index))
+
+
+class _GCSShared(SharedTarget):
+    """Temporary objects under ``<key>.<upload>-``, made the object by compose (a tree of
+    requests of at most 32 sources, pinned to the generations the segments wrote); the
+    marker ``<key>.<upload>-open.flyte-checkpoint-part`` says the upload is open."""
+
+    max_segments = 100_000
+
+    def __init__(self, backend: GCSBackend, path: str, segments: int, upload: str,
+                 state: dict | None) -> None:
+        super().__init__(path, segments, upload, state)
+        self.b = backend
+        self.bucket, self.key = backend.split(path)
+        self.prefix = f"{self.key}.{upload}-"
+        self.marker = f"{self.prefix}open{PART_SUFFIX}"
+        self._published = False  # the final compose succeeded (a retry only cleans up)
+
+    def segment_prefix(self, index: int) -> str:
+        return f"{self.prefix}{index:05d}-"
+
+    def part_name(self, index: int, number: int) -> str:
+        return f"{self.segment_prefix(index)}{number:06d}{PART_SUFFIX}"
+
+    async def check_open(self, operation: str, index: int | None = None) -> None:
+        try:
+            await self.b.request("GET", self.b.object_path(self.bucket, self.marker))
+        except FileNotFoundError:
+            raise SharedUploadError(
+                self.path, operation, f"shared upload {self.upload} is no longer open (it was "
+                f"committed or aborted, or swept: gs://{self.bucket}/{self.marker} is gone)",
+                index) from None
+
+    async def begin(self) -> dict:
+        await self.b.put_media(self.bucket, self.marker, b"")
+        return self.state
+
+    def segment(self, index: int) -> SegmentSink:
+        return _GCSSegment(self, index)
+
+    async def commit(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        if not self._published:
+            await self.check_open("commit shared upload")
+            await self._check_parts(segments)
+            # The listing above checks the generations now; the preconditions hold them
+            # until the compose (a service that ignores them, as fake-gcs-server does, is
+            # left with the listing's check).
+            sources = [{"name": self.part_name(index, number), "generation": generation,
+                        "objectPreconditions": {"ifGenerationMatch": generation}}
+                       for index, _, parts in segments for number, generation, _ in parts]
+            if sources:
+                await self.b.compose_tree(
+                    self.bucket, sources, self.key,
+                    lambda level, i: f"{self.prefix}c{level}-{i:06d}{PART_SUFFIX}")
+            else:  # every segment empty; compose needs a source
+                await self.b.put_media(self.bucket, self.key, b"")
+            self._published = True
+        await self.abort()  # the temporaries and the marker
+
+    async def _check_parts(self, segments: list[tuple[int, int, list[PartRecord]]]) -> None:
+        """Every part of every receipt is there, as the generation its segment wrote and of
+        the size it says (one listing per 1,000 objects, not a request per part)."""
+        held = {item["name"]: item for item in await self.b.list_objects(self.bucket,
+                                                                          self.prefix)}
+        for index, _, parts in segments:
+            for number, generation, size in parts:
+                item = held.get(self.part_name(index, number))
+                if item is None or str(item.get("generation")) != generation \
+                        or int(item.get("size", -1)) != size:
+                    found = "gone" if item is None else (
+                        f"generation {item.get('generation')} of {item.get('size')} bytes")
+                    raise SharedUploadError(
+                        self.path, "commit shared upload", f"part {number} of segment {index} "
+                        f"is not what its receipt says (generation {generation} of {size} "
+                        f"bytes): {found}", index)
+
+    async def delete_under(self, prefix: str, first: str | None = None) -> None:
+        """Delete ``first`` (when given), then every temporary object under ``prefix``."""
+        if first is not None:
+            await self.b.delete_quietly(self.bucket, first)
+        items = await self.b.list_objects(self.bucket, prefix)
+        slots = asyncio.Semaphore(self.b.concurrency)
+
+        async def delete(name: str) -> None:
+            async with slots:
+                await self.b.delete_quietly(self.bucket, name)
+
+        await asyncio.gather(*(delete(item["name"]) for item in items
+                               if item["name"].endswith(PART_SUFFIX)))
+
+    async def abort(self) -> None:
+        # The marker first: a segment still writing then fails at close and removes its own.
+        await self.delete_under(self.prefix, first=self.marker)
 
 
 class GCSBackend(Backend):
@@ -240,13 +361,62 @@ class GCSBackend(Backend):
         # single-attempt function under it so our policy is the only one.
         self._request_once = type(self.fs)._request.__wrapped__
 
-    async def put_media(self, bucket: str, name: str, data: bytes) -> None:
-        """Create object ``name`` with ``data`` in one request (a simple media upload)."""
-        await self.request(
+    async def put_media(self, bucket: str, name: str, data: bytes) -> dict:
+        """Create object ``name`` with ``data`` in one request (a simple media upload);
+        returns the new object's metadata (its ``generation``)."""
+        _, _, contents = await self.request(
             "POST", f"{self.fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
             uploadType="media", name=name, data=streamed_body(data),
             headers={"Content-Type": _CONTENT_TYPE},
         )
+        with contextlib.suppress(ValueError):
+            return json.loads(contents or b"{}")
+        return {}
+
+    @staticmethod
+    def object_path(bucket: str, name: str) -> str:
+        return f"b/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
+
+    async def compose(self, bucket: str, sources: list[dict], destination: str) -> None:
+        await self.request(
+            "POST", f"{self.object_path(bucket, destination)}/compose",
+            json={"sourceObjects": sources, "destination": {"contentType": _CONTENT_TYPE}},
+        )
+
+    async def compose_tree(self, bucket: str, sources: list[dict], destination: str,
+                           intermediate: Callable[[int, int], str],
+                           created: Callable[[str], None] = lambda name: None) -> None:
+        """Compose ``sources`` (compose's ``sourceObjects`` entries, in order) into
+        ``destination``: rounds of at most 32 sources into intermediate objects named
+        ``intermediate(level, i)`` (each reported to ``created`` first) while there are more,
+        then one request; ``destination`` appears whole with that last one."""
+        level = 0
+        while len(sources) > _COMPOSE_SOURCES:
+            groups = [sources[i:i + _COMPOSE_SOURCES]
+                      for i in range(0, len(sources), _COMPOSE_SOURCES)]
+            names = [intermediate(level, i) for i in range(len(groups))]
+            for name in names:
+                created(name)
+            await asyncio.gather(*(self.compose(bucket, group, name)
+                                   for group, name in zip(groups, names, strict=True)))
+            sources, level = [{"name": name} for name in names], level + 1
+        await self.compose(bucket, sources, destination)
+
+    async def list_objects(self, bucket: str, prefix: str) -> list[dict]:
+        """Every object under ``prefix`` (metadata: ``name``, ``timeCreated``, ...)."""
+        items, page = [], {}
+        while True:
+            _, _, listing = await self.request("GET", f"b/{quote(bucket, safe='')}/o",
+                                               prefix=prefix, **page)
+            data = json.loads(listing)
+            items.extend(data.get("items", []))
+            if not data.get("nextPageToken"):
+                return items
+            page = {"pageToken": data["nextPageToken"]}
+
+    async def delete_quietly(self, bucket: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await self.request("DELETE", self.object_path(bucket, name))
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, bytes]:
         status, headers, _, contents = await self._request_once(self.fs, method, path, **kwargs)
@@ -295,6 +465,27 @@ class GCSBackend(Backend):
     async def open_source(self, path: str) -> Source:
         bucket, key = self.split(path)
         return _GCSSource(self, bucket, key, await self._meta(path))
+
+    def shared_target(self, path: str, segments: int, upload: str,
+                      state: dict | None) -> SharedTarget:
+        return _GCSShared(self, path, segments, upload, state)
+
+    async def sweep_shared(self, path: str, older_than: float) -> list[str]:
+        """Delete the temporary objects beside ``path`` (``<key>.*.flyte-checkpoint-part``:
+        shared uploads' and composite uploads') created over ``older_than`` seconds ago."""
+        bucket, key = self.split(path)
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+            seconds=older_than)
+        removed = []
+        for item in await self.list_objects(bucket, f"{key}."):
+            name = item["name"]
+            created = item.get("timeCreated")
+            if not name.endswith(PART_SUFFIX) or not created:
+                continue
+            if _created(created) <= cutoff:
+                await self.delete_quietly(bucket, name)
+                removed.append(f"gs://{bucket}/{name}")
+        return removed
 
     def new_upload(self, path: str) -> Upload:
         if self.composite_uploads:

@@ -410,6 +410,8 @@ class FaultProxy:
         self.failures_left = 0
         self.stop_after: int | None = None
         self.gets: list[str | None] = []  # the Range header of every GET, in order
+        #: Bytes of the bodies the store sent for GETs (objects and listings alike).
+        self.get_bytes = 0
         self._cuts_left = 0
         self._cut_at = 0
         self._on_cut = None
@@ -486,6 +488,9 @@ class FaultProxy:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
                     payload = response.read()
+                    if self.command == "GET":
+                        with proxy._lock:
+                            proxy.get_bytes += len(payload)
                     out = [(k, v) for k, v in response.getheaders()
                            if k.lower() not in _HOP_BY_HOP]
                     length = (response.getheader("Content-Length")

@@ -218,8 +218,11 @@ class DistributedCheckpoint:
             return self._loaded_path
         group, rank = self._group, self._group.rank
         where = self.remote_source or self.remote_destination
-        nodes = self._collect(group.all_gather_object, self._node, step="load: nodes",
-                              error=CheckpointLoadError, uri=where)
+        joined = self._collect(group.all_gather_object,
+                               (self._node, (self.remote_destination, self.remote_source)),
+                               step="load: nodes", error=CheckpointLoadError, uri=where)
+        _same_locations(where, CheckpointLoadError, [j[1] for j in joined])
+        nodes = [j[0] for j in joined]
         firsts = {node: nodes.index(node) for node in nodes}
         leader = firsts[self._node]
         self._leader = leader == rank
@@ -371,8 +374,9 @@ class DistributedCheckpoint:
                                      limits=settings.limits)
             except Exception as exc:
                 refused = _failure(exc)
-        scanned = self._collect(group.all_gather_object, (manifest, refused),
+        scanned = self._collect(group.all_gather_object, (manifest, refused, dest),
                                 step="save: scan", error=CheckpointSaveError, uri=dest)
+        _same_locations(dest, CheckpointSaveError, [s[2] for s in scanned])
         self._raise_refusals(dest, [(r, s[1]) for r, s in enumerate(scanned)])
         manifests = [s[0] for s in scanned]
         if all(m is None for m in manifests):
@@ -484,6 +488,16 @@ class DistributedCheckpoint:
             raise CheckpointSaveError(
                 f"checkpoint not saved to {dest} ({_KEPT}): {_refusal_text(failures)}", dest,
                 failures[0][1][1])
+
+
+def _same_locations(uri: str, error: type[CheckpointError], locations: list[Any]) -> None:
+    """Every rank's helper must name the same object(s): a rank that does not is a bug of
+    the job's setup, refused before anything is written or restored."""
+    if any(location != locations[0] for location in locations):
+        seen = "; ".join(f"rank {r}: {location!r}" for r, location in enumerate(locations))
+        raise error(f"checkpoint at {uri}: the ranks' helpers name different locations"
+                    f" ({seen}); every rank must wrap a Checkpoint of the same locations",
+                    uri)
 
 
 def _refusal_text(failures: list[tuple[int, tuple[str, str | None]]]) -> str:
