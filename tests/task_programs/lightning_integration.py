@@ -2,15 +2,20 @@
 each attempt is a process of its own, killed with SIGKILL where the plan says, and the next
 resumes from what the callback uploaded in the background.
 
+Under torchrun (``WORLD_SIZE`` > 1) the same program trains with DDP over gloo: each rank
+sees its half of every epoch, rank 0 follows the failure plan (SIGKILL: torchrun then ends
+the other rank and the attempt fails), and every rank logs the resume path it was given.
+
 Arguments (JSON): ``plan`` (the failure plan file), ``log`` (a JSON-lines file each attempt
-appends to), ``out`` (the last attempt's result), ``epochs``, ``fail`` ("kill", the default,
-or "raise": an exception instead of SIGKILL), ``slow_uploads`` (seconds each upload is held
-in flight).
+appends to: one line per rank), ``out`` (the last attempt's result, from rank 0),
+``epochs``, ``fail`` ("kill", the default, or "raise": an exception instead of SIGKILL),
+``slow_uploads`` (seconds each upload is held in flight).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import json
 import os
 import pathlib
@@ -25,6 +30,8 @@ from flyte_checkpoint.integrations.lightning import FlyteCheckpointCallback
 from training import regression_data, weights_digest
 
 ARGS = json.loads(sys.argv[1])
+RANKS = int(os.environ.get("WORLD_SIZE", "1"))
+TIMEOUT = datetime.timedelta(seconds=120)  # every collective of the job
 
 
 class Regressor(L.LightningModule):
@@ -36,7 +43,8 @@ class Regressor(L.LightningModule):
                                        torch.nn.Linear(8, 1))
 
     def training_step(self, batch, batch_idx):
-        kill_if_planned(self.global_step, self.mirror)
+        if self.global_rank == 0:
+            kill_if_planned(self.global_step, self.mirror)
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -81,14 +89,21 @@ def main() -> None:
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "ckpts", save_last=True,
                                                 save_top_k=1, every_n_epochs=1)
     start = torch.load(resume, weights_only=False)["global_step"] if resume else 0
+    rank = int(os.environ.get("RANK", "0"))
     with open(ARGS["log"], "a") as log:
-        log.write(json.dumps({"start": start}) + "\n")
+        log.write(json.dumps({"start": start, "rank": rank, "resume": resume}) + "\n")
     model = Regressor(mirror)
+    distributed = {}
+    if RANKS > 1:
+        distributed = {"devices": RANKS, "strategy": L.pytorch.strategies.DDPStrategy(
+            timeout=TIMEOUT, process_group_backend="gloo")}
     trainer = L.Trainer(max_epochs=ARGS.get("epochs", 4), callbacks=[saver, mirror],
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, deterministic=True, accelerator="cpu",
-                        default_root_dir=work)
+                        default_root_dir=work, **distributed)
     trainer.fit(model, regression_data(), ckpt_path=resume)
+    if trainer.global_rank != 0:
+        return
     pathlib.Path(ARGS["out"]).write_text(json.dumps(
         {"step": trainer.global_step, "weights": weights_digest(model.net),
          "uploads": mirror.uploads}))

@@ -385,3 +385,31 @@ def test_the_upload_gives_way_to_the_training_loop(tmp_path):
     checkpoint.close()
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen == [max(own, 10), own]
+
+
+def test_a_sweep_between_making_a_snapshot_and_locking_it_leaves_it_alone(tmp_path,
+                                                                          monkeypatch):
+    """Another process's capture sweeps the same temporary directory for killed processes'
+    snapshots. One that ran after this capture made its lock file and before it took the
+    lock removed the live snapshot (4 ranks of a DCP save capturing at once did): the lock
+    is taken before the file gets the name sweeps look at."""
+    from flyte_checkpoint import _snapshot
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(_snapshot.tempfile, "tempdir", None)  # TMPDIR read anew
+    source = _tree(tmp_path / "work" / "ckpt", b"A")
+    flock = _snapshot.fcntl.flock
+    swept = []
+
+    def sweep_first(fd: int, operation: int) -> None:
+        if not swept:  # the other process's sweep, at the worst moment
+            swept.append(True)
+            _snapshot._remove_stale(tmp_path / "tmp")
+        flock(fd, operation)
+
+    monkeypatch.setattr(_snapshot.fcntl, "flock", sweep_first)
+    dest = str(tmp_path / "store" / "ckpt")
+    with Checkpoint(dest) as checkpoint:
+        checkpoint.save_sync(source, wait=False).result(timeout=60)
+    assert swept and _restored(tmp_path, dest) == _contents(source)

@@ -3,13 +3,16 @@ newest state uploaded after it, and ``flush`` making the newest state the remote
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 from concurrent.futures import Future
 
 import pytest
 from checkpoint_format import restore
 from flyte_checkpoint import Checkpoint, CheckpointSaveError
-from flyte_checkpoint.integrations._mirror import DirectoryMirror
+from flyte_checkpoint.distributed import DistributedCheckpoint, ThreadGroup
+from flyte_checkpoint.integrations._mirror import CollectiveMirror, DirectoryMirror
+from flyte_checkpoint.integrations._ranks import Agreement
 
 
 class HeldUploads:
@@ -25,7 +28,7 @@ class HeldUploads:
         future: Future[None] = Future()
         if not self.hold:
             future.set_result(None)
-        files = {p.name: p.read_bytes() for p in sorted(data.iterdir())}
+        files = {p.name: p.read_bytes() for p in sorted(data.iterdir())} if data else {}
         self.saves.append((files, future))
         return future
 
@@ -115,3 +118,115 @@ def test_a_noted_save_is_uploaded_even_when_the_fingerprint_looks_the_same(tmp_p
     assert mirror.offer(work) is True
     assert mirror.offer(work) is False  # the note is spent
     assert [files["model.bin"] for files, _ in uploads.saves] == [b"step 1", b"step 2"]
+
+
+# ---------------------------------------------------------------------- several ranks
+# Ranks as threads of this process (the helper's ThreadGroup), so that the collective
+# mirror's decisions are tested without torch; the callbacks run it over gloo in
+# tests/test_integrations.py.
+
+
+def _ranks(size: int, work) -> list:
+    """Run ``work(rank)`` on ``size`` thread-ranks at once; their results, bounded in time."""
+    with concurrent.futures.ThreadPoolExecutor(size) as pool:
+        futures = [pool.submit(work, rank) for rank in range(size)]
+        return [future.result(timeout=60) for future in futures]
+
+
+def test_a_collective_save_starts_on_every_rank_only_when_no_rank_has_one_in_flight(tmp_path):
+    group, uploads = ThreadGroup(2, timeout=20), [HeldUploads(), HeldUploads()]
+    agreements = [Agreement("s3://b/ckpt", 20, group.member(r)) for r in range(2)]
+    mirrors = [CollectiveMirror(uploads[r], agreements[r]) for r in range(2)]
+    for rank in range(2):
+        _write(tmp_path / f"rank{rank}", 1)
+
+    def boundary(rank: int) -> bool:
+        return mirrors[rank].offer(tmp_path / f"rank{rank}")
+
+    assert _ranks(2, boundary) == [False, False]  # nothing noted: no collective at all
+    for mirror in mirrors:
+        mirror.note_save()
+    assert _ranks(2, boundary) == [True, True]
+    for mirror in mirrors:
+        mirror.note_save()
+    uploads[0].saves[0][1].set_result(None)  # rank 0's first save ended, rank 1's not yet
+    assert _ranks(2, boundary) == [False, False]
+    uploads[1].saves[0][1].set_result(None)
+    assert _ranks(2, boundary) == [True, True]
+    assert [len(u.saves) for u in uploads] == [2, 2] and mirrors[0].saves == 2
+
+
+def test_a_failed_collective_save_raises_on_every_rank_at_the_same_boundary(tmp_path):
+    group, uploads = ThreadGroup(2, timeout=20), [HeldUploads(), HeldUploads()]
+    mirrors = [CollectiveMirror(uploads[r], Agreement("s3://b/ckpt", 20, group.member(r)))
+               for r in range(2)]
+
+    def save_then_fail(rank: int) -> str:
+        mirrors[rank].note_save()
+        mirrors[rank].offer(None)  # a rank with nothing to add still takes part
+        uploads[rank].saves[0][1].set_exception(
+            CheckpointSaveError("rank 1 failed: the store refused a part", "s3://b/ckpt"))
+        mirrors[rank].note_save()
+        with pytest.raises(CheckpointSaveError, match="rank 1 failed") as raised:
+            mirrors[rank].offer(None)
+        return str(raised.value)
+
+    assert len(set(_ranks(2, save_then_fail))) == 1
+
+
+def test_ranks_sharing_a_directory_contribute_it_once(tmp_path):
+    """One node's ranks writing into one directory: the first contributes it, the others
+    None (their snapshots' hard links would move its files' change time under each other);
+    a rank with a directory of its own, or on another node, contributes its own."""
+    group, uploads = ThreadGroup(4, timeout=20), [HeldUploads() for _ in range(4)]
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    _write(shared, 1)
+    _write(own, 1)
+    nodes = ["a", "a", "a", "b"]
+    dirs = [shared, shared, own, shared]  # rank 3: the same path, on another node
+    mirrors = [CollectiveMirror(uploads[r], Agreement("s3://b/ckpt", 20, group.member(r)),
+                                nodes[r]) for r in range(4)]
+
+    def save(rank: int) -> bool:
+        mirrors[rank].note_save()
+        return mirrors[rank].offer(dirs[rank])
+
+    assert _ranks(4, save) == [True] * 4
+    assert [bool(u.saves[0][0]) for u in uploads] == [True, False, True, True]
+
+
+def test_a_rank_that_never_comes_fails_the_agreement_naming_it(tmp_path):
+    group = ThreadGroup(2, timeout=1)
+    agreement = Agreement("s3://b/ckpt", 1, group.member(0))
+    with pytest.raises(CheckpointSaveError, match=r"rank 0 could not agree.*\b1\b") as raised:
+        agreement.decide(False, None)
+    assert "s3://b/ckpt" in str(raised.value) and "unchanged" in str(raised.value)
+
+
+def test_collective_mirror_saves_the_union_of_the_ranks_shards(tmp_path):
+    """Through the real collective helper: one object holding every rank's shard files."""
+    group, remote = ThreadGroup(2, timeout=30), tmp_path / "remote.obj"
+
+    def train(rank: int) -> int:
+        checkpoint = Checkpoint(remote)
+        helper = DistributedCheckpoint(checkpoint, group.member(rank))
+        mirror = CollectiveMirror(helper, Agreement(str(remote), 30, group.member(rank)))
+        shard = tmp_path / f"rank{rank}" / "last.ckpt"
+        shard.mkdir(parents=True)
+        for step in (1, 2):
+            # A new file renamed into place: an in-place rewrite under a background save
+            # is refused (tested with the snapshots).
+            (shard / "part.tmp").write_bytes(b"rank %d step %d" % (rank, step))
+            (shard / "part.tmp").replace(shard / f"__{rank}_0.distcp")
+            mirror.note_save()
+            mirror.offer(shard.parent)
+        mirror.finish(shard.parent)
+        helper.close()
+        return mirror.saves
+
+    assert sum(_ranks(2, train)) >= 2
+    with open(remote, "rb") as stream:
+        restore(stream, tmp_path / "restored")
+    assert sorted(p.name for p in (tmp_path / "restored" / "last.ckpt").iterdir()) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert (tmp_path / "restored" / "last.ckpt" / "__1_0.distcp").read_bytes() == b"rank 1 step 2"

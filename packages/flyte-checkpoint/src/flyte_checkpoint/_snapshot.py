@@ -55,6 +55,7 @@ __all__ = ["Snapshot", "capture"]
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _PREFIX = ".flyte-checkpoint-snapshot-"
 _LOCK = ".lock"  # inside each snapshot root, flock()ed while the snapshot lives
+_LOCK_SETUP = ".lock-setup"  # the lock file until it is locked
 _CLOCK_REALTIME_COARSE = 5  # linux/time.h; Python's time module does not name it
 _no_reflink: set[int] = set()  # st_dev of file systems that refused FICLONE
 
@@ -232,8 +233,12 @@ def _snapshot_root(source: Path) -> tuple[Path, int]:
             root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=place))
         except OSError:
             continue
+        # The lock is taken under a name no sweep looks at, then renamed into place: a
+        # sweep that found the lock file unlocked between its creation and the flock took
+        # this live snapshot for a killed process's and removed it (with 4 ranks of a job
+        # capturing into one temporary directory at once).
         try:
-            lock = os.open(root / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+            lock = os.open(root / _LOCK_SETUP, os.O_CREAT | os.O_RDWR, 0o600)
         except BaseException:
             remove_tree(root)
             raise
@@ -246,6 +251,12 @@ def _snapshot_root(source: Path) -> tuple[Path, int]:
                 os.close(lock)
                 remove_tree(root)
                 raise
+        try:
+            os.rename(root / _LOCK_SETUP, root / _LOCK)
+        except BaseException:
+            os.close(lock)
+            remove_tree(root)
+            raise
         return root, lock
     raise OSError(errno.EACCES, "no writable place for a snapshot", str(source.parent))
 

@@ -1,11 +1,15 @@
-"""What both integrations share: which Checkpoint to use, and a mirror that uploads a
-directory in the background without ever making the training loop wait for an upload."""
+"""What both integrations share: which Checkpoint to use, and the mirrors that upload a
+directory in the background without ever making the training loop wait for an upload: one
+rank's directory (:class:`DirectoryMirror`, a single process or replicated state), or every
+rank's share through the collective save (:class:`CollectiveMirror`, sharded state)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import stat
 from concurrent.futures import Future
+from typing import Any, Protocol
 
 from .._checkpoint import Checkpoint
 from .._fs import walk_tree
@@ -90,6 +94,89 @@ class DirectoryMirror:
 
     def _wait(self) -> None:
         """Wait for the upload in flight, if any; raise its failure."""
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.result()
+
+
+class Agrees(Protocol):
+    """What :class:`CollectiveMirror` asks of the ranks (``_ranks.Agreement``): whether no
+    rank has a save in flight, and whether this rank is the first to offer ``share``."""
+
+    def decide(self, busy: bool, share: Any) -> tuple[bool, bool]: ...
+
+
+class CollectiveMirror:
+    """:class:`DirectoryMirror` for state that every rank holds a share of: each save is a
+    collective save of every rank's directory (one object, the union of their trees).
+
+    The framework saves on every rank at the same step, so :meth:`note_save` is called alike
+    on every rank, and so is :meth:`offer` (at the same boundaries): whether a save is
+    waiting is the same everywhere, and only then do the ranks agree, through ``agreement``,
+    on whether every rank's previous save has ended. A save starts on all ranks or on none,
+    and the loop never waits for an upload.
+
+    Ranks that offer the same directory (one node's ranks sharing one directory) contribute
+    it once, from the first of them.
+
+    Args:
+        distributed: the collective helper (``DistributedCheckpoint``): ``save_sync(dir,
+            wait=False)`` on every rank, returning a Future on every rank.
+        agreement: decides, alike on every rank, whether no rank has a save in flight and
+            which rank contributes a directory that several offer.
+        node: this rank's node identity (a directory's path names it only on one node).
+    """
+
+    def __init__(self, distributed: Any, agreement: Agrees, node: str = "") -> None:
+        self.distributed = distributed
+        self.agreement = agreement
+        self.node = node
+        self._in_flight: Future[None] | None = None
+        self._offered: pathlib.Path | None = None
+        self._waiting = False  # a save noted (on every rank alike) and not started yet
+        self.saves = 0
+
+    def note_save(self) -> None:
+        """Say that the framework saved (on every rank): the next :meth:`offer` starts a
+        collective save as soon as no rank has one in flight."""
+        self._waiting = True
+
+    def offer(self, directory: pathlib.Path | str | None) -> bool:
+        """On every rank: start the collective save of this rank's ``directory`` (``None``
+        or absent: nothing from this rank) if a save is waiting and no rank has one in
+        flight. Returns whether one started (the same on every rank)."""
+        if directory is not None:
+            self._offered = pathlib.Path(directory)
+        if not self._waiting:
+            return False
+        busy = self._in_flight is not None and not self._in_flight.done()
+        share = self._offered if self._offered is not None and self._offered.exists() else None
+        key = None if share is None else (self.node, os.path.realpath(share))
+        idle, first = self.agreement.decide(busy, key)
+        if not idle:
+            return False
+        self._wait()  # ended on every rank: a failure (every rank's) surfaces here, alike
+        self._waiting = False
+        self._in_flight = self.distributed.save_sync(share if first else None, wait=False)
+        self.saves += 1
+        return True
+
+    def finish(self, directory: pathlib.Path | str | None) -> None:
+        """On every rank: wait for the save in flight, save what is waiting, wait for that."""
+        self._wait()
+        self.offer(directory)
+        self._wait()
+
+    def flush(self) -> None:
+        """:meth:`finish` for the directory last offered (a collective)."""
+        self.finish(self._offered)
+
+    def settle(self) -> None:
+        """Wait for this rank's save in flight, starting none (no collective of the
+        callbacks: for an attempt that is ending on one rank's exception)."""
+        self._wait()
+
+    def _wait(self) -> None:
         future, self._in_flight = self._in_flight, None
         if future is not None:
             future.result()
