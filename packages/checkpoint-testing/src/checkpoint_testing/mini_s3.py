@@ -30,8 +30,9 @@ Run it as a process (so its CPU is accounted apart from the client's)::
         s3.env()                       # AWS_* and FLYTE_AWS_* variables for clients
         s3.pid                         # its CPU: /proc/PID/stat
 
-or ``python -m checkpoint_testing.mini_s3 --root DIR [--cert PEM --key PEM]``, which prints
-``port N`` once it listens.
+or ``python path/to/mini_s3.py --root DIR [--cert PEM --key PEM [--http-port 0]]`` (the file
+needs only the standard library, so any interpreter runs it), which prints ``port N`` once it
+listens (and first ``http-port N`` for the plain port beside a TLS one).
 """
 
 from __future__ import annotations
@@ -589,23 +590,47 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(root: Path, port: int = 0, cert: Path | None = None, key: Path | None = None,
-          announce=print) -> None:
-    """Serve until SIGTERM/SIGINT; announces ``port N`` once listening."""
+          http_port: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; prints ``port N`` once listening. With a certificate,
+    ``port`` speaks TLS, and ``http_port`` (if given; 0 for a free one) plain http to the same
+    objects, announced as ``http-port N`` first."""
+    store = _Store(root)
+    servers = []
+    if cert is not None and http_port is not None:
+        servers.append(("http-port", _server(store, http_port, None)))
     context = None
     if cert is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-    handler = type("Handler", (_Handler,), {"store": _Store(root), "tls": context is not None})
-    server = _Server(("127.0.0.1", port), handler, context)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    announce(f"port {server.server_address[1]}")
-    sys.stdout.flush()
+    servers.append(("port", _server(store, port, context)))
+
+    def shutdown(*_: object) -> None:
+        for _, server in servers:
+            threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    for label, server in servers:
+        print(f"{label} {server.server_address[1]}", flush=True)
+    threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name=label)
+               for label, server in servers]
+    for thread in threads:
+        thread.start()
     try:
-        server.serve_forever(poll_interval=0.5)
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
     except KeyboardInterrupt:
-        pass
+        shutdown()
     finally:
-        server.server_close()
+        for thread in threads:
+            thread.join(10)
+        for _, server in servers:
+            server.server_close()
+
+
+def _server(store: _Store, port: int, context: ssl.SSLContext | None) -> _Server:
+    handler = type("Handler", (_Handler,), {"store": store, "tls": context is not None})
+    return _Server(("127.0.0.1", port), handler, context)
 
 
 # ---------------------------------------------------------------------- the process
@@ -632,10 +657,17 @@ class MiniS3:
         self.tls: TLSFiles | None = tls or None
         self.process: subprocess.Popen | None = None
         self.port = 0
+        #: With TLS, a second port speaking plain http to the same objects.
+        self.http_port = 0
 
     @property
     def endpoint(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        """Plain http to the same objects (with TLS, its second port)."""
+        return f"http://127.0.0.1:{self.http_port if self.tls else self.port}"
 
     @property
     def ca_file(self) -> str | None:
@@ -650,10 +682,19 @@ class MiniS3:
         # runs it, whatever is installed there.
         command = [sys.executable, __file__, "--root", str(self.root)]
         if self.tls:
-            command += ["--cert", str(self.tls.cert_file), "--key", str(self.tls.key_file)]
+            command += ["--cert", str(self.tls.cert_file), "--key", str(self.tls.key_file),
+                        "--http-port", "0"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else ""
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line.startswith("port "):
+            ready, _, _ = select.select([self.process.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            line = self.process.stdout.readline() if ready else ""
+            if line.startswith("http-port "):
+                self.http_port = int(line.split()[1])
+            elif not line:
+                break
         if not line.startswith("port "):
             self.process.kill()
             self.process.wait(10)
@@ -663,21 +704,23 @@ class MiniS3:
         self.port = int(line.split()[1])
         return self
 
-    def env(self) -> dict[str, str]:
+    def env(self, tls: bool | None = None) -> dict[str, str]:
         """Variables that point botocore/s3fs (``AWS_*``) and upstream's SDK
         (``FLYTE_AWS_*``) at this server, and make TLS clients trust its CA
-        (``AWS_CA_BUNDLE`` for botocore, ``SSL_CERT_FILE`` for OpenSSL and rustls)."""
+        (``AWS_CA_BUNDLE`` for botocore, ``SSL_CERT_FILE`` for OpenSSL and rustls).
+        ``tls=False`` gives the plain http port of a TLS server."""
+        endpoint = self.http_endpoint if tls is False else self.endpoint
         env = {
-            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "mini",
             "AWS_SECRET_ACCESS_KEY": "mini-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_REGION": "us-east-1",
-            "FLYTE_AWS_ENDPOINT": self.endpoint,
+            "FLYTE_AWS_ENDPOINT": endpoint,
             "FLYTE_AWS_ACCESS_KEY_ID": "mini",
             "FLYTE_AWS_SECRET_ACCESS_KEY": "mini-secret",
         }
-        if self.tls:
+        if self.tls and tls is not False:
             env["AWS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = str(self.tls.ca_file)
         return env
 
@@ -709,9 +752,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cert", type=Path)
     parser.add_argument("--key", type=Path)
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="with --cert, also plain http on this port (0: a free one)")
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
-    serve(args.root, args.port, args.cert, args.key)
+    serve(args.root, args.port, args.cert, args.key, args.http_port)
 
 
 if __name__ == "__main__":
