@@ -684,17 +684,20 @@ class MiniS3:
         if self.tls:
             command += ["--cert", str(self.tls.cert_file), "--key", str(self.tls.key_file),
                         "--http-port", "0"]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE)
+        # Raw reads under select: a buffered reader could swallow the second line unseen.
         deadline = time.monotonic() + timeout
-        line = ""
-        while not line.startswith("port "):
+        said = b""
+        while b"\nport " not in b"\n" + said or not said.endswith(b"\n"):
             ready, _, _ = select.select([self.process.stdout], [], [],
                                         max(0.0, deadline - time.monotonic()))
-            line = self.process.stdout.readline() if ready else ""
-            if line.startswith("http-port "):
-                self.http_port = int(line.split()[1])
-            elif not line:
+            piece = os.read(self.process.stdout.fileno(), 4096) if ready else b""
+            if not piece:
                 break
+            said += piece
+        ports = dict(line.split() for line in said.decode().splitlines() if " " in line)
+        line = f"port {ports['port']}" if "port" in ports else said.decode()
+        self.http_port = int(ports.get("http-port", 0))
         if not line.startswith("port "):
             self.process.kill()
             self.process.wait(10)
