@@ -361,6 +361,8 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     from checkpoint_testing.mini_s3 import MiniS3
 
     data = make_tree(work / "data", args.size)
+    upstream_size = min(args.size, args.upstream_save_size)
+    upstream_data = data if upstream_size == args.size else work / "upstream-data"
     upstream = str(UPSTREAM_VENV / "bin" / "python")
     has_upstream = Path(upstream).exists()
     paths, paths_note = data_paths()
@@ -385,17 +387,19 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
         n = 0
 
         def run(part: str, what: str, op: str, python: str | None, child_args: dict,
-                env: dict[str, str], note: str = "") -> None:
+                env: dict[str, str], note: str = "", saved: int | None = None) -> None:
             nonlocal n
             if not args.wants(what):
                 return
-            row = Row(part, what, op, size if op != "save" else args.size)
+            row = Row(part, what, op, size if op != "save" else saved or args.size)
             if python is None:
                 row.note = note
                 rows.append(row)
                 print(row.line(), flush=True)
                 return
             n += 1
+            if saved and saved != args.size:
+                row.note = f"({saved / MiB:.0f} MiB saved, figures per GiB)"
             rows.append(measure(row, python, child_args, env, work, server.pid, args.repeat))
             if op == "save":
                 clear(child_args["dest"].split("/", 3)[3].rsplit("/", 1)[0])
@@ -418,9 +422,12 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
             missing = "no upstream venv: bash .ci/install-upstream.sh"
             run(scheme, "upstream load_sync", "load", upstream if has_upstream else None,
                 {"op": "load", "dest": f"s3://bench/y{n}/_ckpt", "src": src}, env, missing)
+            # Level-9 gzip on one thread, about 30 CPU-s per GiB: a smaller tree, per GiB.
+            if has_upstream and args.wants("upstream save_sync") and not upstream_data.exists():
+                make_tree(upstream_data, upstream_size)
             run(scheme, "upstream save_sync", "save", upstream if has_upstream else None,
-                {"op": "save", "dest": f"s3://bench/up{n}/_ckpt", "data": str(data)}, env,
-                missing)
+                {"op": "save", "dest": f"s3://bench/up{n}/_ckpt", "data": str(upstream_data)},
+                env, missing, saved=upstream_size)
             run(scheme, "raw obstore get_range, 16 x 8 MiB", "read", obstore_python,
                 {"op": "obstore-ranges", "bucket": "bench", "key": src_key, "width": 16,
                  "piece": 8 * MiB}, env, "obstore not installed here nor upstream")
@@ -435,6 +442,7 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
             run(part, "ours save_sync", "save", sys.executable,
                 {"op": "save", "dest": "s3://bench/wide/_ckpt", "data": str(data)}, env)
     shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(upstream_data, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- shaped parts
@@ -769,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint size of the loopback rows (default 1GiB)")
     parser.add_argument("--shaped-size", type=_size, default=512 * MiB,
                         help="checkpoint size of the shaped rows (default 512MiB)")
+    parser.add_argument("--upstream-save-size", type=_size, default=256 * MiB,
+                        help="checkpoint size of upstream's saves, figures per GiB (default"
+                             " 256MiB: its level-9 gzip takes ~30 CPU-s per GiB)")
     parser.add_argument("--quick", action="store_true",
                         help="256MiB loopback, 128MiB shaped: a smoke run")
     parser.add_argument("--rows", default=ROWS, help=f"comma list of {ROWS}")
@@ -786,7 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true",
                         help="print the README's rows (markdown tables) at the end")
     parser.add_argument("--json", type=Path, help="write every row here")
-    parser.add_argument("--workdir", default=None, help="where the data and restores go")
+    parser.add_argument("--workdir", default=None,
+                        help="where the data and restores go (default /dev/shm when it has"
+                             " room, else the temporary directory)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.shaped_size = 256 * MiB, 128 * MiB
@@ -804,7 +817,13 @@ def main(argv: list[str] | None = None) -> int:
           + f"; upstream venv: {UPSTREAM_VENV if has_upstream else 'missing'}"
           + f"; {os.cpu_count()} cores, shared with the servers (wall-clock figures vary)",
           flush=True)
+    if args.workdir is None and os.path.isdir("/dev/shm"):
+        # tmpfs, when it has room: the figures are CPU, not a disk other processes share
+        # (writing files there still costs the kernel's copy, as on any file system).
+        free = shutil.disk_usage("/dev/shm").free
+        args.workdir = "/dev/shm" if free > 6 * max(args.size, args.shaped_size) else None
     work = Path(tempfile.mkdtemp(prefix="cpu-bench-", dir=args.workdir))
+    print(f"data and restores in {work}", flush=True)
     rows: list[Row] = []
     started = time.perf_counter()
     try:
