@@ -110,6 +110,6 @@ def test_obstore_round_trip(server, monkeypatch):
     assert bytes(obstore.get_range(store, "big", start=MiB, end=6 * MiB)) == data[MiB:6 * MiB]
     got = obstore.get(store, "big", options={"if_match": meta["e_tag"]})
     assert bytes(got.bytes()) == data
-    with pytest.raises(Exception, match="(?i)precondition"):
+    with pytest.raises(Exception, match=r"(?i)precondition"):
         obstore.get(store, "big", options={"if_match": '"another"'})
     assert [o["path"] for o in obstore.list(store).collect()] == ["big"]
