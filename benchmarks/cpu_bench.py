@@ -468,8 +468,12 @@ def shaped(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
             row = Row(part, what, op, size)
             proxy.stats.most_concurrent = 0
             run_env = {**env, **(extra_env[0] if extra_env else {})}
+            proxy_cpu = time.process_time()  # the proxy runs in this process
             rows.append(measure(row, python, child_args, run_env, work, server_pid))
             row.extra["connections"] = proxy.stats.most_concurrent
+            row.extra["proxy_cpu"] = round(time.process_time() - proxy_cpu, 2)
+            print(f"{'':55} connections at once {row.extra['connections']},"
+                  f" proxy CPU {row.extra['proxy_cpu']:.2f} s", flush=True)
 
     for store in args.shaped:
         part = {"s3": "s3 shaped", "moto": "s3 shaped (moto)", "gcs": "gcs shaped",
