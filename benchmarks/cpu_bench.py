@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -282,9 +283,22 @@ def child(python: str, args: dict, env: dict[str, str], timeout: float = 900) ->
                               env={**os.environ, **env, "FLYTE_CHECKPOINT_PROGRESS": "off"})
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{args['op']} did not finish within {timeout:.0f} s") from exc
+    lines = done.stdout.strip().splitlines()
+    result = None
+    if lines and lines[-1].startswith("{"):
+        result = json.loads(lines[-1])
     if done.returncode != 0:
-        raise RuntimeError(f"{args['op']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        status = (f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0
+                  else f"exit status {done.returncode}")
+        said = [line for line in done.stderr.splitlines() if line.strip()]
+        if result is None:
+            raise RuntimeError(f"{args['op']} failed ({status})"
+                               + (f": {said[-1].strip()}" if said else ", nothing on stderr"))
+        # The operation finished and reported; the process died after (at exit, say).
+        result["exit"] = status + (f": {said[-1].strip()}" if said else "")
+    if result is None:
+        raise RuntimeError(f"{args['op']} reported nothing: {done.stdout[-300:]!r}")
+    return result
 
 
 def measure(row: Row, python: str, args: dict, env: dict[str, str], work: Path,
@@ -298,9 +312,11 @@ def measure(row: Row, python: str, args: dict, env: dict[str, str], work: Path,
             try:
                 result = child(python, args, {**env, "TMPDIR": tmp})
             except RuntimeError as exc:
-                row.note = str(exc).strip().splitlines()[-1][:200]
+                row.note = str(exc).strip()[:300]
                 print(row.line(), flush=True)
                 return row
+            if "exit" in result:
+                row.note = f"the process then died: {result['exit']}"[:300]
         server = cpu_seconds(server_pid) - before if server_pid else None
         if best is None or result["cpu"] < best[0]["cpu"]:
             best = (result, server)
