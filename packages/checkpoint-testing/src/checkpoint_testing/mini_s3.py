@@ -376,14 +376,14 @@ class _Handler(BaseHTTPRequestHandler):
         size = obj.size
         start, end, status = 0, size, 200
         ranged = self.headers.get("Range")
-        if ranged:
+        if ranged and size:  # an empty object has no range to serve: all of it, 200
             match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", ranged)
             if match and match.group(1):
                 start = int(match.group(1))
                 end = min(size, int(match.group(2)) + 1) if match.group(2) else size
             elif match and match.group(2):
                 start = max(0, size - int(match.group(2)))
-            if match and (start >= size or start >= end) and size:
+            if match and (start >= size or start >= end):
                 return self._error(416, "InvalidRange",
                                    "The requested range is not satisfiable", key)
             if match:
