@@ -410,7 +410,7 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
         def run(part: str, what: str, op: str, python: str | None, child_args: dict,
                 env: dict[str, str], note: str = "", saved: int | None = None) -> None:
             nonlocal n
-            if not args.wants(what):
+            if not args.wants(what, part):
                 return
             row = Row(part, what, op, size if op != "save" else saved or args.size)
             if python is None:
