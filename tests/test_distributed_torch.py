@@ -8,7 +8,8 @@ mid-upload, background saves, and a DCP state dict of DTensors sharded over 4 ra
 by 2. Every job is bounded: ranks that outlive their deadline are killed and the test fails.
 
 Needs PyTorch in the test environment: ``CHECKPOINT_REQUIRE_TORCH=1 hatch test`` installs
-the CPU wheel (root ``pyproject.toml``) and makes a missing torch a failure, as CI does;
+it (root ``pyproject.toml``; set ``UV_FIND_LINKS`` to where a CPU wheel lies, as ``.ci/run``
+does, or uv takes PyPI's CUDA build) and makes a missing torch a failure, as CI does;
 without it these tests skip.
 """
 
