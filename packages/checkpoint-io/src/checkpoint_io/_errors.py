@@ -247,6 +247,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def _classify_one(exc: BaseException) -> Fault | None:
+    if isinstance(exc, StorageError):
+        return Fault.FATAL  # already a verdict (a client that retried on its own: obstore)
     if isinstance(exc, VersionMismatch):
         return Fault.CHANGED
     if isinstance(exc, RangeMismatch):

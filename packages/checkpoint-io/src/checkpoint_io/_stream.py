@@ -75,6 +75,7 @@ class StreamWriter:
     def __init__(self, transfer: Transfer) -> None:
         self._t = transfer
         self._upload: Upload = transfer.backend.new_upload(transfer.path)
+        self._upload.policy = transfer.policy
         width = 1 if self._upload.ordered else transfer.concurrency
         self._slots = asyncio.Semaphore(width)
         self._buffer = bytearray()
