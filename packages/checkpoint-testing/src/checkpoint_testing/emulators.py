@@ -294,7 +294,10 @@ class FakeGCS(Server):
     def arguments(self) -> list[str]:
         return ["-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                 "-backend", "filesystem", "-filesystem-root", self.data_dir,
-                "-external-url", self.endpoint, "-log-level", "error"]
+                "-external-url", self.endpoint, "-log-level", "error",
+                # Path-style XML API requests (obstore's GCS client speaks only that) are
+                # served for this host; the JSON API routes come first, as before.
+                "-public-host", f"127.0.0.1:{self.port}"]
 
     def ready_url(self) -> str:
         return f"{self.endpoint}/storage/v1/b"
