@@ -232,7 +232,10 @@ _STATUS = re.compile(r"\bstatus(?: code)?:?\s*(?:Some\()?(\d{3})\b", re.IGNORECA
 _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (Connect|Request|Timeout|Interrupted|Decode)\b")
 
 
-def _signal(exc: BaseException, uri: str) -> BaseException:
+_UNEXPECTED_RANGE = re.compile(r"Requested (\d+)\.\.(\d+), got (\d+)\.\.(\d+)")
+
+
+def _signal(exc: BaseException, uri: str, size: int | str = "*") -> BaseException:
     """What an obstore error means, as an error ``_errors.classify`` knows: the obstore error
     becomes its ``__cause__``. Matching class names keeps obstore out of this module's
     imports."""
@@ -251,6 +254,9 @@ def _signal(exc: BaseException, uri: str) -> BaseException:
     elif "non-partial response" in text or "NotPartial" in text:
         signal = RangeMismatch("a range", "200 with the whole object: it ignores Range "
                                "requests", ignored=True)
+    elif (wrong := _UNEXPECTED_RANGE.search(text)) is not None:
+        a, b, c, d = map(int, wrong.groups())
+        signal = RangeMismatch(f"bytes {a}-{b - 1}/{size}", f"206 bytes {c}-{d - 1}/{size}")
     elif "Range" in text and ("UnexpectedRange" in text or "unexpected range" in text.lower()
                               or "InvalidRange" in text or "Content-Range" in text):
         signal = RangeMismatch("a range", first)
@@ -283,13 +289,13 @@ def _looks_transient(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def _translated(uri: str):
+def _translated(uri: str, size: int | str = "*"):
     try:
         yield
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:
-        signal = _signal(exc, uri)
+        signal = _signal(exc, uri, size)
         if signal is exc:
             raise
         raise signal from exc
@@ -321,8 +327,16 @@ class _ObstoreSource(Source):
             options["if_match"] = self._etag
         if self._version and self._b.pins_version:
             options["version"] = self._version
-        with _translated(self._uri):
+        with _translated(self._uri, self.size):
             result = await obstore.get_async(self._store, self._key, options=options)
+            meta = result.meta
+            # The answer's own ETag and version too: a server that ignores If-Match (as
+            # fake-gcs-server's XML API does) must still never have two versions mixed.
+            if (self._etag and meta.get("e_tag") and meta["e_tag"] != self._etag) or (
+                    self._version and meta.get("version")
+                    and meta["version"] != self._version):
+                raise VersionMismatch(f"{self._uri}: opened {self._etag}, now "
+                                      f"{meta.get('e_tag')}")
             served = tuple(result.range)
             if served != (start, end):
                 raise RangeMismatch(f"bytes {start}-{end - 1}/{self.size}",
@@ -358,7 +372,7 @@ class _ObstoreUpload(Upload):
         self._task: asyncio.Future | None = None
         self._queue: asyncio.Queue | None = None
         self._started = 0.0
-        self._last = "start upload"
+        self._taken = 0  # parts obstore has taken from the feed
 
     async def _feed(self) -> AsyncIterator[Any]:
         assert self._queue is not None
@@ -368,6 +382,7 @@ class _ObstoreUpload(Upload):
                 return
             if isinstance(item, BaseException):
                 raise item
+            self._taken += 1
             yield item
 
     def _start(self, chunk: int) -> None:
@@ -408,7 +423,6 @@ class _ObstoreUpload(Upload):
                 putter.cancel()
         if not putter.done() or putter.cancelled():
             raise self._failure(operation)
-        self._last = operation
 
     async def put_part(self, number: int, data) -> None:
         if self._task is None:
@@ -425,7 +439,11 @@ class _ObstoreUpload(Upload):
         with contextlib.suppress(Exception):
             await asyncio.shield(self._task)
         if self._task.exception() is not None:
-            raise self._failure("complete upload")
+            # obstore fails the upload on its first failed part request: name the last
+            # part it had taken (a part still in flight then), else the completion.
+            # (the earliest part that can still have been in flight).
+            first = max(1, self._taken - self._b.upload_concurrency + 1)
+            raise self._failure(f"upload part {first}" if self._taken else "complete upload")
         self._task = None
 
     async def put_whole(self, data) -> None:

@@ -297,7 +297,7 @@ class FakeGCS(Server):
                 "-external-url", self.endpoint, "-log-level", "error",
                 # Path-style XML API requests (obstore's GCS client speaks only that) are
                 # served for this host; the JSON API routes come first, as before.
-                "-public-host", f"127.0.0.1:{self.port}"]
+                "-public-host", "127.0.0.1"]
 
     def ready_url(self) -> str:
         return f"{self.endpoint}/storage/v1/b"
