@@ -328,7 +328,11 @@ class _ObstoreSource(Source):
         if self._version and self._b.pins_version:
             options["version"] = self._version
         with _translated(self._uri, self.size):
-            result = await obstore.get_async(self._store, self._key, options=options)
+            try:
+                result = await obstore.get_async(self._store, self._key, options=options)
+            except FileNotFoundError as exc:
+                # The object was there when opened: the pinned version is gone.
+                raise VersionMismatch(f"{self._uri}: gone since it was opened") from exc
             meta = result.meta
             # The answer's own ETag and version too: a server that ignores If-Match (as
             # fake-gcs-server's XML API does) must still never have two versions mixed.
