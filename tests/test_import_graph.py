@@ -138,7 +138,8 @@ LAYERS = {
         # Backends (and the local file steps they share with downloads) sit below the
         # streams and File that drive them.
         f"checkpoint_io.{name}": {"checkpoint_io", "checkpoint_io._stream", "checkpoint_io._file"}
-        for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure")
+        for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure",
+                     "_obstore")
     },
 }
 

@@ -269,8 +269,8 @@ def _signal(exc: BaseException, uri: str, size: int | str = "*") -> BaseExceptio
             signal = FileNotFoundError(errno.ENOENT, first, uri)
         elif status in (401, 403):
             signal = PermissionError(errno.EACCES, first, uri)
-        elif (status is not None and (status >= 500 or status in (408, 429))) or status is None \
-                and (_HTTP_KIND.search(text) or _looks_transient(first)):
+        elif (status is not None and (status >= 500 or status in (408, 429))) or (status is None \
+                and (_HTTP_KIND.search(text) or _looks_transient(first))):
             signal = ConnectionError(first)
         else:
             signal = OSError(errno.EIO, first, uri)
@@ -513,6 +513,7 @@ class ObstoreBackend(Backend):
             from ._gcs import GCSBackend
 
             self._uploads = GCSBackend(storage_options, options)
+            self.composite_uploads = self._uploads.composite_uploads
             for name in ("part_size", "min_part_size", "part_multiple", "max_parts",
                          "max_part_size", "concurrency"):
                 setattr(self, name, getattr(self._uploads, name))

@@ -82,6 +82,16 @@ def _auto_switch(variable: str, raw: str) -> bool | None:
         raise SettingsError(variable, raw, f"auto or one of {', '.join(_TRUE + _FALSE)}") from None
 
 
+_DATA_PATHS = ("auto", "obstore", "fsspec")
+
+
+def _data_path(variable: str, raw: str) -> str:
+    word = raw.lower()
+    if word not in _DATA_PATHS:
+        raise SettingsError(variable, raw, f"one of {', '.join(_DATA_PATHS)}")
+    return word
+
+
 @dataclasses.dataclass(frozen=True)
 class Variable:
     """One environment variable: the setting it fills, how it is parsed, what it means."""
@@ -133,6 +143,9 @@ VARIABLES: tuple[Variable, ...] = (
              "saves to local paths write with O_DIRECT (off: through the page cache, say on NFS)"),
     Variable("CHECKPOINT_IO_GCS_COMPOSITE", "gcs_composite", _switch, "off",
              "GCS saves upload parts as temporary objects in parallel, then compose them"),
+    Variable("CHECKPOINT_IO_DATA_PATH", "data_path", _data_path, "auto",
+             "the client for S3, GCS and Azure: obstore, fsspec, or auto (obstore when "
+             "installed and the storage options translate)"),
     Variable("FLYTE_CHECKPOINT_PROGRESS", "progress", _auto_switch, "auto",
              "a progress line on standard error (auto: when it is a terminal)"),
 )
@@ -162,6 +175,8 @@ class Settings:
     direct_writes: bool = True
     #: ``File.with_options(gcs_composite=)``.
     gcs_composite: bool = False
+    #: ``File.with_options(data_path=)``: ``"auto"``, ``"obstore"`` or ``"fsspec"``.
+    data_path: str = "auto"
     #: A progress line on standard error; ``None``: when it is a terminal.
     progress: bool | None = None
 
@@ -176,6 +191,9 @@ class Settings:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Settings.{name} must be True or False, got"
                                  f" {getattr(self, name)!r}")
+        if self.data_path not in _DATA_PATHS:
+            raise ValueError(f"Settings.data_path must be one of {', '.join(_DATA_PATHS)},"
+                             f" got {self.data_path!r}")
         if self.progress not in (None, True, False):
             raise ValueError(f"Settings.progress must be True, False or None, got"
                              f" {self.progress!r}")
@@ -211,6 +229,7 @@ class Settings:
             "read_concurrency": self.io_read_concurrency,
             "direct_writes": self.direct_writes,
             "gcs_composite": self.gcs_composite,
+            "data_path": self.data_path,
         }
 
 
