@@ -166,6 +166,9 @@ def remote_store(request, servers, tmp_path):
 
 
 def _store(param, servers, tmp_path):
+    if isinstance(param, str):  # indirect: "gcs" (the default data path) or "gcs-obstore"
+        kind, _, path = param.partition("-")
+        param = (kind, path or None)
     kind, data_path = param
     if data_path == "obstore":
         require_obstore()
