@@ -71,6 +71,12 @@ def require_obstore() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture
+def obstore_installed() -> None:
+    """For tests of the obstore data path itself: skips (fails in CI) without obstore."""
+    require_obstore()
+
+
 class Store:
     """One backend as seen by a test: a fresh bucket (or directory) and helpers.
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ._backend import Backend, BackendOptions, MiB, Source, Upload, joined_range
-from ._errors import RangeMismatch, StorageRetryError, VersionMismatch
+from ._errors import RangeMismatch, StorageError, StorageRetryError, VersionMismatch
 from ._retry import RetryPolicy
 
 __all__ = ["ObstoreBackend", "Untranslatable", "store_config"]
@@ -227,7 +227,10 @@ def store_config(scheme: str, storage_options: dict[str, Any]) -> dict[str, Any]
 
 # --- obstore's errors -> the signals _retry understands --------------------------------------
 
-_STATUS = re.compile(r"\bstatus(?: code)?:?\s*(?:Some\()?(\d{3})\b", re.IGNORECASE)
+#: The status of an HTTP answer in obstore's message ("Server returned non-2xx status code:
+#: 503 Service Unavailable"), else in its debug print of the error ("status: 503").
+_STATUS = (re.compile(r"non-2xx status code:\s*(\d{3})\b"),
+           re.compile(r"\bstatus(?: code)?:?\s*(?:Some\()?(\d{3})\b", re.IGNORECASE))
 #: object_store's kinds of HTTP failure that another attempt may cure (its debug print).
 _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (Connect|Request|Timeout|Interrupted|Decode)\b")
 
@@ -235,21 +238,52 @@ _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (Connect|Request|Timeout|Interrup
 _UNEXPECTED_RANGE = re.compile(r"Requested (\d+)\.\.(\d+), got (\d+)\.\.(\d+)")
 
 
+def _kinds() -> dict[type, str]:
+    """obstore's exception classes, by what they mean. obstore raises the builtin
+    ``FileNotFoundError`` for a missing object (and ``NotFoundError`` only elsewhere); its
+    HTTP failures other than these are ``GenericError``, whose message holds the status."""
+    from obstore import exceptions
+
+    return {exceptions.PreconditionError: "changed", exceptions.NotModifiedError: "changed",
+            exceptions.PermissionDeniedError: "denied",
+            exceptions.UnauthenticatedError: "denied", exceptions.NotFoundError: "missing"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _status(text: str) -> int | None:
+    for pattern in _STATUS:
+        if (match := pattern.search(text)) is not None:
+            return int(match[1])
+    return None
+
+
 def _signal(exc: BaseException, uri: str, size: int | str = "*") -> BaseException:
     """What an obstore error means, as an error ``_errors.classify`` knows: the obstore error
-    becomes its ``__cause__``. Matching class names keeps obstore out of this module's
-    imports."""
+    becomes its ``__cause__``. The class decides where obstore's has a meaning of its own
+    (a precondition, a denial, a missing object); else the HTTP status or the kind of
+    transport failure in its message (obstore exposes neither as an attribute)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError)) and exc.filename is None:
+        # obstore's own (it raises the builtin for a missing object): named by our URI.
+        default = errno.ENOENT if isinstance(exc, FileNotFoundError) else errno.EACCES
+        named = type(exc)(exc.errno or default, _first_line(exc), uri)
+        named.__cause__ = exc
+        return named
     if isinstance(exc, (FileNotFoundError, PermissionError, RangeMismatch, VersionMismatch,
-                        asyncio.CancelledError)):
+                        StorageError, asyncio.CancelledError)):
         return exc
-    name = type(exc).__name__
+    kind = next((k for cls, k in _kinds().items() if isinstance(exc, cls)), None)
     text = str(exc)
-    first = text.strip().splitlines()[0][:300] if text.strip() else name
-    if name in ("PreconditionError", "NotModifiedError"):
+    first = _first_line(exc)
+    status = _status(text)
+    if kind == "changed" or status == 412:
         signal: BaseException = VersionMismatch(first)
-    elif name in ("PermissionDeniedError", "UnauthenticatedError"):
+    elif kind == "denied" or status in (401, 403):
         signal = PermissionError(errno.EACCES, first, uri)
-    elif name == "NotFoundError":
+    elif kind == "missing" or status == 404:
         signal = FileNotFoundError(errno.ENOENT, first, uri)
     elif "non-partial response" in text or "NotPartial" in text:
         signal = RangeMismatch("a range", "200 with the whole object: it ignores Range "
@@ -260,20 +294,11 @@ def _signal(exc: BaseException, uri: str, size: int | str = "*") -> BaseExceptio
     elif "Range" in text and ("UnexpectedRange" in text or "unexpected range" in text.lower()
                               or "InvalidRange" in text or "Content-Range" in text):
         signal = RangeMismatch("a range", first)
+    elif (status is not None and (status >= 500 or status in (408, 429))) or (
+            status is None and (_HTTP_KIND.search(text) or _looks_transient(first))):
+        signal = ConnectionError(first)
     else:
-        match = _STATUS.search(text)
-        status = int(match[1]) if match else None
-        if status == 412:
-            signal = VersionMismatch(first)
-        elif status == 404:
-            signal = FileNotFoundError(errno.ENOENT, first, uri)
-        elif status in (401, 403):
-            signal = PermissionError(errno.EACCES, first, uri)
-        elif (status is not None and (status >= 500 or status in (408, 429))) or (status is None \
-                and (_HTTP_KIND.search(text) or _looks_transient(first))):
-            signal = ConnectionError(first)
-        else:
-            signal = OSError(errno.EIO, first, uri)
+        signal = OSError(errno.EIO, first, uri)
     signal.__cause__ = exc
     return signal
 
