@@ -152,6 +152,25 @@ def test_azure_connection_strings_keys_and_sas(monkeypatch):
     assert _config("abfs", {"account_name": "other"})["config"] == {"account_name": "other"}
 
 
+def test_azure_sas_connection_string_names_the_account_through_its_endpoint(monkeypatch):
+    from checkpoint_io._obstore import Untranslatable
+    from checkpoint_io._registry import data_path_for
+
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    for endpoint, account in (("http://127.0.0.1:10000/devstoreaccount1", "devstoreaccount1"),
+                              ("https://acc.blob.core.windows.net/", "acc")):
+        conn = f"BlobEndpoint={endpoint};SharedAccessSignature=sv=1&sig=x"
+        assert _config("abfs", {"connection_string": conn})["config"] == {
+            "sas_key": "sv=1&sig=x", "endpoint": endpoint.rstrip("/"), "account_name": account}
+    with pytest.raises(Untranslatable, match="names no account"):
+        _config("abfs", {"connection_string": "BlobEndpoint=http://h:1/;SharedAccessSignature=x"})
+    # Settings obstore itself refuses fall back with its reason, before any transfer.
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    path, reason = data_path_for("abfs://c/k", {})
+    assert path == "fsspec"
+    assert reason.startswith("abfs:// obstore refuses these settings: ") and "Account" in reason
+
+
 def test_azure_credential_objects_do_not_translate():
     from checkpoint_io._obstore import Untranslatable
 

@@ -78,10 +78,10 @@ def data_path_for(uri: str, storage_options: dict[str, Any] | None = None,
 
             raise MissingBackendError(scheme, _SCHEMES[scheme].extra, "obstore")
         return "fsspec", "obstore is not installed"
-    from ._obstore import Untranslatable, store_config
+    from ._obstore import Untranslatable, check_store, store_config
 
     try:
-        store_config(scheme, dict(storage_options or {}))
+        check_store(scheme, store_config(scheme, dict(storage_options or {})))
     except Untranslatable as exc:
         if wanted == "obstore":
             raise ValueError(f"{uri}: data_path='obstore' cannot serve it: {exc}") from None
