@@ -433,6 +433,35 @@ def test_unwritable_destination_raises_checkpoint_save_error(store, tmp_path, re
     assert f"checkpoint not saved to {uri}" in str(info.value)
 
 
+# --------------------------------------------------- upstream's settings on each data path
+
+
+@pytest.mark.parametrize("remote_store", ["s3-obstore", "s3-fsspec"], indirect=True)
+def test_upstreams_variables_alone_reach_the_store_on_each_data_path(
+        remote_store, tmp_path, monkeypatch, caplog) -> None:
+    """What a task pod gets (``FLYTE_AWS_*``, no ``storage_options``) reaches the same store
+    on both clients; the data path that served it is said, once, on ``checkpoint_io``."""
+    import logging
+
+    from checkpoint_io import _registry
+
+    monkeypatch.setenv("FLYTE_AWS_ENDPOINT", remote_store.server.endpoint)
+    monkeypatch.setenv("FLYTE_AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("FLYTE_AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(_registry, "_said", set())
+    caplog.set_level(logging.INFO, logger="checkpoint_io")
+    src = _tree(tmp_path / "src")
+    with Checkpoint(remote_store.uri("attempt-1")) as cp:
+        cp.save_sync(src)
+    with Checkpoint(remote_store.uri("attempt-2"), remote_store.uri("attempt-1")) as cp:
+        assert _snapshot(cp.load_sync()) == _snapshot(src)
+    said = [r.getMessage() for r in caplog.records if r.name == "checkpoint_io"
+            and "data path" in r.getMessage()]
+    reason = "data_path='obstore' asks for it" if remote_store.data_path == "obstore" \
+        else "data_path='fsspec' asks for it"
+    assert said == [f"checkpoint-io data path for s3://: {remote_store.data_path} ({reason})"]
+
+
 # ------------------------------------------------------------------------- bounded memory
 
 
@@ -471,7 +500,8 @@ def _measure(operation: str, store, big: dict, scratch: pathlib.Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "remote_store", ["s3", "gcs", "azure"],
+    "remote_store", ["s3-obstore", "s3-fsspec", "gcs-obstore", "gcs-fsspec", "azure-obstore",
+                     "azure-fsspec"],
     indirect=True,
 )
 def test_peak_memory_of_a_512_mib_round_trip(remote_store, big_checkpoint, tmp_path,
@@ -482,7 +512,8 @@ def test_peak_memory_of_a_512_mib_round_trip(remote_store, big_checkpoint, tmp_p
                for op in ("save", "load")}
     with capsys.disabled():
         for op, m in figures.items():
-            print(f"\n[{remote_store.kind}] {op} 512 MiB: {m['seconds']:.1f} s"
+            print(f"\n[{remote_store.kind} {remote_store.data_path}] {op} 512 MiB:"
+                  f" {m['seconds']:.1f} s"
                   f" ({BIG_CHECKPOINT / MiB / m['seconds']:.0f} MiB/s), RSS"
                   f" {m['rss_before'] / MiB:.0f} -> peak {m['peak'] / MiB:.0f} MiB,"
                   f" growth {m['growth'] / MiB:.0f} MiB", end="")
@@ -494,5 +525,6 @@ def test_peak_memory_of_a_512_mib_round_trip(remote_store, big_checkpoint, tmp_p
         growth = figures[op]["growth"]
         if growth >= RSS_TARGET:
             raise RssTargetMissed(
-                f"{remote_store.kind} {op} of 512 MiB grew RSS by {growth / MiB:.0f} MiB"
+                f"{remote_store.kind} ({remote_store.data_path}) {op} of 512 MiB grew RSS by"
+                f" {growth / MiB:.0f} MiB"
                 f" (target < {RSS_TARGET / MiB:.0f} MiB)")

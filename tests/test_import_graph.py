@@ -139,7 +139,8 @@ LAYERS = {
         # streams, File and shared uploads that drive them.
         f"checkpoint_io.{name}": {"checkpoint_io", "checkpoint_io._stream", "checkpoint_io._file",
                                   "checkpoint_io._shared"}
-        for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure")
+        for name in ("_backend", "_localfs", "_local", "_memory", "_s3", "_gcs", "_azure",
+                     "_obstore")
     },
 }
 

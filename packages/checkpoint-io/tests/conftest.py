@@ -6,6 +6,7 @@ CHECKPOINT_REQUIRE_EMULATORS=1 (as in CI), which turns the skip into a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from pathlib import Path
@@ -60,11 +61,32 @@ def servers(request):
     patcher.undo()
 
 
-class Store:
-    """One backend as seen by a test: a fresh bucket (or directory) and helpers."""
+def require_obstore() -> None:
+    """Skip (fail under CHECKPOINT_REQUIRE_OBSTORE=1, as in CI) when obstore is missing."""
+    if importlib.util.find_spec("obstore") is None:
+        reason = "obstore data path: obstore is not installed (pip install obstore)"
+        if os.environ.get("CHECKPOINT_REQUIRE_OBSTORE") == "1":
+            pytest.fail(f"{reason}; CHECKPOINT_REQUIRE_OBSTORE=1 makes this a failure",
+                        pytrace=False)
+        pytest.skip(reason)
 
-    def __init__(self, kind: str, tmp_path: Path, server=None) -> None:
+
+@pytest.fixture
+def obstore_installed() -> None:
+    """For tests of the obstore data path itself: skips (fails in CI) without obstore."""
+    require_obstore()
+
+
+class Store:
+    """One backend as seen by a test: a fresh bucket (or directory) and helpers.
+
+    Remote stores run on each data path (``data_path``: ``"obstore"`` or ``"fsspec"``);
+    every File a test makes through :meth:`file` is forced onto it."""
+
+    def __init__(self, kind: str, tmp_path: Path, server=None,
+                 data_path: str | None = None) -> None:
         self.kind = kind
+        self.data_path = data_path
         self.server = server
         self.bucket = f"test-{uuid.uuid4().hex[:12]}"
         self.tmp_path = tmp_path
@@ -106,6 +128,8 @@ class Store:
 
     def file(self, name: str, **options) -> File:
         options.setdefault("part_size", self.part_size)
+        if self.data_path is not None:
+            options.setdefault("data_path", self.data_path)
         return File(path=self.uri(name)).with_options(**options)
 
     def proxy(self) -> tuple[FaultProxy, dict]:
@@ -123,9 +147,18 @@ class Store:
             self.server.reset()
 
 
+DATA_PATHS = ("obstore", "fsspec")
+
+
 def _backend_params(kinds):
-    return [pytest.param(k, marks=[pytest.mark.emulator] if k in REMOTE else [], id=k)
-            for k in kinds]
+    params = []
+    for kind in kinds:
+        if kind in REMOTE:
+            params += [pytest.param((kind, path), marks=[pytest.mark.emulator],
+                                    id=f"{kind}-{path}") for path in DATA_PATHS]
+        else:
+            params.append(pytest.param((kind, None), id=kind))
+    return params
 
 
 @pytest.fixture(params=_backend_params(ALL_BACKENDS))
@@ -138,9 +171,15 @@ def remote_store(request, servers, tmp_path):
     yield from _store(request.param, servers, tmp_path)
 
 
-def _store(kind, servers, tmp_path):
+def _store(param, servers, tmp_path):
+    if isinstance(param, str):  # indirect: "gcs" (the default data path) or "gcs-obstore"
+        kind, _, path = param.partition("-")
+        param = (kind, path or None)
+    kind, data_path = param
+    if data_path == "obstore":
+        require_obstore()
     server = servers(kind) if kind in REMOTE else None
-    store = Store(kind, tmp_path, server)
+    store = Store(kind, tmp_path, server, data_path)
     try:
         yield store
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from checkpoint_format import Limits, write_tarball
+from checkpoint_io import File
 from flyte_checkpoint import Checkpoint, CheckpointLoadError, Settings, SettingsError
 from flyte_checkpoint._settings import VARIABLES, readme_table
 
@@ -252,6 +253,7 @@ BAD = {
     "CHECKPOINT_IO_GCS_COMPOSITE": ("2", "one of 1, on, true, yes, 0, off, false, no"),
     "CHECKPOINT_DISTRIBUTED_TIMEOUT": ("0", "a positive number"),
     "CHECKPOINT_NODE_ID": ("node\n1", "a printable name of at most 255 characters"),
+    "CHECKPOINT_IO_DATA_PATH": ("fast", "one of auto, obstore, fsspec"),
     "FLYTE_CHECKPOINT_PROGRESS": ("loud", "auto or one of 1, on, true, yes, 0, off, false, no"),
 }
 
@@ -325,3 +327,11 @@ def test_the_readme_table_is_the_code():
     found = re.search(r"<!-- settings-table -->\n(.*?)\n<!-- /settings-table -->", text, re.S)
     assert found, "the README's table of variables lost its markers"
     assert found.group(1) == readme_table(), "regenerate it: print(readme_table())"
+
+
+@pytest.mark.parametrize("value", ["auto", "obstore", "FSSPEC"])
+def test_the_data_path_reaches_the_file(value):
+    settings = Settings.from_env({"CHECKPOINT_IO_DATA_PATH": value})
+    assert settings.data_path == value.lower()
+    file = File(path="s3://bucket/key").with_options(**settings.file_options())
+    assert file._options.backend.data_path == value.lower()

@@ -101,3 +101,62 @@ def test_a_gcs_emulator_is_reached_anonymously(uri):
     assert flyte_storage_options(uri, emulator) == {"token": "anon"}
     assert flyte_storage_options(uri, {"STORAGE_EMULATOR_HOST": " "}) == {}
     assert flyte_storage_options("s3://b/k", emulator) == {}
+
+
+# --- the same settings on checkpoint-io's obstore data path ---------------------------------
+
+def _obstore_config(uri, options):
+    """What checkpoint-io's obstore path makes of ``options`` for ``uri``: (path, reason,
+    store config)."""
+    pytest.importorskip("obstore", reason="obstore data path: obstore is not installed")
+    from checkpoint_io._obstore import Untranslatable, store_config
+    from checkpoint_io._registry import data_path_for, scheme_of
+
+    path, reason = data_path_for(uri, options)
+    try:
+        config = store_config(scheme_of(uri), options)["config"]
+    except Untranslatable:
+        config = None
+    return path, reason, config
+
+
+@pytest.mark.parametrize("style", [None, "virtual", "path"])
+def test_upstreams_s3_settings_reach_the_obstore_path(style):
+    env = {**SANDBOX, **({"FLYTE_AWS_S3_ADDRESSING_STYLE": style} if style else {})}
+    path, _, config = _obstore_config("s3://bucket/ckpt", flyte_storage_options(
+        "s3://bucket/ckpt", env))
+    assert path == "obstore"
+    expected = {"endpoint": "http://minio.flyte:9000", "access_key_id": "minio",
+                "secret_access_key": "miniostorage"}
+    if style:
+        expected["virtual_hosted_style_request"] = style == "virtual"
+    assert config == expected
+
+
+def test_upstreams_flyte_init_s3_region_reaches_the_obstore_path():
+    options = {"endpoint_url": "http://127.0.0.1:9000",
+               "client_kwargs": {"region_name": "eu-west-1"}}  # what flyte.init gives (above)
+    assert _obstore_config("s3://b/c", options) == (
+        "obstore", "obstore installed, storage options translated",
+        {"endpoint": "http://127.0.0.1:9000", "region": "eu-west-1"})
+
+
+def test_upstreams_azure_and_gcs_settings_reach_the_obstore_path(monkeypatch):
+    env = {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "a2V5",
+           "AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s"}
+    path, _, config = _obstore_config("abfs://c/ckpt", flyte_storage_options("abfs://c/ckpt",
+                                                                             env))
+    assert path == "obstore"
+    assert config == {"account_name": "acct", "account_key": "a2V5", "tenant_id": "t",
+                      "client_id": "c", "client_secret": "s"}
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:4443")
+    options = flyte_storage_options("gs://b/ckpt")
+    assert _obstore_config("gs://b/ckpt", options)[::2] == (
+        "obstore", {"skip_signature": True, "base_url": "http://127.0.0.1:4443"})
+
+
+def test_an_explicit_option_obstore_cannot_take_falls_back_and_says_why():
+    options = {**flyte_storage_options("s3://b/c", SANDBOX), "profile": "dev"}
+    path, reason, config = _obstore_config("s3://b/c", options)
+    assert (path, config) == ("fsspec", None)
+    assert reason == "s3:// storage option(s) profile have no obstore equivalent"

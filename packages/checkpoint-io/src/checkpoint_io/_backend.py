@@ -31,6 +31,10 @@ class BackendOptions:
     #: Local saves write whole blocks with ``O_DIRECT``, past the page cache (off: through
     #: it, say on an NFS mount where direct writes are synchronous round trips).
     direct_writes: bool = True
+    #: Which client serves S3, GCS and Azure: ``"obstore"`` (Rust, its per-byte work outside
+    #: the GIL), ``"fsspec"`` (s3fs, gcsfs, adlfs), or ``"auto"``: obstore when it is
+    #: installed and the storage options translate, else fsspec (logged once, with why).
+    data_path: str = "auto"
     #: GCS saves upload parts as temporary objects in parallel, then compose them (opt-in:
     #: see :class:`~checkpoint_io._gcs.GCSBackend`).
     gcs_composite: bool = False
@@ -93,6 +97,9 @@ class Upload(abc.ABC):
     #: Parts are objects of their own until the upload ends (GCS composite uploads): an
     #: abort lets parts in flight finish, so that its cleanup finds all of them.
     parts_are_objects: bool = False
+    #: The transfer's retry policy, set by the writer before the first call: for clients
+    #: that retry single part requests themselves (obstore has no call for one part).
+    policy: Any = None
 
     async def begin(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Start a multipart/resumable session (nothing visible yet)."""

@@ -269,8 +269,10 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def _classify_one(exc: BaseException) -> Fault | None:
-    if isinstance(exc, SharedUploadError):
-        return Fault.FATAL  # already says what is wrong, whatever caused it
+    if isinstance(exc, StorageError):
+        # Already a verdict: a shared upload's refusal, or a client that retried on its own
+        # (obstore's uploads).
+        return Fault.FATAL
     if isinstance(exc, VersionMismatch):
         return Fault.CHANGED
     if isinstance(exc, RangeMismatch):

@@ -69,6 +69,7 @@ class File(BaseModel):
         memory_budget: int | None = None,
         direct_writes: bool | None = None,
         gcs_composite: bool | None = None,
+        data_path: str | None = None,
     ) -> File:
         """A copy with client options (passed to the fsspec filesystem), a retry policy, a
         part/block size in bytes, a number of parts in flight (default: the store's, 8 on
@@ -80,7 +81,10 @@ class File(BaseModel):
 
         Backend switches: ``direct_writes`` (default on) writes local objects with
         ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects
-        composed at the end. An argument left ``None`` keeps the value this File has."""
+        composed at the end. ``data_path`` picks the client for S3, GCS and Azure:
+        ``"obstore"`` (its per-byte work outside the GIL), ``"fsspec"`` (s3fs, gcsfs,
+        adlfs) or ``"auto"`` (the default: obstore when installed and the storage options
+        translate, else fsspec). An argument left ``None`` keeps the value this File has."""
         changes: dict[str, Any] = {}
         if storage_options is not None:
             changes["storage_options"] = dict(storage_options)
@@ -96,11 +100,18 @@ class File(BaseModel):
             changes["read_concurrency"] = read_concurrency
         if memory_budget is not None:
             changes["memory_budget"] = memory_budget
-        switches: dict[str, bool] = {}
+        switches: dict[str, Any] = {}
         if direct_writes is not None:
             switches["direct_writes"] = bool(direct_writes)
         if gcs_composite is not None:
             switches["gcs_composite"] = bool(gcs_composite)
+        if data_path is not None:
+            from ._registry import DATA_PATHS
+
+            if data_path not in DATA_PATHS:
+                raise ValueError(f"data_path must be one of {', '.join(DATA_PATHS)}, "
+                                 f"not {data_path!r}")
+            switches["data_path"] = data_path
         if switches:
             changes["backend"] = replace(self._options.backend, **switches)
         copy = self.model_copy()

@@ -6,12 +6,14 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 from typing import Any
 
 from ._backend import Backend, BackendOptions
 from ._loop import on_exit, on_new_loop
 
-__all__ = ["backend_for", "close_backends", "filesystem", "require_backend", "scheme_of"]
+__all__ = ["backend_for", "close_backends", "data_path_for", "filesystem", "require_backend",
+           "scheme_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,50 @@ _SCHEMES: dict[str, _Scheme] = {
 
 _cache: dict[tuple[str, str, BackendOptions], Backend] = {}
 on_new_loop(_cache.clear)
+log = logging.getLogger("checkpoint_io")
+
+#: Schemes the obstore data path can serve.
+_FAST = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+DATA_PATHS = ("auto", "obstore", "fsspec")
+#: (scheme, path, reason) already logged: each is said once per process.
+_said: set[tuple[str, str, str]] = set()
+
+
+def _say(scheme: str, path: str, reason: str) -> None:
+    if (scheme, path, reason) not in _said:
+        _said.add((scheme, path, reason))
+        log.info("checkpoint-io data path for %s://: %s (%s)", scheme, path, reason)
+
+
+def data_path_for(uri: str, storage_options: dict[str, Any] | None = None,
+                  options: BackendOptions | None = None) -> tuple[str, str]:
+    """Which data path serves ``uri`` and why: ``("obstore" | "fsspec" | "builtin", reason)``.
+    ``options.data_path="obstore"`` raises instead of falling back: :class:`MissingBackendError`
+    without obstore, ``ValueError`` naming an option that does not translate."""
+    scheme = scheme_of(uri)
+    wanted = (options or BackendOptions()).data_path
+    if wanted not in DATA_PATHS:
+        raise ValueError(f"{uri}: data_path {wanted!r} is not one of {', '.join(DATA_PATHS)}")
+    if scheme not in _FAST:
+        return "builtin", "local and memory objects have one path"
+    if wanted == "fsspec":
+        return "fsspec", "data_path='fsspec' asks for it"
+    if importlib.util.find_spec("obstore") is None:
+        if wanted == "obstore":
+            from ._errors import MissingBackendError
+
+            raise MissingBackendError(scheme, _SCHEMES[scheme].extra, "obstore")
+        return "fsspec", "obstore is not installed"
+    from ._obstore import Untranslatable, check_store, store_config
+
+    try:
+        check_store(scheme, store_config(scheme, dict(storage_options or {})))
+    except Untranslatable as exc:
+        if wanted == "obstore":
+            raise ValueError(f"{uri}: data_path='obstore' cannot serve it: {exc}") from None
+        return "fsspec", str(exc)
+    return "obstore", "obstore installed, storage options translated" if wanted == "auto" \
+        else "data_path='obstore' asks for it"
 
 
 def scheme_of(uri: str) -> str:
@@ -92,9 +138,17 @@ def backend_for(uri: str, storage_options: dict[str, Any] | None = None,
     key = (served.module, _options_key(client_options), options)
     backend = _cache.get(key)
     if backend is None:
-        _require_client(scheme)
-        module = importlib.import_module(f"checkpoint_io.{served.module}")
-        backend = getattr(module, served.backend)(client_options, options)
+        path, reason = data_path_for(uri, client_options, options)
+        if path == "obstore":
+            from ._obstore import ObstoreBackend
+
+            backend = ObstoreBackend(scheme, client_options, options)
+        else:
+            _require_client(scheme)
+            module = importlib.import_module(f"checkpoint_io.{served.module}")
+            backend = getattr(module, served.backend)(client_options, options)
+        if path != "builtin":
+            _say(scheme, path, reason)
         _cache[key] = backend
     return backend
 

@@ -219,6 +219,7 @@ class StreamWriter:
     def __init__(self, transfer: Transfer) -> None:
         self._t = transfer
         self._upload: Upload = transfer.backend.new_upload(transfer.path)
+        self._upload.policy = transfer.policy
         #: Parts in flight: grows with the measured rate (one at a time when ordered).
         self.widening = Widening(1, 1) if self._upload.ordered else transfer.write_widening()
         self._in_flight = 0

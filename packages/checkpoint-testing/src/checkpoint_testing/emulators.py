@@ -294,7 +294,10 @@ class FakeGCS(Server):
     def arguments(self) -> list[str]:
         return ["-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                 "-backend", "filesystem", "-filesystem-root", self.data_dir,
-                "-external-url", self.endpoint, "-log-level", "error"]
+                "-external-url", self.endpoint, "-log-level", "error",
+                # Path-style XML API requests (obstore's GCS client speaks only that) are
+                # served for this host; the JSON API routes come first, as before.
+                "-public-host", "127.0.0.1"]
 
     def ready_url(self) -> str:
         return f"{self.endpoint}/storage/v1/b"
@@ -419,6 +422,14 @@ class FaultProxy:
         self._misrange_skip = 0
         #: How many ranged answers were falsified so far.
         self.misranged = 0
+        #: Answer ranged GETs with 200 and no Content-Range, as a server (or a cache before
+        #: it) that ignores ranges does: S3 and GCS requests go on without their Range
+        #: header (the whole object comes back); Azure signs x-ms-range, so there the
+        #: range's 206 is relabelled a 200.
+        self.ignore_ranges = False
+        #: ``(method, path) -> bool``: requests it is true for get the error answer, for as
+        #: long as it is set (say, only the part uploads of a multipart upload).
+        self.fail_when = None
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         proxy = self
@@ -460,6 +471,8 @@ class FaultProxy:
                     failing = not stopping and proxy.failures_left > 0
                     if failing:
                         proxy.failures_left -= 1
+                    elif not stopping and proxy.fail_when is not None:
+                        failing = bool(proxy.fail_when(self.command, self.path))
                 if stopping:
                     threading.Thread(target=proxy.stop, daemon=True).start()
                     self.close_connection = True
@@ -485,6 +498,9 @@ class FaultProxy:
                 try:
                     headers = {k: v for k, v in self.headers.items()
                                if k.lower() not in _HOP_BY_HOP}
+                    if proxy.ignore_ranges and self.command == "GET" and \
+                            proxy.flavor != "azure":
+                        headers = {k: v for k, v in headers.items() if k.lower() != "range"}
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
                     payload = response.read()
@@ -495,22 +511,26 @@ class FaultProxy:
                            if k.lower() not in _HOP_BY_HOP]
                     length = (response.getheader("Content-Length")
                               if self.command == "HEAD" else None)
-                    if skip is not None and response.status == 206:
+                    status = response.status
+                    if proxy.ignore_ranges and status == 206:
+                        status = 200
+                        out = [(k, v) for k, v in out if k.lower() != "content-range"]
+                    if skip is not None and status == 206:
                         falsified = _skip_into_range(out, payload, skip)
                         with proxy._lock:  # counted only for answers actually falsified
                             if falsified is not None and proxy._misranges_left > 0:
                                 proxy._misranges_left -= 1
                                 proxy.misranged += 1
                                 out, payload = falsified
-                    if cut_at is not None and response.status < 300 and len(payload) > cut_at:
+                    if cut_at is not None and status < 300 and len(payload) > cut_at:
                         with proxy._lock:  # counted only for bodies long enough to cut
                             cutting = proxy._cuts_left > 0
                             if cutting:
                                 proxy._cuts_left -= 1
                         if cutting:
-                            self._send_cut(response.status, out, payload, cut_at)
+                            self._send_cut(status, out, payload, cut_at)
                             return
-                    self._send(response.status, out, payload, length)
+                    self._send(status, out, payload, length)
                 finally:
                     upstream.close()
 

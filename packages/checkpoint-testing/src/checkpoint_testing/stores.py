@@ -15,6 +15,7 @@ check.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import urllib.parse
@@ -41,6 +42,9 @@ MiB = 1 << 20
 REMOTE = ("s3", "gcs", "azure")
 BASELINE = ("local", "memory")
 ALL_BACKENDS = (*BASELINE, *REMOTE)
+#: checkpoint-io's two clients for remote stores (``CHECKPOINT_IO_DATA_PATH``): every remote
+#: case runs on each.
+DATA_PATHS = ("obstore", "fsspec")
 
 # Settings that are the same for every emulator instance (credentials, switches), so setting
 # them cannot redirect anyone else's clients. Endpoints are deliberately not among them.
@@ -110,8 +114,12 @@ class Store:
     """One backend as a test sees it: a fresh bucket (or directory), checkpoints on it, and
     raw access to its objects through the service's own client."""
 
-    def __init__(self, kind: str, tmp_path: Path, server: Any = None) -> None:
+    def __init__(self, kind: str, tmp_path: Path, server: Any = None,
+                 data_path: str | None = None) -> None:
         self.kind = kind
+        #: The data path forced for this test (through ``CHECKPOINT_IO_DATA_PATH``, so that
+        #: every Checkpoint a test makes, and every probe process, takes it); ``None``: auto.
+        self.data_path = data_path
         self.server = server
         self.bucket = f"e2e-{uuid.uuid4().hex[:12]}"
         self.options = storage_options(kind, server)
@@ -285,23 +293,50 @@ class Store:
             self.server.reset()
 
 
-def make_store(kind: str, emulators: Emulators, tmp_path: Path):
-    """Generator for a fixture: a fresh :class:`Store`, closed and emptied afterwards."""
+def _require_obstore() -> None:
+    if importlib.util.find_spec("obstore") is None:
+        reason = "obstore data path: obstore is not installed (pip install obstore)"
+        if os.environ.get("CHECKPOINT_REQUIRE_OBSTORE") == "1":
+            pytest.fail(f"{reason}; CHECKPOINT_REQUIRE_OBSTORE=1 makes this a failure",
+                        pytrace=False)
+        pytest.skip(reason)
+
+
+def make_store(param: str, emulators: Emulators, tmp_path: Path):
+    """Generator for a fixture: a fresh :class:`Store`, closed and emptied afterwards.
+    ``param`` is a kind, or ``kind-path`` for a remote one on a forced data path."""
+    kind, _, data_path = param.partition("-")
+    if data_path == "obstore":
+        _require_obstore()
     server = emulators.get(kind) if kind in REMOTE else None
-    store = Store(kind, tmp_path, server)
-    try:
-        yield store
-    finally:
-        store.close()
+    with pytest.MonkeyPatch.context() as patch:
+        if data_path:
+            patch.setenv("CHECKPOINT_IO_DATA_PATH", data_path)
+        store = Store(kind, tmp_path, server, data_path or None)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
-@pytest.fixture(params=ALL_BACKENDS)
+def _params(kinds) -> list:
+    params = []
+    for kind in kinds:
+        if kind in REMOTE:
+            params += [f"{kind}-{path}" for path in DATA_PATHS]
+        else:
+            params.append(kind)
+    return params
+
+
+@pytest.fixture(params=_params(ALL_BACKENDS))
 def store(request, e2e_emulators, tmp_path):
-    """Every backend: local and memory as the baseline, then the three emulators."""
+    """Every backend: local and memory as the baseline, then the three emulators, each on
+    both data paths."""
     yield from make_store(request.param, e2e_emulators, tmp_path)
 
 
-@pytest.fixture(params=REMOTE)
+@pytest.fixture(params=_params(REMOTE))
 def remote_store(request, e2e_emulators, tmp_path):
     yield from make_store(request.param, e2e_emulators, tmp_path)
 

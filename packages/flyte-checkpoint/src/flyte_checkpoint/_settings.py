@@ -88,6 +88,16 @@ def _auto_switch(variable: str, raw: str) -> bool | None:
         raise SettingsError(variable, raw, f"auto or one of {', '.join(_TRUE + _FALSE)}") from None
 
 
+_DATA_PATHS = ("auto", "obstore", "fsspec")
+
+
+def _data_path(variable: str, raw: str) -> str:
+    word = raw.lower()
+    if word not in _DATA_PATHS:
+        raise SettingsError(variable, raw, f"one of {', '.join(_DATA_PATHS)}")
+    return word
+
+
 @dataclasses.dataclass(frozen=True)
 class Variable:
     """One environment variable: the setting it fills, how it is parsed, what it means."""
@@ -149,6 +159,9 @@ VARIABLES: tuple[Variable, ...] = (
              " before the operation fails on every rank"),
     Variable("CHECKPOINT_NODE_ID", "node_id", _name, "hostname, boot id and mount namespace",
              "the node a rank counts as for multi-rank loads (one download per node)"),
+    Variable("CHECKPOINT_IO_DATA_PATH", "data_path", _data_path, "auto",
+             "the client for S3, GCS and Azure: obstore, fsspec, or auto (obstore when "
+             "installed and the storage options translate)"),
     Variable("FLYTE_CHECKPOINT_PROGRESS", "progress", _auto_switch, "auto",
              "a progress line on standard error (auto: when it is a terminal)"),
 )
@@ -180,6 +193,8 @@ class Settings:
     direct_writes: bool = True
     #: ``File.with_options(gcs_composite=)``.
     gcs_composite: bool = False
+    #: ``File.with_options(data_path=)``: ``"auto"``, ``"obstore"`` or ``"fsspec"``.
+    data_path: str = "auto"
     #: A progress line on standard error; ``None``: when it is a terminal.
     progress: bool | None = None
     #: Seconds a rank of a :class:`~flyte_checkpoint.distributed.DistributedCheckpoint` waits
@@ -209,6 +224,9 @@ class Settings:
         if self.node_id is not None and (not isinstance(self.node_id, str) or not self.node_id):
             raise ValueError(f"Settings.node_id must be a non-empty str or None, got"
                              f" {self.node_id!r}")
+        if self.data_path not in _DATA_PATHS:
+            raise ValueError(f"Settings.data_path must be one of {', '.join(_DATA_PATHS)},"
+                             f" got {self.data_path!r}")
         if self.progress not in (None, True, False):
             raise ValueError(f"Settings.progress must be True, False or None, got"
                              f" {self.progress!r}")
@@ -245,6 +263,7 @@ class Settings:
             "memory_budget": self.io_memory_budget,
             "direct_writes": self.direct_writes,
             "gcs_composite": self.gcs_composite,
+            "data_path": self.data_path,
         }
 
 
