@@ -553,6 +553,10 @@ class ObstoreBackend(Backend):
 
     concurrency = 8
     read_concurrency = 8
+    # Unset read widths adapt to the measured rate (from 8, see Transfer), up to
+    # max_in_flight and the memory budget; uploads hand obstore their parts in order
+    # and it keeps its own bounded number in flight (see _ObstoreUpload).
+    widen = True
     #: Parts do not grow (``max_part_size`` is the smallest): obstore cuts a multipart
     #: upload into parts of the first part's size, so a File keeps the part size it starts
     #: with; the writer says so clearly when a stream outgrows ``max_parts`` of them.
