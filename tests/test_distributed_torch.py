@@ -284,3 +284,21 @@ def test_a_dcp_state_dict_sharded_over_4_ranks_is_restored_by_2(kind, e2e_emulat
             assert report["equal"] and report["step"] == 41, report
             assert ".metadata" in report["files"]
             assert sum(f.endswith(".distcp") for f in report["files"]) == 4
+
+
+def test_background_saves_of_files_ranks_share_on_one_node(local_store, tmp_path):
+    """Two processes of one node pass the same directory, and a third a tree with a file
+    hard-linked from it under the same name and under another: each file is frozen once
+    per name, so no rank's hard links move the change time under another rank's record
+    (which read as an in-place rewrite, CF-WRITE-07, and failed the save)."""
+    trees = rank_trees(tmp_path / "trees", 3)
+    shared = pathlib.Path(trees["0"])
+    trees["1"] = str(shared)
+    third = pathlib.Path(trees["2"])
+    os.link(shared / "optim-0.pt", third / "optim-0.pt")  # the same name, the same file
+    os.link(shared / "model" / "config.json", third / "settings.json")  # another name
+    expected = union_of(trees)
+    reports = ok(launch(tmp_path, 3, scenario="background", dest=local_store.uri("ckpt"),
+                        data=trees))
+    assert all(r["saved"] for r in reports)
+    assert plain_load(local_store, "ckpt") == expected
