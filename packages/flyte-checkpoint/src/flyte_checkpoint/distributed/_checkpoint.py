@@ -20,7 +20,14 @@ save (each rank passes its directory, or ``None``)
   A rank that fails, is killed or hangs past the timeout makes every rank raise naming it;
   the upload is aborted, the previous object is untouched. (A crash of rank 0 itself after
   step 2 leaves an unfinished upload for the store's lifecycle rule or
-  ``checkpoint_io.sweep_shared_uploads``.)
+  ``checkpoint_io.sweep_shared_uploads``.) When the outcome of a commit cannot be broadcast,
+  rank 0 says what it knows (published, or not) and the others that the outcome is unknown.
+
+  A background save (``wait=False``) first agrees, in the caller's thread, on which rank
+  freezes files that several ranks of a node pass (:meth:`_divide_shared`).
+
+After any failed step the helper refuses every later collective at once (the ranks are out
+of step): build a new one on every rank.
 
 load
     Rank 0 chooses the object (the resume rule of the helper, when it has one) and broadcasts
