@@ -183,13 +183,16 @@ def test_a_rank_that_never_comes_fails_the_agreement_naming_it(tmp_path):
 
 
 def test_collective_mirror_saves_the_union_of_the_ranks_shards(tmp_path):
-    """Through the real collective helper: one object holding every rank's shard files."""
+    """Through the real collective helper: one object holding every rank's shard files.
+    The helper and the agreement each have a group of their own, as on torch (two gloo
+    groups): one group's steps from two threads of a rank would pair up across them."""
     group, remote = ThreadGroup(2, timeout=30), tmp_path / "remote.obj"
+    agreeing = ThreadGroup(2, timeout=30)
 
     def train(rank: int) -> int:
         checkpoint = Checkpoint(remote)
         helper = DistributedCheckpoint(checkpoint, group.member(rank))
-        mirror = CollectiveMirror(helper, Agreement(str(remote), 30, group.member(rank)))
+        mirror = CollectiveMirror(helper, Agreement(str(remote), 30, agreeing.member(rank)))
         shard = tmp_path / f"rank{rank}" / "last.ckpt"
         shard.mkdir(parents=True)
         for step in (1, 2):

@@ -9,13 +9,8 @@ framework callbacks) collectives of its own over the same ranks, through the sam
 """
 
 from ._checkpoint import DistributedCheckpoint
-from ._collectives import (
-    CollectiveError,
-    Collectives,
-    ThreadGroup,
-    new_collectives,
-    node_identity,
-)
+from ._collectives import CollectiveError, Collectives, ThreadGroup, node_identity
+from ._new import new_collectives
 
 __all__ = ["CollectiveError", "Collectives", "DistributedCheckpoint", "ThreadGroup",
            "new_collectives", "node_identity"]

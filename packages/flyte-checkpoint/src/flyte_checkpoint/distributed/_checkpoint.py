@@ -56,7 +56,8 @@ from .._errors import CheckpointError, CheckpointLoadError, CheckpointSaveError,
 from .._fs import walk_tree
 from .._pipeline import ensure_local_parent
 from .._snapshot import _PREFIX, capture
-from ._collectives import CollectiveError, Collectives, new_collectives, node_identity
+from ._collectives import CollectiveError, Collectives, node_identity
+from ._new import new_collectives
 
 __all__ = ["DistributedCheckpoint"]
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["CollectiveError", "Collectives", "ThreadGroup", "new_collectives", "node_identity"]
+__all__ = ["CollectiveError", "Collectives", "ThreadGroup", "node_identity"]
 
 
 class CollectiveError(RuntimeError):
@@ -65,30 +65,6 @@ class Collectives(Protocol):
 
     def barrier(self, *, step: str) -> None:
         """Return once every rank has called it."""
-
-
-def new_collectives(group: Any = None, *, timeout: float) -> Collectives:
-    """The collectives a checkpoint uses over ``group``: a gloo group of their own made
-    over the ranks of ``group`` (a ``torch.distributed`` process group; ``None``: the default
-    one, which must be initialised), each step bounded by ``timeout`` seconds; or ``group``
-    itself when it already is a :class:`Collectives` (a :class:`ThreadGroup` member, another
-    engine's).
-
-    For code beside a :class:`DistributedCheckpoint` that must take decisions alike on every
-    rank without touching the training's collectives (the framework callbacks agree there
-    on when a save starts). On torch, making one is a collective of the group: every rank
-    calls it at the same point, in the same order as its other checkpoints' (which keeps
-    their rendezvous prefixes apart). torch is imported only here, and only for a torch
-    group. After a step fails the group stays broken: later steps raise
-    :class:`CollectiveError` at once; make a new one (on every rank) to go on.
-    """
-    if _is_collectives(group):
-        return group
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    from ._torch import TorchCollectives  # torch, only for a torch group
-
-    return TorchCollectives(group, timeout=timeout)
 
 
 def _is_collectives(group: Any) -> bool:
