@@ -249,6 +249,46 @@ def test_a_rank_sigkilled_mid_upload_fails_the_others_and_nothing_is_published(s
     assert store.names() == {"ckpt"}  # no part file (local) or temporary (GCS) left
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_the_committing_rank_killed_mid_upload_fails_the_others_and_the_sweep_clears_it(
+        kind, e2e_emulators, tmp_path):
+    """Rank 0 (which began the upload and would commit it) is SIGKILLed inside its own
+    segment: the survivors raise naming it within the bounded time, nothing new appears,
+    the previous object is intact, and ``sweep_shared_uploads`` removes what the crash left
+    (S3: the multipart upload; local: the part files and the marker). The survivors' helper
+    then fails at once, saying to build a new one."""
+    from checkpoint_io import File, sweep_shared_uploads_sync
+
+    for store in make_store(kind, e2e_emulators, tmp_path):
+        before = previous(store, "ckpt", tmp_path)
+        trees = rank_trees(tmp_path / "trees", 3, big=12 * MiB)  # several parts of 5 MiB
+        started = time.monotonic()
+        reports = launch(tmp_path, 3, scenario="save", dest=store.uri("ckpt"),
+                         options=store.options, data=trees, kill_rank=0, kill_after=6 * MiB,
+                         again=True)
+        elapsed = time.monotonic() - started
+        assert reports[0].get("returncode") == -9, reports[0]  # SIGKILLed: no report
+        for report in reports[1:]:
+            assert "first" in report, report
+            assert report["first"].startswith("CheckpointSaveError"), report
+            assert "rank 0 does not answer at step 'save: segments'" in report["first"], report
+            assert report["first_seconds"] < STEP_TIMEOUT, report
+            assert "build a new DistributedCheckpoint on every rank" in report["again"], report
+            assert report["again_seconds"] < 1 and report["close_seconds"] < 5, report
+        assert elapsed < STEP_TIMEOUT + 30
+        assert store.get("ckpt") == before
+        left = store.names() - {"ckpt"}
+        if kind == "s3":
+            assert store.pending_uploads() == ["ckpt"] and not left
+        else:
+            assert left, "the killed rank's part files and marker"
+        file = File(path=store.uri("ckpt")).with_options(storage_options=store.options or {})
+        removed = sweep_shared_uploads_sync(file, older_than=0)
+        assert removed, "the sweep found nothing to remove"
+        assert store.pending_uploads() == [] and store.names() == {"ckpt"}
+        assert store.get("ckpt") == before
+
+
 def test_a_rank_that_hangs_fails_the_others_within_the_timeout_naming_it(local_store,
                                                                          tmp_path):
     before = previous(local_store, "ckpt", tmp_path)
@@ -284,3 +324,21 @@ def test_a_dcp_state_dict_sharded_over_4_ranks_is_restored_by_2(kind, e2e_emulat
             assert report["equal"] and report["step"] == 41, report
             assert ".metadata" in report["files"]
             assert sum(f.endswith(".distcp") for f in report["files"]) == 4
+
+
+def test_background_saves_of_files_ranks_share_on_one_node(local_store, tmp_path):
+    """Two processes of one node pass the same directory, and a third a tree with a file
+    hard-linked from it under the same name and under another: each file is frozen once
+    per name, so no rank's hard links move the change time under another rank's record
+    (which read as an in-place rewrite, CF-WRITE-07, and failed the save)."""
+    trees = rank_trees(tmp_path / "trees", 3)
+    shared = pathlib.Path(trees["0"])
+    trees["1"] = str(shared)
+    third = pathlib.Path(trees["2"])
+    os.link(shared / "optim-0.pt", third / "optim-0.pt")  # the same name, the same file
+    os.link(shared / "model" / "config.json", third / "settings.json")  # another name
+    expected = union_of(trees)
+    reports = ok(launch(tmp_path, 3, scenario="background", dest=local_store.uri("ckpt"),
+                        data=trees))
+    assert all(r["saved"] for r in reports)
+    assert plain_load(local_store, "ckpt") == expected

@@ -7,8 +7,9 @@ scenario and its inputs. It joins a gloo job, runs the scenario through
 ``os._exit`` (a job whose peer was killed must not hang in the process group's teardown).
 
 Scenarios: ``save`` (its directory; ``kill_after`` bytes into its segment it SIGKILLs itself,
-mid-upload), ``background`` (``save(wait=False)`` then the future), ``load`` (restores, reports
-the tree it sees), ``dcp_save`` / ``dcp_load`` (a DTensor state dict through
+mid-upload; with ``again``, a failed save is followed by another on the same helper and
+``close()``, each timed), ``background`` (``save(wait=False)`` then the future), ``load``
+(restores, reports the tree it sees), ``dcp_save`` / ``dcp_load`` (a DTensor state dict through
 ``torch.distributed.checkpoint`` in a per-rank directory, then the collective save; the
 collective load, then ``dcp.load`` resharding onto this job's ranks), ``time_save`` (seconds of
 one collective save, for the benchmark).
@@ -70,8 +71,26 @@ def run(args: dict, rank: int) -> dict:
             _kill_after(int(args["kill_after"]))
         if rank == args.get("hang_rank"):
             time.sleep(3600)  # a rank stuck elsewhere: the test kills it
-        dcp_ckpt.save_sync(data)
-        return {"saved": True}
+        started = time.monotonic()
+        if not args.get("again"):
+            dcp_ckpt.save_sync(data)
+            return {"saved": True}
+        try:
+            dcp_ckpt.save_sync(data)
+            return {"saved": True}
+        except Exception as exc:  # then the same helper once more: it must fail at once
+            failed = {"first": f"{type(exc).__name__}: {exc}",
+                      "first_seconds": time.monotonic() - started}
+        started = time.monotonic()
+        try:
+            dcp_ckpt.save_sync(data)
+        except Exception as exc:
+            failed["again"] = f"{type(exc).__name__}: {exc}"
+        failed["again_seconds"] = time.monotonic() - started
+        started = time.monotonic()
+        dcp_ckpt.close()
+        failed["close_seconds"] = time.monotonic() - started
+        return failed
     if scenario == "background":
         future = dcp_ckpt.save_sync(data, wait=False)
         returned = time.perf_counter()

@@ -24,6 +24,7 @@ from flyte_checkpoint.distributed import (
     Collectives,
     DistributedCheckpoint,
     ThreadGroup,
+    new_collectives,
     node_identity,
 )
 
@@ -307,6 +308,114 @@ def test_a_background_failure_reaches_every_ranks_future_and_next_save(tmp_path)
         assert "rank 1 failed" in seen[0]
         assert "a new save was not started" in seen[1]
     assert load_plain(dest) == union_of(trees)
+
+
+def test_background_saves_freeze_files_ranks_of_a_node_share_once(tmp_path, caplog):
+    """Rank 1 passes rank 0's directory, rank 2 a tree holding one of its files under the
+    same name and one under another, rank 3 the same directory on another node: rank 1
+    contributes nothing, rank 2 leaves the first file to rank 0 and copies the second, rank
+    3 freezes its own (another node's files). (Between processes a second hard link moved
+    the change time under the other's record; the process tests show that failure gone.)"""
+    dest = str(tmp_path / "store" / "ckpt")
+    trees = [rank_tree(tmp_path / "t", r) for r in range(3)]
+    shared = trees[0]
+    os.link(shared / "optim" / "rank0.pt", trees[2] / "optim" / "rank0.pt")
+    os.link(shared / "model" / "config.json", trees[2] / "settings.json")
+    given = [shared, shared, trees[2], shared]
+    nodes = ["a", "a", "a", "b"]
+
+    def work(rank: int, group: Collectives) -> None:
+        helper = Checkpoint(dest, settings=Settings(progress=False, node_id=nodes[rank]))
+        with DistributedCheckpoint(helper, group) as dist:
+            dist.save_sync(given[rank], wait=False).result(JOIN)
+
+    with caplog.at_level("INFO", logger="flyte_checkpoint"):
+        _, errors = run_ranks(4, work)
+    assert errors == [None] * 4
+    assert load_plain(dest) == union_of([shared, trees[2]])
+    said = caplog.text
+    assert "rank 1 passes the directory rank 0 passes on this node" in said
+    assert "rank 2 shares 2 file(s) with lower ranks of its node: 1 left to them, 1 copied" in said
+    assert "rank 3 passes the directory" not in said and "rank 3 shares" not in said
+
+
+def test_a_published_commit_whose_outcome_cannot_be_told_says_so(tmp_path):
+    """Rank 0 committed, then the broadcast of the outcome failed: rank 0 says the object
+    is published, the others that the outcome is unknown (not that nothing changed)."""
+    dest = str(tmp_path / "store" / "ckpt")
+    _previous(dest, tmp_path)
+    trees = [rank_tree(tmp_path / "t", r) for r in range(3)]
+
+    class LostOutcome:
+        """Rank 0's collectives, whose broadcast of the commit's outcome never arrives (a
+        network fault at that instant; no store can stage it)."""
+
+        def __init__(self, inner: Collectives) -> None:
+            self._inner = inner
+            self.rank, self.size, self.timeout = inner.rank, inner.size, inner.timeout
+
+        def all_gather_object(self, obj: Any, *, step: str) -> list[Any]:
+            return self._inner.all_gather_object(obj, step=step)
+
+        def broadcast_object(self, obj: Any, *, src: int, step: str) -> Any:
+            if step == "save: commit":
+                raise CollectiveError(step, [], "ConnectionResetError: connections closed")
+            return self._inner.broadcast_object(obj, src=src, step=step)
+
+        def barrier(self, *, step: str) -> None:
+            self._inner.barrier(step=step)
+
+    def work(rank: int, group: Collectives) -> None:
+        helper = Checkpoint(dest, settings=settings(rank, size=3))
+        DistributedCheckpoint(helper, LostOutcome(group) if rank == 0 else group).save_sync(
+            trees[rank])
+
+    _, errors = run_ranks(3, work, timeout=1.0)
+    assert all(isinstance(e, CheckpointSaveError) for e in errors), errors
+    assert "the object is published" in str(errors[0]), errors[0]
+    assert "unchanged" not in str(errors[0])
+    for error in errors[1:]:
+        assert "the outcome is unknown" in str(error), error
+        assert "rank 0 does not answer at step 'save: commit'" in str(error), error
+        assert "unchanged" not in str(error)
+    assert load_plain(dest) == union_of(trees)  # it was published, whole
+
+
+def test_after_a_failed_step_the_helper_fails_at_once_saying_to_build_a_new_one(tmp_path):
+    dest = str(tmp_path / "store" / "ckpt")
+    trees = [rank_tree(tmp_path / "t", r) for r in range(2)]
+
+    def work(rank: int, group: Collectives) -> list[Any]:
+        helper = Checkpoint(dest, settings=settings(rank, size=2))
+        dist = DistributedCheckpoint(helper, group)
+        with pytest.raises(CheckpointSaveError, match="rank 1 does not answer"):
+            dist.save_sync(trees[rank])
+        seen: list[Any] = []
+        for call in (lambda: dist.save_sync(trees[rank]),
+                     lambda: dist.save_sync(trees[rank], wait=False), dist.load_sync):
+            started = time.monotonic()
+            with pytest.raises((CheckpointSaveError, CheckpointLoadError)) as raised:
+                call()
+            seen.append((time.monotonic() - started, str(raised.value)))
+        started = time.monotonic()
+        dist.close()  # no barrier a broken group cannot meet
+        seen.append((time.monotonic() - started, ""))
+        return seen
+
+    results, errors = run_ranks(2, work, timeout=1.0, ranks=range(1))
+    assert errors[0] is None, errors[0]
+    for seconds, _message in results[0]:
+        assert seconds < 0.5, results[0]  # at once, not after another timeout
+    for _, message in results[0][:3]:
+        assert "group failed at step 'save: scan'" in message, message
+        assert "build a new DistributedCheckpoint on every rank" in message, message
+
+
+def test_new_collectives_passes_a_collectives_through_and_checks_the_timeout():
+    member = ThreadGroup(1).member(0)
+    assert new_collectives(member, timeout=5) is member
+    with pytest.raises(ValueError, match="timeout"):
+        new_collectives(object(), timeout=0)
 
 
 # ------------------------------------------------------------------------------ loads

@@ -153,15 +153,21 @@ class Snapshot:
         return f"captured in {self.seconds * 1e3:.0f} ms ({how})"
 
 
-def capture(source: Path | memoryview) -> Snapshot:
-    """Freeze ``source`` (a path that exists, or a byte buffer) for a background upload."""
+def capture(source: Path | memoryview, *, omit: frozenset[str] = frozenset(),
+            copy: frozenset[tuple[int, int]] = frozenset()) -> Snapshot:
+    """Freeze ``source`` (a path that exists, or a byte buffer) for a background upload.
+
+    For a directory, ``omit`` names files (relative POSIX paths) to leave out, and ``copy``
+    the files (by ``(st_dev, st_ino)``) to copy (or reflink) rather than hard-link: another
+    process's snapshot links them, and a second link would move their change time under its
+    record (the ranks of one node sharing files, see ``DistributedCheckpoint``)."""
     started = time.perf_counter()
     if isinstance(source, memoryview):
         owner = source.obj
         immutable = isinstance(owner, bytes) and len(owner) == source.nbytes
         snapshot = Snapshot(owner if immutable else bytes(source), counts={})
     else:
-        snapshot = _capture_path(source)
+        snapshot = _capture_path(source, omit, copy)
         _outwait_change_times(snapshot)
     snapshot.seconds = time.perf_counter() - started
     return snapshot
@@ -198,7 +204,8 @@ def _file_clock_ns() -> int:
         return time.time_ns()
 
 
-def _capture_path(source: Path) -> Snapshot:
+def _capture_path(source: Path, omit: frozenset[str] = frozenset(),
+                  copy: frozenset[tuple[int, int]] = frozenset()) -> Snapshot:
     source = Path(os.path.abspath(source))  # ".", "..", "x/..": a name to rebuild under
     if not source.is_dir():
         source = Path(os.path.realpath(source))  # link the file, not a symlink to it
@@ -207,7 +214,7 @@ def _capture_path(source: Path) -> Snapshot:
                         counts={"reflink": 0, "hard link": 0, "copy": 0})
     try:
         if source.is_dir():
-            _mirror_tree(source, snapshot.source, snapshot)
+            _mirror_tree(source, snapshot.source, snapshot, omit, copy)
         else:
             _clone(source, snapshot.source, snapshot)
     except BaseException:
@@ -289,7 +296,9 @@ def _abandoned(root: Path) -> bool:
     return True
 
 
-def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
+def _mirror_tree(source: Path, target: Path, snapshot: Snapshot,
+                 omit: frozenset[str] = frozenset(),
+                 copy: frozenset[tuple[int, int]] = frozenset()) -> None:
     """Rebuild ``source`` under ``target``: directories and symlinks recreated with their
     modes and times, regular files cloned. Anything else fails the capture, as the writer
     would refuse it (CF-WRITE-05). Iterative: depth is bounded by ``PATH_MAX`` only."""
@@ -305,7 +314,9 @@ def _mirror_tree(source: Path, target: Path, snapshot: Snapshot) -> None:
             os.symlink(os.readlink(src), dst)
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         elif stat.S_ISREG(st.st_mode):
-            _clone(Path(src), dst, snapshot)
+            if relative in omit:
+                continue
+            _clone(Path(src), dst, snapshot, link=(st.st_dev, st.st_ino) not in copy)
         else:
             raise SpecialFileError(src, st.st_mode)
     for directory, st in reversed(directories):  # deepest first: children change mtimes
@@ -348,12 +359,16 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     return fd
 
 
-def _clone(src: Path, dst: Path, snapshot: Snapshot) -> None:
+def _clone(src: Path, dst: Path, snapshot: Snapshot, *, link: bool = True) -> None:
     st = os.stat(src)
     if not stat.S_ISREG(st.st_mode):
         raise SpecialFileError(src, st.st_mode)
     if st.st_dev not in _no_reflink and _reflink(src, dst, st):
         snapshot.counts["reflink"] += 1
+        return
+    if not link:
+        _copy(src, dst, st)
+        snapshot.counts["copy"] += 1
         return
     with _links_lock:
         holders = _live_links.get((st.st_dev, st.st_ino), [])

@@ -20,7 +20,14 @@ save (each rank passes its directory, or ``None``)
   A rank that fails, is killed or hangs past the timeout makes every rank raise naming it;
   the upload is aborted, the previous object is untouched. (A crash of rank 0 itself after
   step 2 leaves an unfinished upload for the store's lifecycle rule or
-  ``checkpoint_io.sweep_shared_uploads``.)
+  ``checkpoint_io.sweep_shared_uploads``.) When the outcome of a commit cannot be broadcast,
+  rank 0 says what it knows (published, or not) and the others that the outcome is unknown.
+
+  A background save (``wait=False``) first agrees, in the caller's thread, on which rank
+  freezes files that several ranks of a node pass (:meth:`_divide_shared`).
+
+After any failed step the helper refuses every later collective at once (the ranks are out
+of step): build a new one on every rank.
 
 load
     Rank 0 chooses the object (the resume rule of the helper, when it has one) and broadcasts
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import stat
 import threading
@@ -45,15 +53,19 @@ from checkpoint_format import CheckpointFormatError, format_size
 from .._background import Background
 from .._checkpoint import Checkpoint
 from .._errors import CheckpointError, CheckpointLoadError, CheckpointSaveError, rule_of
+from .._fs import walk_tree
 from .._pipeline import ensure_local_parent
-from .._snapshot import capture
+from .._snapshot import _PREFIX, capture
 from ._collectives import CollectiveError, Collectives, node_identity
+from ._new import new_collectives
 
 __all__ = ["DistributedCheckpoint"]
 
 logger = logging.getLogger("flyte_checkpoint")
 
 _KEPT = "the previous object is unchanged"
+_UNKNOWN = ("the outcome is unknown: rank 0 commits alone and then tells the others, so it may"
+            " have published the object; look at the destination")
 
 
 def _describe(exc: BaseException) -> str:
@@ -114,12 +126,7 @@ class DistributedCheckpoint:
         self._timeout = settings.distributed_timeout if timeout is None else float(timeout)
         if not self._timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if _is_collectives(group):
-            self._group: Collectives = group
-        else:
-            from ._torch import TorchCollectives  # torch, only for a torch group
-
-            self._group = TorchCollectives(group, timeout=self._timeout)
+        self._group: Collectives = new_collectives(group, timeout=self._timeout)
         self._node = node_identity(settings.node_id)
         self._turn = threading.Lock()  # one collective operation at a time, in call order
         self._pending: Background | None = None
@@ -127,6 +134,8 @@ class DistributedCheckpoint:
         self._loaded = False
         self._loaded_path: pathlib.Path | None = None
         self._leader = True  # whether this rank restored for its node (until a load says)
+        #: The first collective step that failed: the ranks are out of step from then on.
+        self._broken: tuple[str, str] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -177,7 +186,8 @@ class DistributedCheckpoint:
                 self._settle("close()")
         finally:
             try:
-                self._group.barrier(step="close")
+                if self._broken is None:  # a broken group cannot meet: do not wait for it
+                    self._group.barrier(step="close")
             except CollectiveError as exc:
                 logger.warning("checkpoint close: %s; removing this rank's files anyway", exc)
             finally:
@@ -208,6 +218,7 @@ class DistributedCheckpoint:
         ``None`` when there is no previous checkpoint)."""
         with self._turn:
             self._settle("a load")
+            self._refuse_if_broken(CheckpointLoadError)
             return self._load_collective()
 
     async def load(self) -> pathlib.Path | None:
@@ -277,6 +288,7 @@ class DistributedCheckpoint:
             return self._save_background(data)
         with self._turn:
             self._settle("a new save")
+            self._refuse_if_broken(CheckpointSaveError)
             self._save_collective(self._checked(data), None)
         return None
 
@@ -312,9 +324,11 @@ class DistributedCheckpoint:
         checked = self._checked(data)
         with self._turn:
             self._settle("a new save")
+            self._refuse_if_broken(CheckpointSaveError)
+            checked, omit, copy = self._divide_shared(checked)
             if isinstance(checked, pathlib.Path):
                 try:
-                    snapshot: Any = capture(checked)
+                    snapshot: Any = capture(checked, omit=omit, copy=copy)
                 except Exception as exc:
                     snapshot = _Refusal((f"the data could not be frozen for a background"
                                          f" save: {_describe(exc)}", rule_of(exc)))
@@ -327,6 +341,69 @@ class DistributedCheckpoint:
             background.start()
             self._pending = background
         return background.future
+
+    def _divide_shared(self, checked: pathlib.Path | _Refusal | None
+                       ) -> tuple[pathlib.Path | _Refusal | None, frozenset[str],
+                                  frozenset[tuple[int, int]]]:
+        """Collective, before a background save freezes: what this rank freezes of files
+        that other ranks of its node pass too.
+
+        A snapshot hard-links each file, and a new link moves the file's change time: seen
+        from another process's snapshot of the same file, that is an in-place rewrite
+        (CF-WRITE-07), and the save would fail. So each file is frozen by one rank only:
+        a directory that several ranks of a node pass (the same real path) is frozen and
+        contributed by the lowest of them, the others contribute nothing; where trees only
+        share some files (hard links), a file the lower rank holds under the same name is
+        left to it, and one it holds under another name is copied (not linked) here.
+        Returns this rank's data and the ``omit`` and ``copy`` of :func:`capture`."""
+        none: frozenset[Any] = frozenset()
+        dest = self.remote_destination
+        group, rank = self._group, self._group.rank
+        real = os.path.realpath(checked) if isinstance(checked, pathlib.Path) else None
+        places = self._collect(group.all_gather_object, (self._node, real),
+                               step="save: shared directories", error=CheckpointSaveError,
+                               uri=dest)
+        # The ranks that freeze a directory: the first of each (node, real path).
+        freezing = [r for r, place in enumerate(places)
+                    if place[1] is not None and places.index(place) == r]
+        owner = places.index((self._node, real)) if real is not None else rank
+        if owner != rank:
+            logger.info("checkpoint save: rank %d passes the directory rank %d passes on this"
+                        " node (%s): frozen and contributed there", rank, owner, real)
+            checked = None
+        nodes = [places[r][0] for r in freezing]
+        if all(nodes.count(node) == 1 for node in nodes):
+            return checked, none, none  # no node where two ranks freeze: nothing shared
+        # Some node has several ranks freezing directories: which files do they share?
+        mine: dict[tuple[int, int], list[str]] | None = None
+        if rank in freezing and isinstance(checked, pathlib.Path):
+            try:
+                mine = _files_by_inode(checked)
+            except OSError:
+                mine = None  # the freeze fails on its own and says why
+        held = self._collect(group.all_gather_object, mine, step="save: shared files",
+                             error=CheckpointSaveError, uri=dest)
+        if mine is None:
+            return checked, none, none
+        omit: set[str] = set()
+        copy: set[tuple[int, int]] = set()
+        for lower in range(rank):
+            theirs = held[lower]
+            if theirs is None or places[lower][0] != self._node:
+                continue
+            for inode, names in mine.items():
+                if inode not in theirs:
+                    continue
+                for name in names:
+                    if name in theirs[inode]:
+                        omit.add(name)
+                    else:
+                        copy.add(inode)
+        if omit or copy:
+            logger.info("checkpoint save: rank %d shares %d file(s) with lower ranks of its"
+                        " node: %d left to them, %d copied", rank, len(omit) + len(copy),
+                        len(omit), len(copy))
+        return checked, frozenset(omit), frozenset(copy)
 
     def _upload_snapshot(self, snapshot: Any) -> None:
         data = snapshot if isinstance(snapshot, _Refusal) else snapshot.source
@@ -445,6 +522,7 @@ class DistributedCheckpoint:
 
         # 4. commit by rank 0
         outcome: tuple[str, str | None] | None = None
+        committed = False
         if rank == 0:
             failures = [(r, w[1]) for r, w in enumerate(written) if w[1] is not None]
             if failures:
@@ -453,11 +531,23 @@ class DistributedCheckpoint:
             else:
                 try:
                     upload.commit_sync([receipt for w in written for receipt in w[0]])
+                    committed = True
                 except Exception as exc:
                     _abort(upload)
                     outcome = (f"rank 0 could not commit: {_describe(exc)}", rule_of(exc))
-        outcome = self._collect(group.broadcast_object, outcome, src=0, step="save: commit",
-                                error=CheckpointSaveError, uri=dest)
+        try:
+            outcome = group.broadcast_object(outcome, src=0, step="save: commit")
+        except CollectiveError as exc:
+            self._broken = ("save: commit", str(exc))
+            if rank != 0:
+                told = _UNKNOWN
+            elif committed:
+                told = ("the object is published (whole, the union of every rank's tree), but"
+                        " the other ranks could not be told and raise an unknown outcome")
+            else:
+                told = _KEPT
+            raise CheckpointSaveError(f"checkpoint save to {dest}: {told}: rank {rank} gave"
+                                      f" up: {exc}", dest) from exc
         if outcome is not None:
             raise CheckpointSaveError(f"checkpoint not saved to {dest} ({_KEPT}): {outcome[0]}",
                                       dest, outcome[1])
@@ -475,10 +565,25 @@ class DistributedCheckpoint:
                 return call(obj, step=step)
             return call(obj, src=src, step=step)
         except CollectiveError as exc:
+            self._broken = (step, str(exc))
             verb = "saved to" if error is CheckpointSaveError else "loaded from"
             kept = f" ({_KEPT})" if error is CheckpointSaveError else "; nothing was restored"
             raise error(f"checkpoint not {verb} {uri}{kept}: rank {self._group.rank} gave up:"
                         f" {exc}", uri) from exc
+
+    def _refuse_if_broken(self, error: type[CheckpointError]) -> None:
+        """Fail at once once a collective step failed: the ranks are out of step (some
+        never reached it, the group's connections may be closed), so no later step could
+        meet. A new helper, made on every rank, starts a fresh group."""
+        if self._broken is None:
+            return
+        step, why = self._broken
+        what = "saved to" if error is CheckpointSaveError else "loaded from"
+        uri = (self.remote_destination if error is CheckpointSaveError
+               else self.remote_source or self.remote_destination)
+        raise error(f"checkpoint not {what} {uri}: this DistributedCheckpoint's group failed"
+                    f" at step {step!r} ({why}) and cannot be used again; build a new"
+                    " DistributedCheckpoint on every rank (a restarted job does)", uri)
 
     @staticmethod
     def _raise_refusals(dest: str, answers: list[tuple[int, tuple[str, str | None] | None]]
@@ -498,6 +603,16 @@ def _same_locations(uri: str, error: type[CheckpointError], locations: list[Any]
         raise error(f"checkpoint at {uri}: the ranks' helpers name different locations"
                     f" ({seen}); every rank must wrap a Checkpoint of the same locations",
                     uri)
+
+
+def _files_by_inode(root: pathlib.Path) -> dict[tuple[int, int], list[str]]:
+    """The regular files under ``root`` by ``(st_dev, st_ino)``: their names (relative
+    POSIX paths, as :func:`capture` walks them)."""
+    found: dict[tuple[int, int], list[str]] = {}
+    for relative, _path, st in walk_tree(root, skip_dir=_PREFIX):
+        if stat.S_ISREG(st.st_mode):
+            found.setdefault((st.st_dev, st.st_ino), []).append(relative)
+    return found
 
 
 def _refusal_text(failures: list[tuple[int, tuple[str, str | None]]]) -> str:
@@ -526,13 +641,6 @@ def _abort(upload: Any) -> None:
         upload.abort_sync()
     except Exception as exc:  # the store's lifecycle rule or the sweep removes what is left
         logger.warning("checkpoint save: could not abort the shared upload: %s", exc)
-
-
-def _is_collectives(group: Any) -> bool:
-    return group is not None and all(
-        hasattr(group, name) for name in ("rank", "size", "all_gather_object",
-                                          "broadcast_object", "barrier")
-    ) and isinstance(getattr(group, "rank", None), int)
 
 
 async def _in_thread(work: Any) -> Any:

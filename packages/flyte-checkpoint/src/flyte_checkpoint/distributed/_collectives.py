@@ -67,6 +67,13 @@ class Collectives(Protocol):
         """Return once every rank has called it."""
 
 
+def _is_collectives(group: Any) -> bool:
+    return group is not None and all(
+        hasattr(group, name) for name in ("rank", "size", "all_gather_object",
+                                          "broadcast_object", "barrier")
+    ) and isinstance(getattr(group, "rank", None), int)
+
+
 def node_identity(override: str | None = None) -> str:
     """What the ranks of one node share: ``override`` if given, else the hostname, the
     kernel's boot id and this process's mount namespace (containers on one host differ in

@@ -9,7 +9,10 @@ so a background save cannot make them wait or reorder them. Its timeout is the c
 When a collective fails (a peer's connection closed because its process died, or the
 timeout passed), the survivors tell who is missing from the rendezvous store: before each
 step every rank sets a key of its own there, so the ranks without one are those that never
-reached it. torch is imported when this module is, which only ``DistributedCheckpoint``
+reached it. When the store itself is gone, its host is: with ``init_process_group``'s env://
+rendezvous that is rank 0's process (torchrun's agent hosts it instead, and says so with
+``TORCHELASTIC_USE_AGENT_STORE``), so the survivors name rank 0. torch is imported when this
+module is, which only ``DistributedCheckpoint``
 does, and only for a torch group.
 """
 
@@ -19,6 +22,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import os
 import time
 from typing import Any
 
@@ -90,7 +94,8 @@ class TorchCollectives:
         try:
             collective()
         except Exception as exc:  # gloo: a closed connection, a timeout
-            self._broken = CollectiveError(step, self._missing(key), _cause(exc))
+            missing, note = self._missing(key)
+            self._broken = CollectiveError(step, missing, _cause(exc) + note)
             raise self._broken from exc
         if self._store is not None and self._seq > 1:  # everyone is past the step before
             # (an old store without delete_key: the keys are tiny)
@@ -104,19 +109,34 @@ class TorchCollectives:
             except Exception as exc:
                 logger.debug("checkpoint: could not mark %s in the store: %s", key, exc)
 
-    def _missing(self, key: str) -> list[int]:
-        """The ranks whose key for this step is absent, after a short grace for the late."""
+    def _missing(self, key: str) -> tuple[list[int], str]:
+        """The ranks whose key for this step is absent, after a short grace for the late;
+        and a note on how they were found when it was not from their keys."""
         if self._store is None:
-            return []
+            return [], ""
         deadline = time.monotonic() + min(_GRACE, self.timeout)
         while True:
             try:
                 missing = [r for r in range(self.size) if not self._store.check([key + str(r)])]
-            except Exception:
-                return []
+            except Exception as exc:
+                return self._store_host_gone(exc)
             if not missing or time.monotonic() >= deadline:
-                return missing
+                return missing, ""
             time.sleep(0.2)
+
+    def _store_host_gone(self, exc: BaseException) -> tuple[list[int], str]:
+        """The rendezvous store cannot be reached: its host is gone. That is rank 0's
+        process unless torchrun's agent hosts the store."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower() == "true":
+            return [], f" (the rendezvous store is unreachable too: {_cause(exc)})"
+        try:
+            host = dist.get_group_rank(self._group, 0)
+        except Exception:
+            return [], f" (the rendezvous store is unreachable too: {_cause(exc)})"
+        if host == self.rank:
+            return [], ""
+        return [host], (" (the rendezvous store, which global rank 0's process hosts, is"
+                        " unreachable too: that process is gone)")
 
 
 def _store(prefix: str) -> Any:

@@ -5,7 +5,6 @@ rank's share through the collective save (:class:`CollectiveMirror`, sharded sta
 
 from __future__ import annotations
 
-import os
 import pathlib
 import stat
 from concurrent.futures import Future
@@ -101,9 +100,9 @@ class DirectoryMirror:
 
 class Agrees(Protocol):
     """What :class:`CollectiveMirror` asks of the ranks (``_ranks.Agreement``): whether no
-    rank has a save in flight, and whether this rank is the first to offer ``share``."""
+    rank has a save in flight (the same answer on every rank)."""
 
-    def decide(self, busy: bool, share: Any) -> tuple[bool, bool]: ...
+    def decide(self, busy: bool) -> bool: ...
 
 
 class CollectiveMirror:
@@ -116,21 +115,18 @@ class CollectiveMirror:
     on whether every rank's previous save has ended. A save starts on all ranks or on none,
     and the loop never waits for an upload.
 
-    Ranks that offer the same directory (one node's ranks sharing one directory) contribute
-    it once, from the first of them.
+    Ranks that offer the same directory (one node's ranks sharing one directory) all pass
+    it: the collective helper freezes and contributes it once, from the first of them.
 
     Args:
         distributed: the collective helper (``DistributedCheckpoint``): ``save_sync(dir,
             wait=False)`` on every rank, returning a Future on every rank.
-        agreement: decides, alike on every rank, whether no rank has a save in flight and
-            which rank contributes a directory that several offer.
-        node: this rank's node identity (a directory's path names it only on one node).
+        agreement: decides, alike on every rank, whether no rank has a save in flight.
     """
 
-    def __init__(self, distributed: Any, agreement: Agrees, node: str = "") -> None:
+    def __init__(self, distributed: Any, agreement: Agrees) -> None:
         self.distributed = distributed
         self.agreement = agreement
-        self.node = node
         self._in_flight: Future[None] | None = None
         self._offered: pathlib.Path | None = None
         self._waiting = False  # a save noted (on every rank alike) and not started yet
@@ -151,13 +147,11 @@ class CollectiveMirror:
             return False
         busy = self._in_flight is not None and not self._in_flight.done()
         share = self._offered if self._offered is not None and self._offered.exists() else None
-        key = None if share is None else (self.node, os.path.realpath(share))
-        idle, first = self.agreement.decide(busy, key)
-        if not idle:
+        if not self.agreement.decide(busy):
             return False
         self._wait()  # ended on every rank: a failure (every rank's) surfaces here, alike
         self._waiting = False
-        self._in_flight = self.distributed.save_sync(share if first else None, wait=False)
+        self._in_flight = self.distributed.save_sync(share, wait=False)
         self.saves += 1
         return True
 

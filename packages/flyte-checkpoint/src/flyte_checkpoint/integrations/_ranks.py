@@ -22,8 +22,7 @@ logger = logging.getLogger("flyte_checkpoint")
 #: What ``init_process_group()`` reads from the environment besides ``WORLD_SIZE``.
 _RENDEZVOUS = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
-__all__ = ["Agreement", "distributed_checkpoint", "launched_size", "node_of", "timeout_of",
-           "world"]
+__all__ = ["Agreement", "distributed_checkpoint", "launched_size", "timeout_of", "world"]
 
 
 def timeout_of(checkpoint: Checkpoint) -> float:
@@ -86,13 +85,6 @@ def world(*, start: bool = False, timeout: float = 1800.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def node_of(checkpoint: Checkpoint) -> str:
-    """This rank's node, as the collective helper identifies it (``CHECKPOINT_NODE_ID``)."""
-    from ..distributed import node_identity
-
-    return node_identity(checkpoint.settings.node_id)
-
-
 def distributed_checkpoint(checkpoint: Checkpoint, timeout: float) -> Any:
     """The collective helper over ``checkpoint`` (every rank calls this at the same point:
     it may make a process group of its own)."""
@@ -103,20 +95,20 @@ def distributed_checkpoint(checkpoint: Checkpoint, timeout: float) -> Any:
 
 class Agreement:
     """The decisions every rank must take alike (whether a collective save starts now),
-    over a group of the callbacks' own: a second instance of the checkpoint's collective
-    seam (a gloo group of its own on torch). Its collectives run in the training thread, at
-    batch boundaries, only while a save waits to start; the saves' own traffic goes through
-    the helper's group, in its background thread, so the two never interleave.
+    over a group of the callbacks' own: collectives of their own from
+    :func:`flyte_checkpoint.distributed.new_collectives` (a gloo group of its own on torch;
+    ``group``: any :class:`~flyte_checkpoint.distributed.Collectives` instead). Its
+    collectives run in the training thread, at batch boundaries, only while a save waits to
+    start; the saves' own traffic goes through the helper's group, in its background thread,
+    so the two never interleave.
 
     Making one is a collective: every rank makes it at the same point.
     """
 
     def __init__(self, uri: str, timeout: float, group: Any = None) -> None:
-        if group is None:
-            from ..distributed._torch import TorchCollectives
+        from ..distributed import new_collectives
 
-            group = TorchCollectives(timeout=timeout)
-        self._group = group
+        self._group = new_collectives(group, timeout=timeout)
         self.uri = uri
         self.timeout = timeout
 
@@ -124,18 +116,14 @@ class Agreement:
     def rank(self) -> int:
         return self._group.rank
 
-    def decide(self, busy: bool, share: Any) -> tuple[bool, bool]:
-        """One exchange, the same answers on every rank: whether no rank has a save in
-        flight, and whether this rank is the first to offer ``share`` (a key naming the
-        directory it would contribute, or ``None``). Ranks that share one directory (one
-        node's ranks writing into one ``output_dir``) then contribute it once: its files
-        hard-linked into several processes' snapshots would look rewritten to each (a new
-        link moves a file's change time)."""
-        answers = self._collective(self._group.all_gather_object, (busy, share),
+    def decide(self, busy: bool) -> bool:
+        """One exchange, the same answer on every rank: whether no rank has a save in
+        flight. (Ranks that share one directory, one node's ranks writing into one
+        ``output_dir``, all offer it: the collective helper freezes and contributes it
+        once.)"""
+        answers = self._collective(self._group.all_gather_object, busy,
                                    step="callback: start a save")
-        idle = not any(answer[0] for answer in answers)
-        first = share is None or [a[1] for a in answers].index(share) == self.rank
-        return idle, first
+        return not any(answers)
 
     def _collective(self, call: Any, *args: Any, step: str) -> Any:
         try:

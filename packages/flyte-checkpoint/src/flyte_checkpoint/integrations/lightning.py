@@ -36,7 +36,7 @@ from typing import Any
 from .._checkpoint import Checkpoint
 from .._latest import latest_checkpoint
 from ._mirror import CollectiveMirror, DirectoryMirror, task_checkpoint
-from ._ranks import Agreement, distributed_checkpoint, node_of, timeout_of, world
+from ._ranks import Agreement, distributed_checkpoint, timeout_of, world
 
 try:
     from lightning.pytorch import Callback
@@ -150,8 +150,7 @@ class FlyteCheckpointCallback(Callback):
         if sharded_strategy(trainer.strategy):
             helper = self._collective_helper()
             self._collective = CollectiveMirror(
-                helper, Agreement(self.checkpoint.remote_destination, self._timeout),
-                node_of(self.checkpoint))
+                helper, Agreement(self.checkpoint.remote_destination, self._timeout))
             saver = getattr(trainer, "checkpoint_callback", None)
             if getattr(saver, "save_last", None) is True and trainer.is_global_zero:
                 # DCP writes shard files in place: a last.ckpt/ rewritten while its previous

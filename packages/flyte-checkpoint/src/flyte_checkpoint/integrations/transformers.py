@@ -30,7 +30,7 @@ from typing import Any
 
 from .._checkpoint import Checkpoint
 from ._mirror import CollectiveMirror, DirectoryMirror, task_checkpoint
-from ._ranks import Agreement, distributed_checkpoint, node_of, timeout_of, world
+from ._ranks import Agreement, distributed_checkpoint, timeout_of, world
 
 try:
     from transformers import TrainerCallback
@@ -114,8 +114,7 @@ class FlyteCheckpointCallback(TrainerCallback):
             return
         self._collective = CollectiveMirror(
             self._collective_helper(),
-            Agreement(self.checkpoint.remote_destination, self._timeout),
-            node_of(self.checkpoint))
+            Agreement(self.checkpoint.remote_destination, self._timeout))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._newest = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
