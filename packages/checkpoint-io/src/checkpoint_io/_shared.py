@@ -113,7 +113,7 @@ class SharedUpload:
     # --- starting and joining ------------------------------------------------------
 
     def _target(self) -> tuple[Transfer, SharedTarget]:
-        transfer = self.file._transfer()
+        transfer = _transfer(self.file)
         target = transfer.backend.shared_target(self.file.path, self.segments, self.upload,
                                                 self._state)
         return transfer, target
@@ -127,7 +127,7 @@ class SharedUpload:
                              f">= 1, not {segments!r}")
 
         async def run() -> SharedUpload:
-            transfer = file._transfer()
+            transfer = _transfer(file)
             upload = secrets.token_hex(4)
             target = transfer.backend.shared_target(file.path, segments, upload, None)
             if segments > target.max_segments:
@@ -587,6 +587,13 @@ class _SegmentOpening:
         await self._writer.__aexit__(exc_type, exc, tb)
 
 
+def _transfer(file: File) -> Transfer:
+    """The transfer a shared upload runs on: always through the fsspec clients (s3fs, gcsfs,
+    adlfs). obstore, the other data path, has no call that uploads one part of a multipart
+    upload another process began, nor one that commits parts it did not send."""
+    return file.with_options(data_path="fsspec")._transfer()
+
+
 async def sweep_shared_uploads(file: File, *,
                                older_than: float | datetime.timedelta = 86400.0) -> list[str]:
     """Remove what shared uploads to ``file`` started more than ``older_than`` (seconds,
@@ -599,7 +606,7 @@ async def sweep_shared_uploads(file: File, *,
         raise ValueError(f"sweep of {file.path}: older_than must be >= 0, not {older_than!r}")
 
     async def run() -> list[str]:
-        transfer = file._transfer()
+        transfer = _transfer(file)
         return await transfer.retried("sweep shared uploads",
                                       lambda: transfer.backend.sweep_shared(file.path, seconds))
 
