@@ -440,6 +440,7 @@ def test_each_node_restores_once_and_its_ranks_share_the_path(tmp_path, monkeypa
             restored = dist.load_sync()
             assert restored is not None and dist.path == restored
             assert dist.load_sync() == restored  # loaded once
+            assert dist.restored_from == dest  # what every rank's errors can name
             tree = tree_of(restored)
             group.barrier(step="test: read")  # no rank closes while another reads
             return str(restored), tree
@@ -457,10 +458,10 @@ def test_no_previous_checkpoint_is_none_on_every_rank(tmp_path):
         helper = Checkpoint(str(tmp_path / "d"), str(tmp_path / "nothing"),
                             settings=settings(rank, nodes=2, size=2))
         with DistributedCheckpoint(helper, group) as dist:
-            return dist.load_sync()
+            return dist.load_sync(), dist.restored_from
 
     results, errors = run_ranks(2, work)
-    assert errors == [None, None] and results == [None, None]
+    assert errors == [None, None] and results == [(None, None), (None, None)]
 
 
 def test_a_failed_restore_raises_on_every_rank(tmp_path):

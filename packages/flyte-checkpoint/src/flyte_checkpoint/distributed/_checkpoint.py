@@ -127,12 +127,20 @@ class DistributedCheckpoint:
         if not self._timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self._group: Collectives = new_collectives(group, timeout=self._timeout)
+        #: A group made here (not one the caller passed as Collectives) is released by
+        #: close().
+        self._owns_group = self._group is not group
+        self._closed = False
         self._node = node_identity(settings.node_id)
         self._turn = threading.Lock()  # one collective operation at a time, in call order
         self._pending: Background | None = None
         self._failed: CheckpointSaveError | None = None
         self._loaded = False
         self._loaded_path: pathlib.Path | None = None
+        #: The object the last load restored (the resume rule may pick this attempt's own
+        #: destination or an earlier attempt's rather than ``remote_source``); ``None`` before
+        #: a load and when there was none.
+        self.restored_from: str | None = None
         self._leader = True  # whether this rank restored for its node (until a load says)
         #: The first collective step that failed: the ranks are out of step from then on.
         self._broken: tuple[str, str] | None = None
@@ -180,7 +188,9 @@ class DistributedCheckpoint:
     def close(self) -> None:
         """Collective: wait for a background save in flight, then, once every rank is done
         with the restored files, remove the local workspaces. Raises a background save's
-        failure not raised before."""
+        failure not raised before. A second call does nothing."""
+        if self._closed:
+            return
         try:
             with self._turn:
                 self._settle("close()")
@@ -193,6 +203,10 @@ class DistributedCheckpoint:
             finally:
                 self._loaded, self._loaded_path = False, None
                 self._checkpoint.close()
+                self._closed = True
+                release = getattr(self._group, "close", None) if self._owns_group else None
+                if release is not None:
+                    release()
 
     def __enter__(self) -> DistributedCheckpoint:
         return self
@@ -268,6 +282,7 @@ class DistributedCheckpoint:
                 f"checkpoint at {uri} was not restored on every node: {text}", uri or where,
                 failed[0][1][1])
         restored_path = outcomes[leader][0]
+        self.restored_from = uri if restored_path is not None else None
         self._loaded = True
         self._loaded_path = None if restored_path is None else pathlib.Path(restored_path)
         return self._loaded_path
@@ -513,6 +528,11 @@ class DistributedCheckpoint:
                                        lambda sink: sink.write(end_piece())))
         except Exception as exc:
             refused = _failure(exc)
+        except BaseException:
+            # An interrupt on this rank (KeyboardInterrupt, SystemExit): the others fail at
+            # the next step; rank 0 ends the upload it began instead of leaving it to sweeps.
+            _abort(upload if rank == 0 else None)
+            raise
         try:
             written = self._collect(group.all_gather_object, (receipts, refused),
                                     step="save: segments", error=CheckpointSaveError, uri=dest)
@@ -630,7 +650,8 @@ def _piece(upload: Any, index: int, pad: Any, fill: Any) -> Any:
         try:
             writer.abort()
         except Exception as exc:
-            logger.warning("checkpoint save: could not abort segment %d: %s", index, exc)
+            logger.warning("checkpoint save to %s: could not abort segment %d: %s",
+                           upload.file.path, index, exc)
         raise
 
 
@@ -640,7 +661,9 @@ def _abort(upload: Any) -> None:
     try:
         upload.abort_sync()
     except Exception as exc:  # the store's lifecycle rule or the sweep removes what is left
-        logger.warning("checkpoint save: could not abort the shared upload: %s", exc)
+        logger.warning("checkpoint save to %s: could not abort shared upload %s (the store's"
+                       " lifecycle rule or sweep_shared_uploads removes it): %s",
+                       upload.file.path, upload.upload, exc)
 
 
 async def _in_thread(work: Any) -> Any:

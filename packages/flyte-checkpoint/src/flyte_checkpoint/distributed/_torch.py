@@ -82,6 +82,20 @@ class TorchCollectives:
     def barrier(self, *, step: str) -> None:
         self.all_gather_object(None, step=step)
 
+    def close(self) -> None:
+        """Release the group's sockets and threads (local: no rank waits for another).
+        Later steps raise :class:`CollectiveError`. Idempotent, and a no-op once
+        ``torch.distributed`` itself was torn down (which released the group with it)."""
+        group, self._group = self._group, None
+        if self._broken is None:
+            self._broken = CollectiveError("close", [], "the checkpoint's group was closed")
+        if group is None or not dist.is_initialized():
+            return
+        try:
+            dist.destroy_process_group(group)
+        except (RuntimeError, ValueError) as exc:  # already gone with its parent
+            logger.debug("releasing the checkpoint's gloo group: %s", exc)
+
     # ------------------------------------------------------------------ failures
 
     def _run(self, step: str, collective: Any) -> None:

@@ -77,7 +77,8 @@ def helper_for(checkpoint: Any = None, group: Any = None) -> Any:
     """The collective helper these functions use for ``checkpoint``: the
     :class:`DistributedCheckpoint` itself if one is given; for a :class:`Checkpoint` (default:
     the task's, as the callbacks find it), one ``DistributedCheckpoint`` over it and
-    ``group``, made at the first call and reused after (making one is a collective)."""
+    ``group``, made at the first call and reused after (making one is a collective); a later
+    call for the same checkpoint with another ``group`` raises :class:`ValueError`."""
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         if not callable(getattr(checkpoint, "save_sync", None)):
             raise TypeError(f"checkpoint must be a flyte_checkpoint Checkpoint or"
@@ -85,13 +86,18 @@ def helper_for(checkpoint: Any = None, group: Any = None) -> Any:
         return checkpoint
     checkpoint = task_checkpoint(checkpoint)
     with _helpers_lock:
-        helper = _helpers.get(checkpoint)
+        helper, made_for = _helpers.get(checkpoint, (None, None))
         if helper is None:
             world(start=True, timeout=timeout_of(checkpoint))
             from ..distributed import DistributedCheckpoint
 
             helper = DistributedCheckpoint(checkpoint, group, timeout=timeout_of(checkpoint))
-            _helpers[checkpoint] = helper
+            _helpers[checkpoint] = (helper, group)
+        elif made_for is not group:
+            raise ValueError(
+                f"the helper for {checkpoint.remote_destination} was made over another process"
+                " group: pass the same group on every call, or a DistributedCheckpoint of"
+                " your own as checkpoint")
         return helper
 
 
@@ -173,7 +179,8 @@ def load(state_dict: dict[str, Any], checkpoint: Any = None, *, group: Any = Non
         return False
     restored = pathlib.Path(restored)
     if not (restored / _METADATA).is_file():
-        source = getattr(helper, "remote_source", None) or "the previous checkpoint"
+        source = (getattr(helper, "restored_from", None) or getattr(helper, "remote_source", None)
+                  or "the previous checkpoint")
         raise CheckpointLoadError(
             f"checkpoint at {source} holds no {_METADATA}: it was not saved by"
             " torch.distributed.checkpoint (flyte_checkpoint.integrations.dcp.save); nothing"
