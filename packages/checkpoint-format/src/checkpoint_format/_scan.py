@@ -25,7 +25,14 @@ from ._limits import Limits
 from ._links import NameTree
 from ._spec import PIECE, PLAIN_KEY, TREE_KEY
 from ._width import compress_width
-from ._writer import _changed, _check_link, _kind, _refuse_link, _walk, changed_in_place
+from ._writer import (
+    _changed,
+    _check_link,
+    _check_unchanged,
+    _kind,
+    _refuse_link,
+    _walk,
+)
 
 __all__ = [
     "DIR",
@@ -308,9 +315,3 @@ def _hash_piece(fd: int, offset: int, length: int, name: str) -> bytes:
         hasher.update(data)
         done += len(data)
     return hasher.digest()
-
-
-def _check_unchanged(name: str, before: os.stat_result | Fingerprint, now: os.stat_result) -> None:
-    why = changed_in_place(before, now, links_added=True)  # type: ignore[arg-type]
-    if why is not None:
-        raise _changed(name, f"{why} while being saved")

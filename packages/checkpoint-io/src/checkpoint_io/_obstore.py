@@ -73,10 +73,9 @@ def _leftover(scheme: str, options: dict[str, Any]) -> None:
         raise Untranslatable(f"{scheme}:// storage option(s) {names} have no obstore equivalent")
 
 
-def _client(endpoint: str | None) -> dict[str, Any]:
+def _client() -> dict[str, Any]:
     # allow_http only lets an http:// endpoint that was configured be used (emulators,
     # sandboxes); the stores' own endpoints are https either way. Upstream sets it too.
-    del endpoint
     return {"timeout": _REQUEST_TIMEOUT, "connect_timeout": _CONNECT_TIMEOUT,
             "allow_http": True}
 
@@ -108,7 +107,7 @@ def _s3_config(storage_options: dict[str, Any]) -> dict[str, Any]:
         config["skip_signature"] = True
     if opts.pop("requester_pays", False):
         config["request_payer"] = True
-    client = _client(config.get("endpoint"))
+    client = _client()
     if verify is False:
         client["allow_invalid_certificates"] = True
     elif isinstance(verify, str):
@@ -170,7 +169,7 @@ def _gcs_config(storage_options: dict[str, Any]) -> dict[str, Any]:
             endpoint = f"http://{endpoint}"
         config["base_url"] = endpoint.rstrip("/")
     _leftover("gs", opts)
-    return {"config": config, "client_options": _client(endpoint)}
+    return {"config": config, "client_options": _client()}
 
 
 def _connection_string(value: str) -> dict[str, str]:
@@ -234,7 +233,7 @@ def _azure_config(storage_options: dict[str, Any]) -> dict[str, Any]:
             # (the first label of <account>.blob.<suffix>, or an emulator's first path part).
             config["account_name"] = _account_of(endpoint)
     _leftover("abfs", opts)
-    return {"config": config, "client_options": _client(endpoint)}
+    return {"config": config, "client_options": _client()}
 
 
 _TRANSLATORS = {"s3": _s3_config, "s3a": _s3_config, "gs": _gcs_config, "gcs": _gcs_config,
@@ -509,9 +508,8 @@ class _ObstoreUpload(Upload):
         with contextlib.suppress(Exception):
             await asyncio.shield(self._task)
         if self._task.exception() is not None:
-            # obstore fails the upload on its first failed part request: name the last
-            # part it had taken (a part still in flight then), else the completion.
-            # (the earliest part that can still have been in flight).
+            # obstore fails the upload on its first failed part request: name the earliest
+            # part that can still have been in flight then, else the completion.
             first = max(1, self._taken - self._width + 1)
             raise self._failure(f"upload part {first}" if self._taken else "complete upload")
         self._task = None
