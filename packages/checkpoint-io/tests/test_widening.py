@@ -259,7 +259,11 @@ class TestShapedWidening:
                 got = f.read()
                 widening = f._afile._stream.widening
         assert got == data
-        assert widening.history[0] == 2 and widening.width > 2, widening.history
+        if remote_store.data_path == "obstore":
+            # A fixed width there (see ObstoreBackend): obstore buffers each range too.
+            assert widening.history == [widening.cap] and widening.cap > 2, widening.history
+        else:
+            assert widening.history[0] == 2 and widening.width > 2, widening.history
         assert shaper.stats.most_concurrent > 2
 
     def test_a_small_read_is_one_request(self, remote_store):

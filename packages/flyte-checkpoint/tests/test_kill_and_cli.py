@@ -111,9 +111,11 @@ def test_inspect_and_validate_a_stored_object(tmp_path, capsys) -> None:
 def test_inspect_without_the_client_library_names_the_extra(monkeypatch, capsys) -> None:
     import importlib.util
 
+    # Neither S3 client: with obstore alone the obstore data path would serve the URI.
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "s3fs" else real(name, *a)
+        importlib.util, "find_spec",
+        lambda name, *a: None if name in ("s3fs", "obstore") else real(name, *a)
     )
     assert main(["inspect", "s3://bucket/ckpt"]) == 2
     assert "pip install 'flyte-checkpoint[s3]'" in capsys.readouterr().err

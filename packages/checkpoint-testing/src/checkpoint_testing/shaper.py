@@ -82,6 +82,8 @@ class ShapingProxy:
         self._ready = threading.Event()
         self._unstall: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
+        #: Every connection's writers (both sides), closed and awaited by stop().
+        self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._serve, name="shaping-proxy", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -121,6 +123,16 @@ class ShapingProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # A writer's close() only schedules its transport's; let every one finish before
+            # the loop stops, or the transports are found open (ResourceWarning) when they are
+            # collected, inside whatever test runs then.
+            writers = list(self._writers)
+            for writer in writers:
+                with contextlib.suppress(Exception):
+                    writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(
+                    *(w.wait_closed() for w in writers), return_exceptions=True), 5)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -130,6 +142,7 @@ class ShapingProxy:
     async def _connection(self, client_reader: asyncio.StreamReader,
                           client_writer: asyncio.StreamWriter) -> None:
         stats = self.stats
+        self._writers.add(client_writer)
         stats.connections += 1
         stats.concurrent += 1
         stats.most_concurrent = max(stats.most_concurrent, stats.concurrent)
@@ -140,6 +153,7 @@ class ShapingProxy:
             stats.concurrent -= 1
             client_writer.close()
             return
+        self._writers.add(server_writer)
         awaiting_response = asyncio.Event()  # set by each request, cleared by its response
 
         async def upstream() -> None:
