@@ -77,7 +77,7 @@ class File(BaseModel):
         16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
         object stores; 1 is one long GET). Widths left unset adapt on object stores: they
         start at 2 and grow with the measured throughput while ``memory_budget`` bytes of
-        buffers (default 256 MiB) hold the requests in flight.
+        buffers (default 160 MiB) hold the requests in flight.
 
         Backend switches: ``direct_writes`` (default on) writes local objects with
         ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects

@@ -147,7 +147,7 @@ VARIABLES: tuple[Variable, ...] = (
              "adaptive on S3, GCS and Azure (from 2, see the memory budget), 1 local",
              "ranged GETs a load keeps in flight (1: one long GET; set: a fixed width)"),
     Variable("CHECKPOINT_IO_MEMORY_BUDGET", "io_memory_budget", _whole,
-             "256 MiB (268,435,456)",
+             "160 MiB (167,772,160)",
              "bytes of buffers a transfer's requests in flight may hold: ranges and parts in"
              " flight widen with the measured throughput up to it"),
     Variable("CHECKPOINT_IO_DIRECT_WRITES", "direct_writes", _switch, "on",
@@ -187,7 +187,7 @@ class Settings:
     io_concurrency: int | None = None
     #: ``File.with_options(read_concurrency=)``; ``None``: the store's.
     io_read_concurrency: int | None = None
-    #: ``File.with_options(memory_budget=)``; ``None``: 256 MiB.
+    #: ``File.with_options(memory_budget=)``; ``None``: 160 MiB.
     io_memory_budget: int | None = None
     #: ``File.with_options(direct_writes=)``.
     direct_writes: bool = True
