@@ -448,6 +448,21 @@ class TestS3MultipartOnObstore:
         assert _pending(remote_store) == []
         assert _read(direct) == b"previous"
 
+    def test_a_write_of_known_size_goes_in_8_mib_parts_and_a_huge_one_in_larger(
+            self, remote_store):
+        file = remote_store.file("sized.bin", part_size=None, size_hint=40 * MiB)
+        assert file._transfer().part_size == 8 * MiB
+        assert remote_store.file("x", part_size=None)._transfer().part_size == 16 * MiB
+        # 200 GiB would need more than 10,000 parts of 8 MiB: they start larger instead.
+        huge = remote_store.file("x", part_size=None, size_hint=200 << 30)._transfer()
+        assert 9_999 * huge.part_size > 200 << 30
+        data = os.urandom(40 * MiB)
+        _write(file, data)
+        assert _read(file) == data
+        head = _s3_client(remote_store.server).head_object(Bucket=remote_store.bucket,
+                                                            Key="sized.bin")
+        assert head["ETag"].strip('"').endswith("-5")  # 5 parts of 8 MiB
+
     def test_a_failed_upload_is_aborted_names_the_part_and_leaves_the_old_object(
             self, remote_store):
         direct = remote_store.file("fails.bin")

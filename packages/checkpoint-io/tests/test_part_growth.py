@@ -46,3 +46,44 @@ def test_part_growth_stops_at_nine_doublings_and_the_largest_part(monkeypatch):
         writer._parts_sent = sent
         grown.append(writer._part_size())
     assert grown == [KiB << min(n, 9) for n in range(7)] + [64 * KiB] * 5
+
+
+class _FixedParts(MemoryBackend):
+    """Parts as obstore's S3 uploads have them: 10,000 at most, never grown."""
+
+    part_size = 16 << 20
+    sized_part_size = 8 << 20
+    min_part_size = 5 << 20
+    max_parts = 10_000
+    max_part_size = 5 << 20
+
+
+def _sized(hint, part_size=None, backend=None) -> int:
+    backend = backend or _FixedParts({})
+    return Transfer(backend, "memory://g/x", "memory://g/x", RetryPolicy(), part_size, 1,
+                    size_hint=hint).part_size
+
+
+def test_a_write_of_known_size_starts_from_the_sized_part_and_fits_the_limit():
+    GiB = 1 << 30
+    assert _sized(None) == 16 << 20  # unknown size: the default, 156 GiB in 10,000 parts
+    assert _sized(0) == _sized(1 << 20) == _sized(GiB) == 8 << 20
+    for hint in (78 * GiB, 200 * GiB, 2048 * GiB):
+        part = _sized(hint)
+        assert part % (1 << 20) == 0
+        assert (_FixedParts.max_parts - 1) * part >= hint * 1.06  # room for headers, growth
+        assert part <= max(8 << 20, hint // 8_000)  # not much larger than it needs
+    # The caller's part size stands; a backend without a sized part keeps its own.
+    assert _sized(GiB, part_size=6 << 20) == 6 << 20
+    assert _sized(GiB, backend=MemoryBackend({})) == MemoryBackend.part_size
+
+
+def test_a_bad_size_hint_is_refused_naming_the_uri():
+    for bad in (-1, 1.5, True, "1"):
+        file = File(path="memory://g/x").with_options(size_hint=bad)
+        try:
+            file._transfer()
+        except ValueError as exc:
+            assert str(exc).startswith("memory://g/x: size_hint must be")
+        else:
+            raise AssertionError(f"size_hint={bad!r} was taken")

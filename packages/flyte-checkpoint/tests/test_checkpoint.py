@@ -501,3 +501,29 @@ def test_a_second_cancel_still_waits_for_the_abort(tmp_path) -> None:
 
     asyncio.run(main())
     assert dest.read_bytes() == b"previous"
+
+
+def test_every_save_tells_storage_about_how_much_it_uploads(tmp_path, monkeypatch):
+    """The hint sizes parts where they cannot grow (obstore's uploads): a directory's
+    regular files (symlinks not followed), a file's or the bytes' size."""
+    from checkpoint_io import _stream
+
+    hints = []
+    real = _stream.Transfer.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        hints.append(self.size_hint)
+
+    monkeypatch.setattr(_stream.Transfer, "__init__", spy)
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "model.bin").write_bytes(b"m" * 3000)
+    (src / "nested" / "opt.bin").write_bytes(b"o" * 5000)
+    (src / "link").symlink_to("model.bin")
+    (src / "to-dir").symlink_to("nested")
+    with Checkpoint(str(tmp_path / "dest")) as cp:
+        cp.save_sync(src)
+        cp.save_sync(src / "model.bin")
+        cp.save_sync(b"x" * 77)
+    assert hints == [8000, 3000, 77]

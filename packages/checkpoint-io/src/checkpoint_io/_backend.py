@@ -217,6 +217,9 @@ class Backend(abc.ABC):
 
     #: Default part size for streaming writes and block size for reads and downloads.
     part_size: int = 8 * MiB
+    #: Part size a write of known size (``File.with_options(size_hint=)``) starts from,
+    #: grown where the hint needs larger parts to fit ``max_parts``; ``None``: ``part_size``.
+    sized_part_size: int | None = None
     #: Smallest part the service accepts (except the last).
     min_part_size: int = 1
     #: Every part except the last must be a multiple of this many bytes.

@@ -31,6 +31,7 @@ class _Options:
     read_ahead: int | None = None
     read_concurrency: int | None = None
     memory_budget: int | None = None
+    size_hint: int | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
 
 
@@ -67,6 +68,7 @@ class File(BaseModel):
         read_ahead: int | None = None,
         read_concurrency: int | None = None,
         memory_budget: int | None = None,
+        size_hint: int | None = None,
         direct_writes: bool | None = None,
         gcs_composite: bool | None = None,
         data_path: str | None = None,
@@ -77,7 +79,11 @@ class File(BaseModel):
         16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
         object stores; 1 is one long GET). Widths left unset adapt on object stores: they
         start at 2 and grow with the measured throughput while ``memory_budget`` bytes of
-        buffers (default 160 MiB) hold the requests in flight.
+        buffers (default 160 MiB) hold the requests in flight. ``size_hint`` is about how
+        many bytes a write will hold: parts are sized from the start so that the object
+        fits the store's part limit (obstore's uploads cannot grow their parts), and on
+        obstore's S3 and Azure uploads, smaller parts than for a write of unknown size keep
+        more of them in flight.
 
         Backend switches: ``direct_writes`` (default on) writes local objects with
         ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects
@@ -100,6 +106,8 @@ class File(BaseModel):
             changes["read_concurrency"] = read_concurrency
         if memory_budget is not None:
             changes["memory_budget"] = memory_budget
+        if size_hint is not None:
+            changes["size_hint"] = size_hint
         switches: dict[str, Any] = {}
         if direct_writes is not None:
             switches["direct_writes"] = bool(direct_writes)
@@ -130,7 +138,7 @@ class File(BaseModel):
         backend = backend_for(self.path, opts.storage_options, opts.backend)
         return Transfer(backend, self.path, self.path, opts.retry, opts.part_size,
                         opts.concurrency, opts.read_ahead, opts.read_concurrency,
-                        opts.memory_budget)
+                        opts.memory_budget, opts.size_hint)
 
     # --- constructors --------------------------------------------------------------
 

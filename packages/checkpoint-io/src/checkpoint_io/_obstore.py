@@ -37,12 +37,14 @@ __all__ = ["ObstoreBackend", "Untranslatable", "store_config"]
 #: GET that is merely slow; our policy's ``attempt_timeout`` bounds each block instead.
 _REQUEST_TIMEOUT = "3600s"
 _CONNECT_TIMEOUT = "30s"
-#: What parts in flight inside obstore may hold: it copies each part into a buffer of its
-#: own and keeps up to ``max_concurrency`` of them, so 8 parts of 16 MiB grew a 512 MiB
-#: save's RSS by 257 MiB (against moto), past the 200 MiB the e2e suite allows; 4 of them
-#: by 188-206 MiB, 3 by 178-194 MiB; 2 (this budget) leave the e2e bound a margin.
-#: fsspec's path: 134 MiB.
-_UPLOAD_BUDGET = 32 * MiB
+#: What an upload's parts may hold, counted in parts: those in flight inside obstore (it
+#: keeps our buffers, up to ``max_concurrency`` of them) and three more of their size, the
+#: one obstore is filling, the one queued to it and the one the writer fills. Measured on a
+#: 512 MiB save against moto (RSS growth, the e2e bound is 200 MiB): 8 parts of 16 MiB in
+#: flight 257 MiB, 3 of them 178-194, 2 of them 167; 4 of 8 MiB 119, 6 of 8 MiB 135.
+#: So 6 parts of 8 MiB (a save of known size) and 2 of 16 MiB (unknown size); fsspec's
+#: path: 87-134 MiB.
+_UPLOAD_BUDGET = 72 * MiB
 #: Seconds a closing backend leaves obstore's threads to settle (see ObstoreBackend.close).
 _SETTLE = 0.1
 
@@ -460,7 +462,8 @@ class _ObstoreUpload(Upload):
         self._queue = asyncio.Queue(maxsize=1)
         self._started = time.monotonic()
         store = self._b.store(self._bucket, self.policy or RetryPolicy())
-        self._width = max(2, min(self._b.upload_concurrency, _UPLOAD_BUDGET // max(chunk, 1)))
+        self._width = max(2, min(self._b.upload_concurrency,
+                                 _UPLOAD_BUDGET // max(chunk, 1) - 3))
         self._task = asyncio.ensure_future(obstore.put_async(
             store, self._key, self._feed(), use_multipart=True, chunk_size=chunk,
             max_concurrency=self._width))
@@ -574,8 +577,11 @@ class ObstoreBackend(Backend):
         self._stores: dict[tuple, Any] = {}
         self._uploads: Backend | None = None
         if self.kind == "s3":
-            # 16 MiB parts, which obstore does not grow: 10,000 of them hold 156 GiB.
+            # 16 MiB parts, which obstore does not grow: 10,000 of them hold 156 GiB. A
+            # write of known size (size_hint) starts at 8 MiB: 6 in flight within the
+            # upload budget, not 2, and parts as large as the size needs.
             self.part_size = 16 * MiB
+            self.sized_part_size = 8 * MiB
             self.min_part_size = 5 * MiB
             self.max_parts = 10_000
         elif self.kind == "gcs":

@@ -132,6 +132,18 @@ class Widening:
         return self.width
 
 
+def _sized_part(backend: Backend, size_hint: int | None) -> int:
+    """The part size a write starts from: the backend's, or for a write of about
+    ``size_hint`` bytes its ``sized_part_size``, grown so that the hint and some slack (tar
+    headers, a file grown since) fill at most ``max_parts`` parts whatever growth the
+    backend allows (obstore's uploads: none)."""
+    if size_hint is None:
+        return backend.part_size
+    slack = size_hint // 16 + 64 * MiB
+    needed = -(-(size_hint + slack) // max(1, backend.max_parts - 1))
+    return max(backend.sized_part_size or backend.part_size, -(-needed // MiB) * MiB)
+
+
 class Transfer:
     """What one transfer needs: where, through which backend, how hard to try, how wide.
 
@@ -150,12 +162,17 @@ class Transfer:
     def __init__(self, backend: Backend, path: str, uri: str, policy: RetryPolicy,
                  part_size: int | None, concurrency: int | None,
                  read_ahead: int | None = None, read_concurrency: int | None = None,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, size_hint: int | None = None) -> None:
         self.backend = backend
         self.path = path
         self.uri = uri
         self.policy = policy
-        size = max(part_size or backend.part_size, backend.min_part_size)
+        if size_hint is not None and (isinstance(size_hint, bool)
+                                      or not isinstance(size_hint, int) or size_hint < 0):
+            raise ValueError(f"{uri}: size_hint must be a whole number of bytes or None, got"
+                             f" {size_hint!r}")
+        self.size_hint = size_hint
+        size = max(part_size or _sized_part(backend, size_hint), backend.min_part_size)
         self.part_size = -(-size // backend.part_multiple) * backend.part_multiple
         self.concurrency = max(1, concurrency or backend.concurrency)
         self.read_ahead = max(read_ahead or backend.read_ahead, backend.read_block)

@@ -45,6 +45,7 @@ from ._pipeline import (
     ensure_local_parent,
     in_thread,
     save_source,
+    size_hint,
     size_of,
 )
 from ._progress import Progress
@@ -528,7 +529,8 @@ class Checkpoint(BaseCheckpoint):
                             setting=self._settings.progress)
         try:
             ensure_local_parent(uri)
-            with self._file(uri).open_sync("wb") as remote:
+            file = self._file(uri).with_options(size_hint=size_hint(source))
+            with file.open_sync("wb") as remote:
                 sink = WriteSink(remote, progress, cancelled)
                 if isinstance(source, pathlib.Path) and source.is_dir():
                     stats = write_tarball(source, sink, **self._settings.write_options())

@@ -104,6 +104,30 @@ def size_of(source: pathlib.Path | memoryview) -> int | None:
     return source.stat().st_size if source.is_file() else None
 
 
+def size_hint(source: pathlib.Path | memoryview) -> int | None:
+    """About how many bytes saving ``source`` uploads: a file's or the bytes' size, for a
+    directory the sum of its regular files (symlinks not followed; what cannot be read is
+    left out, the save itself reports it). Storage sizes its parts by it."""
+    size = size_of(source)
+    if size is not None or not isinstance(source, pathlib.Path):
+        return size
+    total, pending = 0, [str(source)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
 def copy_bytes(data: memoryview, sink: WriteSink) -> int:
     for start in range(0, len(data), CHUNK):
         sink.write(data[start : start + CHUNK])
