@@ -12,8 +12,8 @@ sampled while it runs, named by Python thread name or else the kernel's ``comm``
   so it costs the client's cores little) with a certificate made at run time:
   our ``load_sync``/``save_sync`` on each data path the checkout has, upstream's
   ``flyte.Checkpoint`` in its own venv, raw obstore ``get_range`` (16 x 8 MiB in flight) and
-  raw botocore (16 threads of 8 MiB ranged GETs); and ours with every thread pool set wider
-  than the cores (``--wide``, default 8);
+  raw botocore (16 threads of 8 MiB ranged GETs); and ours with every thread pool and the
+  requests in flight set wider than the cores (``--wide``, default 8);
 - through ``checkpoint_testing.shaper`` (64 MiB/s down, 16 MiB/s up, 50 ms first byte per
   connection) in front of mini_s3 (or moto: ``--shaped moto,...``), fake-gcs-server and
   Azurite: a 512 MiB load and save of ours against one plain GET/PUT of the same object, and
@@ -348,10 +348,14 @@ def data_paths() -> tuple[list[str | None], str]:
 
 
 def wide_env(width: int) -> dict[str, str]:
-    """Every thread-count setting (``CHECKPOINT_*_THREADS``) set to ``width``."""
+    """Every thread-count setting (``CHECKPOINT_*_THREADS``) and the requests in flight
+    (``CHECKPOINT_IO_CONCURRENCY``, ``CHECKPOINT_IO_READ_CONCURRENCY``) set to ``width``, as
+    on a node with the cores and the memory for them."""
     from flyte_checkpoint._settings import VARIABLES
 
-    return {v.name: str(width) for v in VARIABLES if v.setting.endswith("_threads")}
+    wide = {v.name: str(width) for v in VARIABLES if v.setting.endswith("_threads")}
+    return {**wide, "CHECKPOINT_IO_CONCURRENCY": str(width),
+            "CHECKPOINT_IO_READ_CONCURRENCY": str(width)}
 
 
 def python_with(module: str) -> str | None:

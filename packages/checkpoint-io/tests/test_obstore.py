@@ -463,6 +463,26 @@ class TestS3MultipartOnObstore:
                                                             Key="sized.bin")
         assert head["ETag"].strip('"').endswith("-5")  # 5 parts of 8 MiB
 
+    @pytest.mark.parametrize("options, width", [
+        ({"size_hint": 40 * MiB}, 6),           # 8 MiB parts within the upload budget
+        ({}, 2),                                # 16 MiB parts of a write of unknown size
+        ({"size_hint": 40 * MiB, "concurrency": 3}, 3),  # the caller's width stands
+    ])
+    def test_parts_in_flight(self, remote_store, monkeypatch, options, width):
+        import obstore
+
+        widths = []
+        real = obstore.put_async
+
+        def spy(*args, **kwargs):
+            widths.append(kwargs.get("max_concurrency"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obstore, "put_async", spy)
+        file = remote_store.file("width.bin", part_size=None, **options)
+        _write(file, os.urandom(40 * MiB))
+        assert widths == [width]
+
     def test_a_failed_upload_is_aborted_names_the_part_and_leaves_the_old_object(
             self, remote_store):
         direct = remote_store.file("fails.bin")

@@ -100,6 +100,9 @@ class Upload(abc.ABC):
     #: The transfer's retry policy, set by the writer before the first call: for clients
     #: that retry single part requests themselves (obstore has no call for one part).
     policy: Any = None
+    #: The caller's parts in flight (``File.with_options(concurrency=)``), set by the writer;
+    #: ``None`` where the width is the writer's or the client's own to choose.
+    concurrency: int | None = None
 
     async def begin(self) -> None:  # noqa: B027 -- optional hook; the default does nothing
         """Start a multipart/resumable session (nothing visible yet)."""

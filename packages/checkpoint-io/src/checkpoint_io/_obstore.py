@@ -462,8 +462,9 @@ class _ObstoreUpload(Upload):
         self._queue = asyncio.Queue(maxsize=1)
         self._started = time.monotonic()
         store = self._b.store(self._bucket, self.policy or RetryPolicy())
-        self._width = max(2, min(self._b.upload_concurrency,
-                                 _UPLOAD_BUDGET // max(chunk, 1) - 3))
+        # The caller's width where it set one (a big node's memory), else the budget's.
+        self._width = self.concurrency or max(2, min(self._b.upload_concurrency,
+                                                     _UPLOAD_BUDGET // max(chunk, 1) - 3))
         self._task = asyncio.ensure_future(obstore.put_async(
             store, self._key, self._feed(), use_multipart=True, chunk_size=chunk,
             max_concurrency=self._width))

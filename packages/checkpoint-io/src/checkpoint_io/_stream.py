@@ -188,6 +188,8 @@ class Transfer:
         self.adaptive_reads = read_concurrency is None and backend.widen \
             and backend.read_concurrency > 1
         self.adaptive_writes = concurrency is None and backend.widen
+        #: The caller's parts in flight, ``None`` when left to the backend.
+        self.caller_concurrency = concurrency
 
     def read_width(self, remaining: int) -> int:
         """How many ranged GETs a streaming read of ``remaining`` bytes keeps in flight: one
@@ -240,6 +242,7 @@ class StreamWriter:
         self._t = transfer
         self._upload: Upload = transfer.backend.new_upload(transfer.path)
         self._upload.policy = transfer.policy
+        self._upload.concurrency = transfer.caller_concurrency
         #: Parts in flight: grows with the measured rate (one at a time when ordered).
         self.widening = Widening(1, 1) if self._upload.ordered else transfer.write_widening()
         self._in_flight = 0
