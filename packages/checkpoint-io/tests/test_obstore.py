@@ -74,6 +74,17 @@ def test_s3_anonymous_and_unsigned_mean_no_signature():
     assert insecure["client_options"]["allow_invalid_certificates"] is True
 
 
+def test_s3_payloads_are_signed_over_http_only(monkeypatch):
+    """Over TLS the signature leaves the payload's SHA-256 out, as botocore does."""
+    monkeypatch.delenv("AWS_UNSIGNED_PAYLOAD", raising=False)
+    assert _config("s3", {})["config"] == {"unsigned_payload": True}
+    assert _config("s3", {"endpoint_url": "https://minio.internal:9000"})["config"] == {
+        "endpoint": "https://minio.internal:9000", "unsigned_payload": True}
+    assert "unsigned_payload" not in _config("s3", {"endpoint_url": "http://h:1"})["config"]
+    monkeypatch.setenv("AWS_UNSIGNED_PAYLOAD", "false")  # the user's word, for obstore
+    assert "unsigned_payload" not in _config("s3", {})["config"]
+
+
 def test_s3_credentials_in_client_kwargs_and_path_style():
     got = _config("s3", {"client_kwargs": {"aws_access_key_id": "A",
                                            "aws_secret_access_key": "S",
