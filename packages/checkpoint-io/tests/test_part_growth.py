@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
 from checkpoint_io import File
-from checkpoint_io._memory import MemoryBackend
+from checkpoint_io._backend import PartPieces
+from checkpoint_io._memory import MemoryBackend, _MemoryUpload
 from checkpoint_io._retry import RetryPolicy
 from checkpoint_io._stream import StreamWriter, Transfer
 
@@ -87,3 +90,55 @@ def test_a_bad_size_hint_is_refused_naming_the_uri():
             assert str(exc).startswith("memory://g/x: size_hint must be")
         else:
             raise AssertionError(f"size_hint={bad!r} was taken")
+
+
+class _PiecesUpload(_MemoryUpload):
+    """A memory upload that takes parts in pieces, as obstore's does, and keeps them."""
+
+    takes_pieces = True
+    seen: typing.ClassVar[list] = []
+
+    async def put_part(self, number, data):
+        type(self).seen.append(data)
+        await super().put_part(number, data.join() if isinstance(data, PartPieces) else data)
+
+    async def finish(self, number, data, total):
+        type(self).seen.append(data)
+        await super().finish(number, data.join() if isinstance(data, PartPieces) else data, total)
+
+
+class _PiecesMemory(MemoryBackend):
+    def new_upload(self, path):
+        return _PiecesUpload(self.fs, path)
+
+
+def test_parts_in_pieces_keep_immutable_buffers_and_copy_the_rest():
+    backend = _PiecesMemory({})
+    transfer = Transfer(backend, "memory://p/x", "memory://p/x", RetryPolicy(), 4 * KiB, 1)
+    _PiecesUpload.seen = []
+    members = [_data(3 * KiB), _data(5 * KiB + 1)]
+    reused = bytearray(b"r" * (2 * KiB))
+
+    async def write():
+        writer = StreamWriter(transfer)
+        for member in members:
+            await writer.write(member)
+        await writer.write(reused)
+        reused[:] = b"x" * len(reused)  # the caller reuses its buffer at once
+        await writer.write(memoryview(members[0])[:100])
+        await writer.commit()
+
+    from checkpoint_io._loop import run_sync
+
+    run_sync(write, name="test write")
+    expected = members[0] + members[1] + b"r" * (2 * KiB) + members[0][:100]
+    with File(path="memory://p/x").open_sync("rb") as back:
+        assert back.read() == expected
+    first = _PiecesUpload.seen[0]
+    assert len(first) == 4 * KiB
+    assert [v.obj for v in first.views] == members  # the same objects, not copies:
+    assert all(v.obj is m for v, m in zip(first.views, members, strict=True))
+    # The bytearray was copied (its pieces view a bytes of their own), the bytes were not.
+    owners = {type(v.obj) for part in _PiecesUpload.seen if isinstance(part, PartPieces)
+              for v in part.views}
+    assert owners == {bytes}

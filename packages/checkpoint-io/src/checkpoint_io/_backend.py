@@ -84,6 +84,30 @@ class Source(abc.ABC):
     copy_into = None
 
 
+class PartPieces:
+    """One part held as the pieces it was written in: views of immutable buffers, so no
+    copy was made to fill it. ``len()`` is its size in bytes, as for a part buffer."""
+
+    __slots__ = ("nbytes", "views")
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+        self.nbytes = 0
+
+    def append(self, view: memoryview) -> None:
+        self.views.append(view)
+        self.nbytes += view.nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bool__(self) -> bool:
+        return self.nbytes > 0
+
+    def join(self) -> bytes:
+        return b"".join(self.views)
+
+
 class Upload(abc.ABC):
     """One write of one object that becomes visible only in :meth:`finish`/:meth:`put_whole`.
 
@@ -97,6 +121,9 @@ class Upload(abc.ABC):
     #: Parts are objects of their own until the upload ends (GCS composite uploads): an
     #: abort lets parts in flight finish, so that its cleanup finds all of them.
     parts_are_objects: bool = False
+    #: Parts may come as :class:`PartPieces` (views of the writer's own immutable buffers,
+    #: no copy into a part buffer): for clients that take a part in pieces (obstore).
+    takes_pieces: bool = False
     #: The transfer's retry policy, set by the writer before the first call: for clients
     #: that retry single part requests themselves (obstore has no call for one part).
     policy: Any = None

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._backend import Backend, BackendOptions, MiB, Source, Upload, joined_range
+from ._backend import Backend, BackendOptions, MiB, PartPieces, Source, Upload, joined_range
 from ._errors import RangeMismatch, StorageError, StorageRetryError, VersionMismatch
 from ._retry import RetryPolicy
 
@@ -440,6 +440,9 @@ class _ObstoreUpload(Upload):
     """One ``put_async`` multipart upload, fed part by part (in order) while it runs."""
 
     ordered = True  # the generator feeding obstore hands it the parts in order
+    # obstore cuts its parts from whatever buffers it is fed, keeping them (no copy): a
+    # part comes as the writer's own pieces, not copied into a part buffer first.
+    takes_pieces = True
 
     def __init__(self, backend: ObstoreBackend, bucket: str, key: str, uri: str) -> None:
         self._b = backend
@@ -504,16 +507,21 @@ class _ObstoreUpload(Upload):
         if not putter.done() or putter.cancelled():
             raise self._failure(operation)
 
+    async def _hand_part(self, data, operation: str) -> None:
+        views = data.views if isinstance(data, PartPieces) else [memoryview(data)]
+        for view in views:
+            await self._hand(view, operation)
+
     async def put_part(self, number: int, data) -> None:
         if self._task is None:
             self._start(len(data))
-        await self._hand(memoryview(data), f"upload part {number}")
+        await self._hand_part(data, f"upload part {number}")
 
     async def finish(self, number: int, data, total: int) -> None:
         if self._task is None:
             self._start(max(len(data), self._b.min_part_size))
         if len(data):
-            await self._hand(memoryview(data), f"upload part {number}")
+            await self._hand_part(data, f"upload part {number}")
         await self._hand(_END, "complete upload")
         assert self._task is not None
         with contextlib.suppress(Exception):

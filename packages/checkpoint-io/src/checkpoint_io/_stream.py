@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from ._backend import Backend, MiB, Source, Upload, grown_part_size
+from ._backend import Backend, MiB, PartPieces, Source, Upload, grown_part_size
 from ._localfs import fsync_dir, open_temp_sibling, pwrite_all
 from ._retry import RetryPolicy, call_with_retries
 
@@ -248,6 +248,8 @@ class StreamWriter:
         self._in_flight = 0
         self._room = asyncio.Event()
         self._buffer = bytearray()
+        #: The part being filled, for uploads that take pieces (else ``_buffer``).
+        self._pieces: PartPieces | None = PartPieces() if self._upload.takes_pieces else None
         self._filled = 0
         self._parts_sent = 0
         self._written = 0
@@ -278,6 +280,10 @@ class StreamWriter:
             raise ValueError(f"write to {self._t.uri}: file is already {self._state}")
         view = memoryview(data).cast("B")
         size = view.nbytes
+        if self._pieces is not None:
+            full_pieces = self._stage_pieces(data, view)
+            self._written += size
+            return size, full_pieces
         full: list[bytearray] = []
         parts_sent = self._parts_sent
         while view.nbytes:
@@ -296,7 +302,31 @@ class StreamWriter:
         self._written += size
         return size, full
 
-    async def send(self, parts: list[bytearray]) -> None:
+    def _stage_pieces(self, data: Piece, view: memoryview) -> list[PartPieces]:
+        """:meth:`stage` for uploads that take pieces: an immutable buffer (``bytes``, or a
+        view of one: the tar writer's members) is kept as views, not copied; anything
+        else is copied once into a ``bytes`` of its own, since its owner may reuse it."""
+        immutable = type(data) is bytes or (isinstance(data, memoryview)
+                                            and type(data.obj) is bytes)
+        if not immutable and view.nbytes:
+            view = memoryview(bytes(view))
+        assert self._pieces is not None
+        full: list[PartPieces] = []
+        parts_sent = self._parts_sent
+        while view.nbytes:
+            part_size = self._part_size(parts_sent)
+            if self._filled == part_size:
+                full.append(self._pieces)
+                self._pieces, self._filled = PartPieces(), 0
+                parts_sent += 1
+                part_size = self._part_size(parts_sent)
+            room = min(part_size - self._filled, view.nbytes)
+            self._pieces.append(view[:room])
+            self._filled += room
+            view = view[room:]
+        return full
+
+    async def send(self, parts: list[bytearray] | list[PartPieces]) -> None:
         """Upload the parts :meth:`stage` filled (each waits for room in the width)."""
         try:
             for part in parts:
@@ -305,9 +335,12 @@ class StreamWriter:
             await self.abort()
             raise
 
-    def _last_part(self) -> bytes | bytearray:
+    def _last_part(self) -> bytes | bytearray | PartPieces:
         """What is buffered, for the final part or a whole object: small ones as ``bytes``
         (every client takes those), larger ones as the buffer itself, cut to its length."""
+        if self._pieces is not None:
+            pieces, self._pieces, self._filled = self._pieces, PartPieces(), 0
+            return pieces.join() if pieces.nbytes <= MiB else pieces
         buffer, filled = self._buffer, self._filled
         self._buffer, self._filled = bytearray(), 0
         if filled <= MiB:
@@ -370,7 +403,11 @@ class StreamWriter:
             raise ValueError(f"commit of {self._t.uri}: the write was aborted")
         try:
             if self._parts_sent == 0:
-                data = bytes(memoryview(self._buffer)[:self._filled])
+                if self._pieces is not None:
+                    data = self._pieces.join()
+                    self._pieces = PartPieces()
+                else:
+                    data = bytes(memoryview(self._buffer)[:self._filled])
                 self._buffer, self._filled = bytearray(), 0
                 await self._t.retried("upload", lambda: self._upload.put_whole(data))
             else:
@@ -393,6 +430,8 @@ class StreamWriter:
             return
         self._state = "aborted"
         self._buffer, self._filled = bytearray(), 0
+        if self._pieces is not None:
+            self._pieces = PartPieces()
         tasks = list(self._tasks)
         if tasks and self._upload.parts_are_objects:
             # A part request cancelled after the server took it whole would create its
