@@ -348,14 +348,15 @@ def data_paths() -> tuple[list[str | None], str]:
 
 
 def wide_env(width: int) -> dict[str, str]:
-    """Every thread-count setting (``CHECKPOINT_*_THREADS``) and the requests in flight
-    (``CHECKPOINT_IO_CONCURRENCY``, ``CHECKPOINT_IO_READ_CONCURRENCY``) set to ``width``, as
-    on a node with the cores and the memory for them."""
+    """Every thread-count setting (``CHECKPOINT_*_THREADS``), the requests in flight
+    (``CHECKPOINT_IO_CONCURRENCY``, ``CHECKPOINT_IO_READ_CONCURRENCY``) and obstore's
+    runtime threads (``TOKIO_WORKER_THREADS``: one per core by default, so 2 here) set to
+    ``width``, as on a node with the cores and the memory for them."""
     from flyte_checkpoint._settings import VARIABLES
 
     wide = {v.name: str(width) for v in VARIABLES if v.setting.endswith("_threads")}
     return {**wide, "CHECKPOINT_IO_CONCURRENCY": str(width),
-            "CHECKPOINT_IO_READ_CONCURRENCY": str(width)}
+            "CHECKPOINT_IO_READ_CONCURRENCY": str(width), "TOKIO_WORKER_THREADS": str(width)}
 
 
 def python_with(module: str) -> str | None:

@@ -29,6 +29,7 @@ from ._writer import (
     _changed,
     _check_link,
     _check_unchanged,
+    _hash_piece,
     _kind,
     _refuse_link,
     _walk,
@@ -304,14 +305,3 @@ def _hash_small(name: str, path: str, st: os.stat_result) -> str:
         _check_unchanged(name, st, os.fstat(fd))
     return digest
 
-
-def _hash_piece(fd: int, offset: int, length: int, name: str) -> bytes:
-    hasher = hashlib.sha256()
-    done = 0
-    while done < length:
-        data = os.pread(fd, min(length - done, 1 << 20), offset + done)
-        if not data:
-            raise _changed(name, "it shrank while being saved")
-        hasher.update(data)
-        done += len(data)
-    return hasher.digest()

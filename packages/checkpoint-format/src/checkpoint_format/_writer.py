@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ._codec import codec_name, gzip_member
-from ._digest import piece_digest
 from ._errors import WriteRefusedError
 from ._links import NameTree, target_problem
 from ._spec import BLOCK, PIECE, PLAIN_KEY, TARBALL_VERSION, TREE_KEY, VERSION_KEY, WRITER_KEY
@@ -45,7 +44,7 @@ __all__ = ["WriteStats", "changed_in_place", "write_tarball"]
 CHUNK_SIZE = 4 << 20
 _MAX_OCTAL_SIZE = 8**11 - 1  # what a 12-byte ustar size/mtime field holds
 _USTAR_NAME = 100
-_PIECES_IN_FLIGHT = 4  # pieces being hashed at once: bounds the memory of the first pass
+_PIECES_IN_FLIGHT = 8  # pieces being hashed at once (1 MiB buffers each)
 
 
 class Sink(Protocol):
@@ -378,20 +377,41 @@ def _file(
 
 def _piecewise_digest(handle, size: int, name: str, pool: ThreadPoolExecutor) -> str:
     """SHA-256 over the SHA-256s of the file's 4 MiB pieces, hashed on the pool."""
+    # Each piece is read by the worker that hashes it (pread at its offset), so that no
+    # one thread reads every byte of the first pass.
+    fd = handle.fileno()
     outer = hashlib.sha256()
     pending: collections.deque[Future[bytes]] = collections.deque()
-    remaining = size
-    while remaining:
-        piece = _read_exactly(handle, min(PIECE, remaining), name)
-        remaining -= len(piece)
-        pending.append(pool.submit(piece_digest, piece))
-        while len(pending) > _PIECES_IN_FLIGHT:
+    try:
+        for offset in range(0, size, PIECE):
+            length = min(PIECE, size - offset)
+            pending.append(pool.submit(_hash_piece, fd, offset, length, name))
+            while len(pending) > _PIECES_IN_FLIGHT:
+                outer.update(pending.popleft().result())
+        while pending:
             outer.update(pending.popleft().result())
-    while pending:
-        outer.update(pending.popleft().result())
-    if handle.read(1):
+    finally:
+        for future in pending:  # a failed piece: none may read the fd once it is closed
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                future.exception()
+    if os.pread(fd, 1, size):
         raise _changed(name, "it grew while being saved")
     return outer.hexdigest()
+
+
+def _hash_piece(fd: int, offset: int, length: int, name: str) -> bytes:
+    """SHA-256 of ``length`` bytes of ``fd`` at ``offset``, read in 1 MiB preads."""
+    hasher = hashlib.sha256()
+    done = 0
+    while done < length:
+        data = os.pread(fd, min(length - done, 1 << 20), offset + done)
+        if not data:
+            raise _changed(name, "it shrank while being saved")
+        hasher.update(data)
+        done += len(data)
+    return hasher.digest()
 
 
 def _hash_file(handle, size: int, name: str, chunk_size: int) -> str:
