@@ -200,6 +200,11 @@ class _Recording(Checkpoint):
         file, published = super()._file(uri), self.published
 
         class Recorded:
+            def with_options(self, **options):
+                nonlocal file
+                file = file.with_options(**options)
+                return self
+
             @contextlib.contextmanager
             def open_sync(self, mode):
                 with file.open_sync(mode) as remote:
