@@ -269,9 +269,6 @@ def inflate_member(pieces: list[bytes | memoryview], inflated_size: int,
     Checks CRC-32 and ISIZE (the decompressor) and the record (CF-INTEG-06). Thread-safe:
     zlib and ISA-L release the GIL while inflating, ``bytes.join`` while joining large
     buffers."""
-    stored = _stored_member(pieces, inflated_size)
-    if stored is not None:
-        return stored
     decompressor = (_fast_zlib or zlib).decompressobj(wbits=31)
     length = sum(map(len, pieces))
     if len(pieces) > _JOIN_PIECES:
@@ -307,84 +304,6 @@ def inflate_member(pieces: list[bytes | memoryview], inflated_size: int,
     if problem is not None:
         raise CorruptArchiveError("CF-INTEG-06", f"gzip member at offset {offset} {problem}")
     return outs
-
-
-class _Cursor:
-    """Reads across the pieces a member was read in, handing out views of them."""
-
-    def __init__(self, pieces: list[bytes | memoryview]) -> None:
-        self._views = [memoryview(piece).cast("B") for piece in pieces]
-        self._index = 0
-        self._at = 0
-
-    def take(self, size: int) -> list[memoryview] | None:
-        """The next ``size`` bytes as views (several where they cross pieces), or ``None``
-        where fewer are left."""
-        taken: list[memoryview] = []
-        while size:
-            if self._index == len(self._views):
-                return None
-            view = self._views[self._index]
-            n = min(size, len(view) - self._at)
-            taken.append(view[self._at : self._at + n])
-            self._at += n
-            size -= n
-            if self._at == len(view):
-                self._index, self._at = self._index + 1, 0
-        return taken
-
-    def small(self, size: int) -> bytes | None:
-        taken = self.take(size)
-        return None if taken is None else b"".join(taken)
-
-    def at_end(self) -> bool:
-        while self._index < len(self._views) and self._at == len(self._views[self._index]):
-            self._index, self._at = self._index + 1, 0
-        return self._index == len(self._views)
-
-
-def _stored_member(pieces: list[bytes | memoryview], inflated_size: int) -> list[bytes] | None:
-    """The contents of a sized gzip member whose deflate stream is stored blocks only (what
-    the writer makes of incompressible data), copied once from the pieces and checked
-    against its CRC-32 and ISIZE; ``None`` for anything else, valid or not, which
-    :func:`inflate_member` then inflates and diagnoses as before.
-
-    Inflating a stored block is a copy and a CRC-32 inside zlib or ISA-L; joining the
-    pieces first was a second copy. Here the block payloads are joined straight from the
-    pieces and the CRC-32 is ISA-L's (or zlib's), which is several times faster than
-    inflating.
-    """
-    cursor = _Cursor(pieces)
-    head = cursor.small(12)
-    # Exactly what the writer emits (CF-WRITE-01, CF-WRITE-11): FEXTRA and nothing else.
-    if head is None or head[:4] != _GZIP_HEADER_START[:4]:
-        return None
-    if cursor.take(struct.unpack_from("<H", head, 10)[0]) is None:
-        return None
-    payloads: list[memoryview] = []
-    produced = 0
-    while True:
-        block = cursor.small(5)
-        if block is None or block[0] & 0x06:  # BTYPE is not 00: compressed blocks
-            return None
-        length, inverse = struct.unpack_from("<HH", block, 1)
-        if length ^ inverse != 0xFFFF or produced + length > inflated_size:
-            return None
-        taken = cursor.take(length)
-        if taken is None:
-            return None
-        payloads.extend(taken)
-        produced += length
-        if block[0] & 0x01:  # BFINAL
-            break
-    trailer = cursor.small(_GZIP_TRAILER_SIZE)
-    if trailer is None or not cursor.at_end() or produced != inflated_size:
-        return None
-    data = b"".join(payloads)
-    crc, isize = struct.unpack("<II", trailer)
-    if (_fast_zlib or zlib).crc32(data) != crc or isize != produced & 0xFFFFFFFF:
-        return None
-    return [data] if data else []
 
 
 class GzipMembers:
