@@ -432,3 +432,55 @@ class TestRemoteParallelRanges:
         assert got == data
         assert shaper.stats.stalled == 1
         assert shaper.stats.requests > 3  # the stalled range was asked for again
+
+
+class SlowFirstRange(CountingSource):
+    """The range starting at byte 0 sends nothing until ``gate`` is set; the others flow."""
+
+    def __init__(self, *args, gate: asyncio.Event, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_gate = gate
+
+    async def stream_range(self, start: int, end: int):
+        if start == 0:
+            await self.first_gate.wait()
+        async for piece in super().stream_range(start, end):
+            yield piece
+
+
+class TestHolding:
+    """The ranges after the first pause once they hold ``read_holding`` bytes, and go on
+    when the reader takes them; the first range never pauses."""
+
+    def test_ranges_behind_a_slow_first_one_pause_at_the_limit(self):
+        data = os.urandom(80 * MiB)
+
+        async def go():
+            gate = asyncio.Event()
+            source = SlowFirstRange(data, piece=MiB, gate=gate)
+            transfer = Transfer(MemoryBackend({}), "memory://b/k", "memory://b/k", FAST, None,
+                                None, 4 * MiB, 8, 28 * MiB)
+            assert transfer.read_holding == 8 * MiB
+            stream = StreamReader(transfer, source)
+            first = asyncio.ensure_future(stream.read(1))
+            for _ in range(200):  # every range after the first fetches what it may
+                await asyncio.sleep(0)
+            sent_while_paused, open_while_paused = source.sent, source.open
+            gate.set()
+            rest = await first + await drain(stream)
+            return source, stream, sent_while_paused, open_while_paused, rest
+
+        source, stream, sent, still_open, rest = asyncio.run(go())
+        assert rest == data
+        # The limit, plus the block each of the 7 other ranges had asked for when it hit it.
+        assert 8 * MiB <= sent <= 8 * MiB + 7 * MiB
+        assert still_open == 7  # the 7 after the first paused, their connections kept
+        assert stream.holding.peak <= 8 * MiB + 7 * MiB and stream.holding.held == 0
+        assert source.sent == len(data)  # nothing fetched twice
+
+    def test_a_fast_reader_leaves_the_limit_unreached_and_reads_everything(self):
+        data = os.urandom(48 * MiB + 3)
+        source = CountingSource(data, piece=MiB)
+        stream = wide_reader(source, 6)
+        assert asyncio.run(drain(stream, 8 * MiB)) == data
+        assert stream.holding.held == 0 and source.sent == len(data)

@@ -77,8 +77,8 @@ class File(BaseModel):
         part/block size in bytes, a number of parts in flight (default: the store's, 8 on
         object stores), the most bytes a streaming read fetches ahead of the reader (default
         16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
-        object stores; 1 is one long GET). Widths left unset adapt on object stores: they
-        start at 2 and grow with the measured throughput while ``memory_budget`` bytes of
+        object stores; 1 is one long GET). Widths left unset adapt on object stores: reads
+        start at the store's width and writes at 2, and they grow with the measured throughput while ``memory_budget`` bytes of
         buffers (default 160 MiB) hold the requests in flight. ``size_hint`` is about how
         many bytes a write will hold: parts are sized from the start so that the object
         fits the store's part limit (obstore's uploads cannot grow their parts), and on
