@@ -78,12 +78,12 @@ class File(BaseModel):
         object stores), the most bytes a streaming read fetches ahead of the reader (default
         16 MiB), or the most ranged GETs a streaming read keeps in flight (default 8 on
         object stores; 1 is one long GET). Widths left unset adapt on object stores: reads
-        start at the store's width and writes at 2, and they grow with the measured throughput while ``memory_budget`` bytes of
-        buffers (default 160 MiB) hold the requests in flight. ``size_hint`` is about how
-        many bytes a write will hold: parts are sized from the start so that the object
-        fits the store's part limit (obstore's uploads cannot grow their parts), and on
-        obstore's S3 and Azure uploads, smaller parts than for a write of unknown size keep
-        more of them in flight.
+        start at the store's width and writes at 2, and they grow with the measured
+        throughput while ``memory_budget`` bytes of buffers (default 160 MiB) hold the
+        requests in flight. ``size_hint`` is about how many bytes a write will hold: parts
+        are sized from the start so that the object fits the store's part limit (obstore's
+        uploads cannot grow their parts), and on obstore's S3 and Azure uploads, smaller
+        parts than for a write of unknown size keep more of them in flight.
 
         Backend switches: ``direct_writes`` (default on) writes local objects with
         ``O_DIRECT``, ``gcs_composite`` (default off) uploads GCS parts as temporary objects

@@ -635,9 +635,9 @@ class StreamReader:
     the queue in order, the first range block by block as it arrives: a width the caller
     set, or the backend's, grown with the measured throughput (:class:`Widening`) within
     the memory budget; memory stays within the ranges in flight plus the read-ahead, and the
-    ranges after the first pause once they hold ``Transfer.read_holding`` bytes. Otherwise it reads one long request. Either
-    way a request resumes where it broke off after a transient fault, alone (see
-    :class:`_ResumableStream`).
+    ranges after the first pause once they hold ``Transfer.read_holding`` bytes. Otherwise
+    it reads one long request. Either way a request resumes where it broke off after a
+    transient fault, alone (see :class:`_ResumableStream`).
 
     :meth:`read_pieces` hands out the bytes as the pieces they arrived in (no copy);
     :meth:`read` joins them into one ``bytes`` when they are more than one. Sources that
