@@ -117,6 +117,15 @@ class TestBudget:
         assert t.read_widening(100 * MiB).settled
         assert t.write_widening().width == 3 and t.write_widening().settled
 
+    def test_a_store_whose_writes_keep_their_width_still_widens_reads(self):
+        class ReadsOnly(WideMemory):  # as obstore's backend: its uploads pace themselves
+            widen_writes = False
+
+        t = transfer(ReadsOnly({}))
+        assert t.adaptive_reads and not t.adaptive_writes
+        assert t.write_widening().history == [8] and t.write_widening().settled
+        assert t.read_widening(200 * MiB).width == 8 and not t.read_widening(200 * MiB).settled
+
     def test_a_small_object_is_one_request(self):
         widening = transfer().read_widening(2 * MiB)
         assert widening.width == 1 and widening.cap == 1

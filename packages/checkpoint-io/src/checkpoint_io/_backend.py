@@ -273,6 +273,9 @@ class Backend(abc.ABC):
     #: stores, where each connection is slow and many are fast), and up to how many
     #: requests in flight (the memory budget may allow fewer).
     widen: bool = False
+    #: Whether writes adapt too where ``widen`` is set (obstore's keep the width they are
+    #: given: its uploads keep their own bounded number of parts in flight).
+    widen_writes: bool = True
     max_in_flight: int = 64
 
     def __init__(self, storage_options: dict[str, Any],

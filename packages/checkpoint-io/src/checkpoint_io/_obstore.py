@@ -577,6 +577,7 @@ class ObstoreBackend(Backend):
     read_concurrency = 8
     max_in_flight = 8
     widen = True
+    widen_writes = False  # writes keep their fixed width, as before reads widened here
     # Uploads hand obstore their parts in order; it keeps its own bounded number in
     # flight (see _ObstoreUpload).
     #: Parts do not grow (``max_part_size`` is the smallest): obstore cuts a multipart

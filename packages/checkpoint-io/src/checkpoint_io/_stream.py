@@ -191,7 +191,7 @@ class Transfer:
         self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         self.adaptive_reads = read_concurrency is None and backend.widen \
             and backend.read_concurrency > 1
-        self.adaptive_writes = concurrency is None and backend.widen
+        self.adaptive_writes = concurrency is None and backend.widen and backend.widen_writes
         #: The caller's parts in flight, ``None`` when left to the backend.
         self.caller_concurrency = concurrency
         #: Most bytes the ranges of a wide read hold beyond the first one before they pause
