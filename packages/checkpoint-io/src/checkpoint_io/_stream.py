@@ -571,6 +571,10 @@ class _Holding:
 
     def release(self, nbytes: int) -> None:
         self.held -= nbytes
+        self.wake()
+
+    def wake(self) -> None:
+        """Let paused ranges look again (one of them may have become the first)."""
         self._room.set()
 
 
@@ -583,7 +587,7 @@ class _Range:
         #: Whether this is the first range in order (the one the reader waits on).
         self.first = False
         self._holding = holding
-        self._blocks: collections.deque[list[Piece]] = collections.deque()
+        self._blocks: collections.deque[tuple[list[Piece], int]] = collections.deque()
         self._arrived = asyncio.Event()
         self.task = asyncio.ensure_future(self._fetch(stream))
 
@@ -594,8 +598,9 @@ class _Range:
                 block = await stream.next_block()
                 if block is None:
                     return
-                self._holding.add(sum(map(_nbytes, block)))
-                self._blocks.append(block)
+                nbytes = sum(map(_nbytes, block))
+                self._holding.add(nbytes)
+                self._blocks.append((block, nbytes))
                 self._arrived.set()
         finally:
             self._arrived.set()
@@ -603,7 +608,7 @@ class _Range:
 
     def make_first(self) -> None:
         self.first = True
-        self._holding.release(0)  # wakes it if it paused
+        self._holding.wake()
 
     async def next_block(self) -> list[Piece] | None:
         """The next block, or ``None`` once the range is all handed out; the range's
@@ -614,14 +619,14 @@ class _Range:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
-        block = self._blocks.popleft()
-        self._holding.release(sum(map(_nbytes, block)))
+        block, nbytes = self._blocks.popleft()
+        self._holding.release(nbytes)
         return block
 
     def drop(self) -> None:
         """Stop fetching; what it holds no longer counts."""
         self.task.cancel()
-        self._holding.release(sum(_nbytes(p) for block in self._blocks for p in block))
+        self._holding.release(sum(nbytes for _, nbytes in self._blocks))
         self._blocks.clear()
 
 
