@@ -10,7 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from checkpoint_format import CorruptArchiveError, restore, validate, write_tarball
+from checkpoint_format import (
+    CorruptArchiveError,
+    WriteRefusedError,
+    restore,
+    validate,
+    write_tarball,
+)
 
 _HELPERS = ("checkpoint-decode", "checkpoint-verify", "checkpoint-emit", "checkpoint-gzip")
 
@@ -68,3 +74,69 @@ def test_no_helper_thread_outlives_a_write_or_a_failed_write(tmp_path: Path) -> 
     with pytest.raises(OSError, match="upload failed"):
         write_tarball(tmp_path / "src", Failing(), chunk_size=1 << 20)
     assert _helper_threads() == []
+
+
+def _open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_no_file_stays_open_after_a_write_or_a_failed_write(tmp_path: Path) -> None:
+    """The workers read large files' data and the last read closes each: whether the write
+    succeeds, its sink fails with reads still queued, or a file shrinks under the reads."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for index in range(4):
+        (src / f"{index}.bin").write_bytes(os.urandom(9 << 20))
+    before = _open_descriptors()
+    write_tarball(src, io.BytesIO(), chunk_size=1 << 20)
+    assert _open_descriptors() == before
+
+    class Failing(io.BytesIO):
+        def write(self, data):
+            if self.tell() > (3 << 20):
+                raise OSError("upload failed")
+            return super().write(data)
+
+    with pytest.raises(OSError, match="upload failed"):
+        write_tarball(src, Failing(), chunk_size=1 << 20, workers=2)
+    assert _open_descriptors() == before
+
+    class Shrinking(io.BytesIO):
+        def write(self, data):
+            if self.tell() > (12 << 20):
+                os.truncate(src / "1.bin", 1 << 20)
+            return super().write(data)
+
+    with pytest.raises(WriteRefusedError, match=r"member '1.bin': file changed during save"):
+        write_tarball(src, Shrinking(), chunk_size=1 << 20, workers=2)
+    assert _open_descriptors() == before
+    assert _helper_threads() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "preadv"), reason="needs os.preadv")
+def test_a_large_files_data_is_read_by_the_workers_straight_into_its_members(
+        tmp_path: Path, monkeypatch) -> None:
+    """No one thread reads every byte of a save: the calling thread walks the tree and
+    writes headers; the pool hashes the pieces and reads the data into the members."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom((9 << 20) + 123)
+    (src / "big.bin").write_bytes(data)
+    real_preadv = os.preadv
+    readers: dict[str, int] = {}
+
+    def preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        name = threading.current_thread().name
+        readers[name] = readers.get(name, 0) + got
+        return got
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    sink = io.BytesIO()
+    write_tarball(src, sink, workers=2)
+    assert sum(readers.values()) == len(data)
+    assert all(name.startswith("checkpoint-gzip") for name in readers), readers
+    with tarfile.open(fileobj=io.BytesIO(sink.getvalue())) as tar:
+        member = tar.extractfile("big.bin")
+        assert member is not None and member.read() == data

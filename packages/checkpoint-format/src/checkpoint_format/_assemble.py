@@ -29,18 +29,20 @@ from ._tarheader import padding as block_padding
 from ._union import UnionPlan
 from ._version import __version__
 from ._writer import (
+    _OPEN_FLAGS,
     CHUNK_SIZE,
+    FileData,
+    FileSlice,
     Sink,
     _changed,
     _member_header,
-    _read_exactly,
     changed_in_place,
     compress_stream,
+    pread_exactly,
 )
 
 __all__ = ["end_piece", "padding", "write_head", "write_segment"]
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 # CF-ASM-05: the end-of-archive marker in one member, stored: the same bytes whatever
 # deflate implementation this process has.
 _END_PIECE = gzip_member(bytes(2 * BLOCK), 0)
@@ -112,7 +114,7 @@ def write_segment(
     if not entries:
         return 0
 
-    def pieces(_pool: ThreadPoolExecutor) -> Iterator[bytes]:
+    def pieces(_pool: ThreadPoolExecutor) -> Iterator[bytes | FileSlice]:
         for entry in entries:
             yield from _member(root, entry, chunk_size)
 
@@ -159,7 +161,7 @@ def _member(root: Path, entry: ManifestEntry, chunk_size: int) -> Iterator[bytes
         raise ValueError(f"unknown manifest entry kind {entry.kind!r} for {entry.name!r}")
 
 
-def _file(path: str, entry: ManifestEntry, chunk_size: int) -> Iterator[bytes]:
+def _file(path: str, entry: ManifestEntry, chunk_size: int) -> Iterator[bytes | FileSlice]:
     name, size = entry.name, entry.size
     if entry.digest is None or entry.digest_key is None:
         raise ValueError(f"manifest entry {name!r} has no digest: scan the tree with scan_tree")
@@ -167,32 +169,22 @@ def _file(path: str, entry: ManifestEntry, chunk_size: int) -> Iterator[bytes]:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise _changed(name, "it was removed since the tree was scanned") from None
-    with open(fd, "rb", buffering=0) as handle:
-        _check(entry, os.fstat(fd))
+    with FileData(fd, name, size, lambda now: _check(entry, now)) as data:
+        data.check()
         header = _member_header(
             name, REGULAR, entry.mode, entry.mtime_ns, size=size, digest=entry.digest,
             digest_key=entry.digest_key,
         )
         if size <= min(chunk_size, PIECE):  # one read; hashing it again is free
-            data = _read_exactly(handle, size, name)
-            if handle.read(1):
-                raise _changed(name, "it grew while being saved")
-            if hashlib.sha256(data).hexdigest() != entry.digest:
+            content = pread_exactly(fd, size, 0, name)
+            if hashlib.sha256(content).hexdigest() != entry.digest:
                 raise _changed(name, "its content changed since the tree was scanned")
-            _check(entry, os.fstat(fd))
             yield header
-            yield data + block_padding(size)
+            yield content + block_padding(size)
             return
         yield header
-        remaining = size
-        while remaining:
-            piece = _read_exactly(handle, min(chunk_size, remaining), name)
-            remaining -= len(piece)
-            yield piece
-        if handle.read(1):
-            raise _changed(name, "it grew while being saved")
-        _check(entry, os.fstat(fd))
-        yield block_padding(size)
+        yield from data.slices(chunk_size)  # read on the workers, checked after the last
+    yield block_padding(size)
 
 
 def _check(entry: ManifestEntry, now: os.stat_result) -> None:

@@ -556,15 +556,23 @@ def _deflate(data: memoryview, level: int) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def _worth_compressing(data: memoryview) -> bool:
-    """Judge a slice by compressing a small sample from its middle at the fastest level."""
-    if len(data) <= _SAMPLE:
-        sample = data
-    else:
-        mid = (len(data) - _SAMPLE) // 2
-        sample = data[mid : mid + _SAMPLE]
+def _sample_span(length: int) -> tuple[int, int]:
+    """Where the sample that judges a slice of ``length`` bytes lies: its middle 16 KiB."""
+    if length <= _SAMPLE:
+        return 0, length
+    mid = (length - _SAMPLE) // 2
+    return mid, mid + _SAMPLE
+
+
+def _squeezes(sample: bytes | memoryview) -> bool:
+    """Whether a sample shrinks enough at the fastest level for its slice to be compressed."""
     squeezed = len((_fast_zlib or zlib).compress(sample, 1))
     return squeezed < STORE_THRESHOLD * len(sample)
+
+
+def _worth_compressing(data: memoryview) -> bool:
+    start, end = _sample_span(len(data))
+    return _squeezes(data[start:end])
 
 
 def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
@@ -585,6 +593,64 @@ def gzip_member(data: bytes | memoryview, level: int | str = "auto") -> bytes:
     length = _GZIP_HEADER_SIZE + sum(map(len, body)) + _GZIP_TRAILER_SIZE
     record = SIZE_RECORD.pack(length, len(view))
     return b"".join([_GZIP_HEADER_START, _EXTRA_FIELD, record, *body, trailer])
+
+
+def stored_member(length: int) -> tuple[bytearray, list[memoryview]]:
+    """A gzip member storing ``length`` bytes whose data is still to be filled in: the
+    member's buffer (header, size record and stored-block headers written) and the views of
+    it the data goes into, in order, at most 65,535 bytes each. Read the data straight into
+    the views (``os.preadv``), then finish the member with :func:`seal_member`: the data is
+    copied once, by the read, where :func:`gzip_member` needs it in a buffer of its own
+    first."""
+    blocks = max(1, -(-length // _STORED_MAX))
+    total = _GZIP_HEADER_SIZE + 5 * blocks + length + _GZIP_TRAILER_SIZE
+    member = bytearray(total)
+    member[:_GZIP_HEADER_SIZE] = b"".join(
+        [_GZIP_HEADER_START, _EXTRA_FIELD, SIZE_RECORD.pack(total, length)]
+    )
+    view = memoryview(member)
+    slots: list[memoryview] = []
+    position = _GZIP_HEADER_SIZE
+    for start in range(0, max(length, 1), _STORED_MAX):
+        size = min(_STORED_MAX, length - start)
+        final = 1 if start + _STORED_MAX >= length else 0
+        struct.pack_into("<BHH", member, position, final, size, size ^ 0xFFFF)
+        position += 5
+        if size:
+            slots.append(view[position : position + size])
+        position += size
+    return member, slots
+
+
+def seal_member(member: bytearray, slots: list[memoryview],
+                level: int | str = "auto") -> bytes | bytearray:
+    """Finish a :func:`stored_member` whose views hold its data, judged as
+    :func:`gzip_member` judges a slice: returns the member itself, its CRC-32 and size
+    written in place, when ``level`` is 0 or ``"auto"`` finds the data incompressible, else
+    a new member with the data compressed. Either way the same bytes ``gzip_member`` gives
+    for the same data and level."""
+    length = sum(slot.nbytes for slot in slots)
+    if level == "auto":
+        level = AUTO_LEVEL if _squeezes(_gather(slots, *_sample_span(length))) else 0
+    if level != 0:  # compressible: worth the copy into one buffer
+        return gzip_member(b"".join(slots), level)
+    crc = 0
+    for slot in slots:
+        crc = (_fast_zlib or zlib).crc32(slot, crc)
+    struct.pack_into("<II", member, len(member) - _GZIP_TRAILER_SIZE, crc, length & 0xFFFFFFFF)
+    return member
+
+
+def _gather(slots: list[memoryview], start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of the data the views hold, one after the other."""
+    out: list[memoryview] = []
+    offset = 0
+    for slot in slots:
+        low, high = max(start, offset), min(end, offset + slot.nbytes)
+        if low < high:
+            out.append(slot[low - offset : high - offset])
+        offset += slot.nbytes
+    return b"".join(out)
 
 
 # CF-ASM-06: a padding member is a header with FEXTRA holding the FP subfield alone, the empty

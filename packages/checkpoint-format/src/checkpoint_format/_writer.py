@@ -1,8 +1,10 @@
 """The streaming writer: a directory in, a spec-compliant gzip tarball out (spec §3, §4).
 
-The tar stream is produced in the calling thread (walk, stat, read, hash) and cut into
-slices; each slice becomes one gzip member, compressed or stored on a thread pool, and the
-members are written to the sink in order. Nothing touches the disk but the files being read.
+The tar stream is produced in the calling thread (walk, stat, headers, small files) and cut
+into slices; each slice becomes one gzip member, compressed or stored on a thread pool, and
+the members are written to the sink in order. The bytes of large files are read on the
+pool too, twice: once to hash them (the digest precedes the data), once straight into the
+members that store them. Nothing touches the disk but the files being read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ._codec import codec_name, gzip_member
+from ._codec import codec_name, gzip_member, seal_member, stored_member
 from ._errors import WriteRefusedError
 from ._links import NameTree, target_problem
 from ._spec import BLOCK, PIECE, PLAIN_KEY, TARBALL_VERSION, TREE_KEY, VERSION_KEY, WRITER_KEY
@@ -45,9 +47,15 @@ CHUNK_SIZE = 4 << 20
 _MAX_OCTAL_SIZE = 8**11 - 1  # what a 12-byte ustar size/mtime field holds
 _USTAR_NAME = 100
 _PIECES_IN_FLIGHT = 8  # pieces being hashed at once (1 MiB buffers each)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_IOV_MAX = 256  # views per preadv call, well within every system's IOV_MAX
 
 
 class Sink(Protocol):
+    """Where the members go, in order. Each is a buffer of its own (``bytes`` or
+    ``bytearray``) that the writer never touches again once written: a sink may keep it
+    rather than copy it."""
+
     def write(self, data: bytes, /) -> object: ...
 
 
@@ -103,7 +111,7 @@ def write_tarball(
 
 def compress_stream(
     sink: Sink | BinaryIO,
-    tar_pieces: Callable[[ThreadPoolExecutor], Iterator[bytes]],
+    tar_pieces: Callable[[ThreadPoolExecutor], Iterator[bytes | FileSlice]],
     *,
     level: int | str | None = "auto",
     workers: int | None = None,
@@ -111,8 +119,10 @@ def compress_stream(
 ) -> tuple[int, int]:
     """Cut the tar stream ``tar_pieces(pool)`` yields into slices, each one gzip member
     compressed on ``pool`` (which the pieces may use too, for hashing), written to ``sink``
-    in order. Returns the tar bytes and the compressed bytes written. The one compression
-    path of every writer: :func:`write_tarball` and the pieces of an assembled object."""
+    in order. The stream is bytes and :class:`FileSlice` objects, the data of a large file to be
+    read by the worker that stores it. Returns the tar bytes and the compressed bytes
+    written. The one compression path of every writer: :func:`write_tarball` and the pieces
+    of an assembled object."""
     if level is None:
         level = "auto"
     workers = compress_width(workers)
@@ -121,8 +131,12 @@ def compress_stream(
         emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
         try:
             for piece in _slices(tar_pieces(pool), chunk_size):
-                tar_bytes += len(piece)
-                emitter.put(pool.submit(gzip_member, piece, level))
+                if isinstance(piece, FileSlice):
+                    tar_bytes += piece.length
+                    emitter.put(piece.submit(pool, level))
+                else:
+                    tar_bytes += len(piece)
+                    emitter.put(pool.submit(gzip_member, piece, level))
             return tar_bytes, emitter.finish()
         except BaseException:
             emitter.abort()
@@ -191,11 +205,13 @@ class _Aborted(Exception):
     """Marks an emitter stopped by its producer; never raised to callers."""
 
 
-def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
-    """Group small pieces into slices of about ``chunk_size``; pass large pieces through."""
+def _slices(pieces: Iterator[bytes | FileSlice], chunk_size: int) -> Iterator[bytes | FileSlice]:
+    """Group small pieces into slices of about ``chunk_size``; pass large pieces and file
+    slices through (each is handed on before the next piece is asked for, which
+    :class:`FileData` counts on)."""
     buffer = bytearray()
     for piece in pieces:
-        if len(piece) >= chunk_size:
+        if isinstance(piece, FileSlice) or len(piece) >= chunk_size:
             if buffer:
                 yield bytes(buffer)
                 buffer.clear()
@@ -214,7 +230,7 @@ def _slices(pieces: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
 
 def _tar_stream(
     root: Path, stats: WriteStats, chunk_size: int, pool: ThreadPoolExecutor
-) -> Iterator[bytes]:
+) -> Iterator[bytes | FileSlice]:
     records = [(VERSION_KEY, TARBALL_VERSION), (WRITER_KEY, f"checkpoint-format {__version__}")]
     inodes: dict[tuple[int, int], str] = {}
     links = NameTree()  # the links only, with their parents: what CF-EXTRACT-03 needs
@@ -342,44 +358,151 @@ def _member_header(
 
 def _file(
     name: str, path: str, st: os.stat_result, mode: int, chunk_size: int, pool: ThreadPoolExecutor
-) -> Iterator[bytes]:
+) -> Iterator[bytes | FileSlice]:
     size = st.st_size
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
-    with open(fd, "rb", buffering=0) as handle:
-        _check_unchanged(name, st, os.fstat(fd))
+    fd = os.open(path, _OPEN_FLAGS)
+    with FileData(fd, name, size, lambda now: _check_unchanged(name, st, now)) as data:
+        data.check()
         if size <= min(chunk_size, PIECE):  # small file: one read, hash, emit
-            data = _read_exactly(handle, size, name)
-            digest = hashlib.sha256(data).hexdigest()
-            _check_unchanged(name, st, os.fstat(fd))
+            content = pread_exactly(fd, size, 0, name)
+            digest = hashlib.sha256(content).hexdigest()
             yield _member_header(name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest)
-            yield data + padding(size)
+            yield content + padding(size)
             return
         # Large file: the digest must precede the data, so hash in a first pass. Past one
         # piece, the piecewise digest lets every core take part (CF-MARK-04).
         if size > PIECE:
-            digest, key = _piecewise_digest(handle, size, name, pool), TREE_KEY
+            digest, key = _piecewise_digest(fd, size, name, pool), TREE_KEY
         else:
-            digest, key = _hash_file(handle, size, name, chunk_size), PLAIN_KEY
-        handle.seek(0)
+            digest, key = _hash_piece(fd, 0, size, name).hex(), PLAIN_KEY
         yield _member_header(
             name, REGULAR, mode, st.st_mtime_ns, size=size, digest=digest, digest_key=key
         )
-        remaining = size
-        while remaining:
-            piece = _read_exactly(handle, min(chunk_size, remaining), name)
-            remaining -= len(piece)
-            yield piece
-        if handle.read(1):
-            raise _changed(name, "it grew while being saved")
-        _check_unchanged(name, st, os.fstat(fd))
-        yield padding(size)
+        yield from data.slices(chunk_size)
+    yield padding(size)
 
 
-def _piecewise_digest(handle, size: int, name: str, pool: ThreadPoolExecutor) -> str:
+class FileData:
+    """The data pass of one file, read by the compressing workers: each slice
+    (:meth:`slices`) is read with ``os.preadv`` straight into the member that stores it
+    (:func:`~checkpoint_format._codec.stored_member`), on the worker that finishes that
+    member, so that no one thread reads every byte.
+
+    The descriptor ``fd`` is the object's: held by the ``with`` block of the generator that
+    yields the slices and by each read submitted. Whoever lets go last closes it, having
+    first, if nothing failed, made the file's final check: it did not grow, and
+    ``check(os.fstat(fd))`` passes (CF-WRITE-07). That is after every byte was read, on a
+    worker (failing its member, and so the save) or in the generator.
+    """
+
+    def __init__(
+        self, fd: int, name: str, size: int, check: Callable[[os.stat_result], None]
+    ) -> None:
+        self.fd, self.name, self.size = fd, name, size
+        self._check = check
+        self._lock = threading.Lock()
+        self._holders = 1  # the generator, until its with block ends
+        self._failed = False
+
+    def __enter__(self) -> FileData:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._release(ok=exc_type is None)
+
+    def check(self) -> None:
+        """The check, now (as the file is opened)."""
+        self._check(os.fstat(self.fd))
+
+    def slices(self, chunk_size: int) -> Iterator[FileSlice]:
+        for offset in range(0, self.size, chunk_size):
+            yield FileSlice(self, offset, min(chunk_size, self.size - offset))
+
+    def _hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:  # pragma: no cover - compress_stream submits in order
+                raise RuntimeError(f"{self.name}: a read submitted after the file was closed")
+            self._holders += 1
+
+    def _release(self, ok: bool) -> None:
+        with self._lock:
+            self._holders -= 1
+            self._failed |= not ok
+            if self._holders:
+                return
+        try:
+            if not self._failed:
+                if os.pread(self.fd, 1, self.size):
+                    raise _changed(self.name, "it grew while being saved")
+                self.check()
+        finally:
+            os.close(self.fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSlice:
+    """``length`` bytes of a file at ``offset``, to be read into the member storing them."""
+
+    data: FileData
+    offset: int
+    length: int
+
+    def submit(self, pool: ThreadPoolExecutor, level: int | str) -> Future[bytes | bytearray]:
+        """Read and seal this slice's member on ``pool``."""
+        self.data._hold()
+        future = pool.submit(self._member, level)
+        # A read cancelled before it ran lets go here (callbacks run on cancel too).
+        future.add_done_callback(lambda done: done.cancelled() and self.data._release(ok=False))
+        return future
+
+    def _member(self, level: int | str) -> bytes | bytearray:
+        member, slots = stored_member(self.length)
+        read = False
+        try:
+            _preadv_exactly(self.data.fd, slots, self.offset, self.data.name)
+            read = True
+        finally:
+            self.data._release(ok=read)  # the file's last read makes its final check
+        return seal_member(member, slots, level)
+
+
+def _preadv_exactly(fd: int, views: list[memoryview], offset: int, name: str) -> None:
+    """Fill ``views`` in order from ``fd`` at ``offset``."""
+    preadv = getattr(os, "preadv", None)
+    views = list(views)  # what is left to fill; the caller's list stays whole
+    while views:
+        batch = views[:_IOV_MAX]
+        if preadv is not None:
+            got = preadv(fd, batch, offset)
+        else:  # pragma: no cover - systems without preadv (Windows)
+            data = os.pread(fd, sum(view.nbytes for view in batch), offset)
+            got = len(data)
+            _fill(batch, data)
+        if not got:
+            raise _changed(name, "it shrank while being saved")
+        offset += got
+        while got:
+            if got >= views[0].nbytes:
+                got -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][got:]
+                got = 0
+
+
+def _fill(views: list[memoryview], data: bytes) -> None:  # pragma: no cover - no preadv
+    offset = 0
+    for view in views:
+        if offset >= len(data):
+            return
+        chunk = data[offset : offset + view.nbytes]
+        view[: len(chunk)] = chunk
+        offset += len(chunk)
+
+
+def _piecewise_digest(fd: int, size: int, name: str, pool: ThreadPoolExecutor) -> str:
     """SHA-256 over the SHA-256s of the file's 4 MiB pieces, hashed on the pool."""
     # Each piece is read by the worker that hashes it (pread at its offset), so that no
     # one thread reads every byte of the first pass.
-    fd = handle.fileno()
     outer = hashlib.sha256()
     pending: collections.deque[Future[bytes]] = collections.deque()
     try:
@@ -414,31 +537,14 @@ def _hash_piece(fd: int, offset: int, length: int, name: str) -> bytes:
     return hasher.digest()
 
 
-def _hash_file(handle, size: int, name: str, chunk_size: int) -> str:
-    hasher = hashlib.sha256()
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
-    remaining = size
-    while remaining:
-        n = handle.readinto(view[: min(chunk_size, remaining)])
-        if not n:
-            raise _changed(name, "it shrank while being saved")
-        hasher.update(view[:n])
-        remaining -= n
-    if handle.read(1):
-        raise _changed(name, "it grew while being saved")
-    return hasher.hexdigest()
-
-
-def _read_exactly(handle, size: int, name: str) -> bytes:
-    data = handle.read(size)
+def pread_exactly(fd: int, size: int, offset: int, name: str) -> bytes:
+    """``size`` bytes of ``fd`` at ``offset``; a file that ends first shrank."""
+    data = os.pread(fd, size, offset)
     while len(data) < size:
-        more = handle.read(size - len(data))
+        more = os.pread(fd, size - len(data), offset + len(data))
         if not more:
             raise _changed(name, "it shrank while being saved")
         data += more
-    if len(data) > size:  # pragma: no cover - read(n) never returns more than n
-        raise _changed(name, "it grew while being saved")
     return data
 
 
