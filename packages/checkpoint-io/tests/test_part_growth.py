@@ -142,3 +142,26 @@ def test_parts_in_pieces_keep_immutable_buffers_and_copy_the_rest():
     owners = {type(v.obj) for part in _PiecesUpload.seen if isinstance(part, PartPieces)
               for v in part.views}
     assert owners == {bytes}
+
+
+def test_a_buffer_handed_over_is_kept_as_it_is():
+    """``owned=True`` (the tar writer's members, filled in a bytearray of their own and
+    never touched again): kept as views, as bytes are, not copied."""
+    backend = _PiecesMemory({})
+    transfer = Transfer(backend, "memory://p/y", "memory://p/y", RetryPolicy(), 4 * KiB, 1)
+    _PiecesUpload.seen = []
+    member = bytearray(_data(9 * KiB))
+
+    async def write():
+        writer = StreamWriter(transfer)
+        await writer.write(member, owned=True)
+        await writer.commit()
+
+    from checkpoint_io._loop import run_sync
+
+    run_sync(write, name="test write")
+    with File(path="memory://p/y").open_sync("rb") as back:
+        assert back.read() == member
+    kept = [v.obj for part in _PiecesUpload.seen if isinstance(part, PartPieces)
+            for v in part.views]
+    assert kept and all(obj is member for obj in kept)

@@ -264,12 +264,14 @@ class AsyncFile:
             return await stream.read_pieces(n)
         return await on_io_loop(lambda: stream.read_pieces(n))
 
-    async def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append ``data``; returns its length. Waits while enough parts are in flight."""
+    async def write(self, data: bytes | bytearray | memoryview, *, owned: bool = False) -> int:
+        """Append ``data``; returns its length. Waits while enough parts are in flight.
+        ``owned=True`` hands ``data`` over: the caller promises never to change it again,
+        so it may be uploaded as it is instead of copied (``bytes`` always may)."""
         if not isinstance(self._stream, StreamWriter):
             raise io.UnsupportedOperation(f"write to {self.uri}: opened for reading")
         stream = self._stream
-        return await on_io_loop(lambda: stream.write(data))
+        return await on_io_loop(lambda: stream.write(data, owned=owned))
 
     async def close(self) -> None:
         """Finish: a writer publishes the object (aborting, then raising, if that fails)."""
@@ -324,14 +326,15 @@ class SyncFile:
             return [data] if data else []
         return run_sync(lambda: stream.read_pieces(n), name="read_pieces")
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview, *, owned: bool = False) -> int:
+        """Blocking twin of :meth:`AsyncFile.write`."""
         stream = self._afile._stream
         if not isinstance(stream, StreamWriter):
-            return run_sync(lambda: self._afile.write(data), name="write")
+            return run_sync(lambda: self._afile.write(data, owned=owned), name="write")
         # The copy into the part buffer is made here, in the caller's thread; only full
         # parts hop to the I/O loop (which has every connection's work to do).
         refuse_in_loop("write")
-        size, parts = stream.stage(data)
+        size, parts = stream.stage(data, owned=owned)
         if parts:
             run_sync(lambda: stream.send(parts), name="write")
         return size

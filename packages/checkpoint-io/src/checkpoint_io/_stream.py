@@ -273,24 +273,27 @@ class StreamWriter:
     def tell(self) -> int:
         return self._written
 
-    async def write(self, data: Piece) -> int:
-        """Append ``data``; waits while enough parts are in flight."""
-        size, parts = self.stage(data)
+    async def write(self, data: Piece, *, owned: bool = False) -> int:
+        """Append ``data``; waits while enough parts are in flight. ``owned``: see
+        :meth:`stage`."""
+        size, parts = self.stage(data, owned=owned)
         await self.send(parts)
         return size
 
-    def stage(self, data: Piece) -> tuple[int, list[bytearray]]:
+    def stage(self, data: Piece, *, owned: bool = False) -> tuple[int, list[bytearray]]:
         """Copy ``data`` into the part being filled, off the I/O loop: a blocking writer
         calls this in its own thread, so that the copy is not the loop's work. Returns its
         length and the parts it filled, for :meth:`send` (on the loop) to upload. A full
         part is only handed out once more data arrives, so the final part handed to
-        ``finish`` is never empty unless the object is."""
+        ``finish`` is never empty unless the object is. ``owned`` hands ``data`` over: its
+        writer never changes it again (the tar writer's members), so an upload that takes
+        pieces keeps it as it is, as it keeps ``bytes``."""
         if self._state != "open":
             raise ValueError(f"write to {self._t.uri}: file is already {self._state}")
         view = memoryview(data).cast("B")
         size = view.nbytes
         if self._pieces is not None:
-            full_pieces = self._stage_pieces(data, view)
+            full_pieces = self._stage_pieces(data, view, owned)
             self._written += size
             return size, full_pieces
         full: list[bytearray] = []
@@ -311,12 +314,13 @@ class StreamWriter:
         self._written += size
         return size, full
 
-    def _stage_pieces(self, data: Piece, view: memoryview) -> list[PartPieces]:
+    def _stage_pieces(self, data: Piece, view: memoryview, owned: bool) -> list[PartPieces]:
         """:meth:`stage` for uploads that take pieces: an immutable buffer (``bytes``, or a
-        view of one: the tar writer's members) is kept as views, not copied; anything
-        else is copied once into a ``bytes`` of its own, since its owner may reuse it."""
-        immutable = type(data) is bytes or (isinstance(data, memoryview)
-                                            and type(data.obj) is bytes)
+        view of one) or one handed over (``owned``: the tar writer's members) is kept as
+        views, not copied; anything else is copied once into a ``bytes`` of its own, since
+        its owner may reuse it."""
+        immutable = owned or type(data) is bytes or (isinstance(data, memoryview)
+                                                     and type(data.obj) is bytes)
         if not immutable and view.nbytes:
             view = memoryview(bytes(view))
         assert self._pieces is not None

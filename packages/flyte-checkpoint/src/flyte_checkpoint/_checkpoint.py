@@ -533,6 +533,7 @@ class Checkpoint(BaseCheckpoint):
             with file.open_sync("wb") as remote:
                 sink = WriteSink(remote, progress, cancelled)
                 if isinstance(source, pathlib.Path) and source.is_dir():
+                    sink.owned = True  # write_tarball never touches a member once written
                     stats = write_tarball(source, sink, **self._settings.write_options())
                     kind, size = (
                         f"directory as tarball ({stats.members} members)", stats.file_bytes

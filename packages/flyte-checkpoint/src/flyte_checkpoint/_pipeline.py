@@ -32,18 +32,21 @@ class Cancelled(RuntimeError):
 
 
 class WriteSink:
-    """Adapts the object writer for the tar writer; checks for cancellation between chunks."""
+    """Adapts the object writer for the tar writer; checks for cancellation between chunks.
+    ``owned``: what is written is never changed again by its writer (the tar writer's
+    members), so the object writer may keep it instead of copying it."""
 
     def __init__(self, remote: Any, progress: Progress, cancelled: threading.Event) -> None:
         self._remote = remote
         self._progress = progress
         self._cancelled = cancelled
+        self.owned = False
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._cancelled.is_set():
             raise Cancelled("save cancelled")
-        self._remote.write(data)
+        self._remote.write(data, owned=self.owned)
         self.written += len(data)
         self._progress.update(len(data))
         return len(data)
