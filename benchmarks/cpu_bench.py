@@ -27,6 +27,11 @@ the busiest thread's CPU-s per GiB and its name, the ceiling that implies (GB/s)
     python benchmarks/cpu_bench.py --quick              # 256 MiB / 128 MiB, a smoke run
     python benchmarks/cpu_bench.py --size 1GiB --rows ours-load,ours-save --schemes tls
     python benchmarks/cpu_bench.py --markdown --json out.json
+    python benchmarks/cpu_bench.py --rows ours-load,ours-save --before main~3   # A/B
+
+``--before REF`` runs our rows a second time, in the same run, from a git worktree of
+``REF`` (its packages put first on ``PYTHONPATH``): ``before ...`` rows beside ``ours ...``,
+and the fallback target compares the two instead of the figures recorded below.
 
 Needs the upstream venv (``bash .ci/install-upstream.sh``) for upstream's rows and the raw
 obstore row when obstore is not installed here; the emulators for the shaped rows. A row
@@ -347,6 +352,26 @@ def data_paths() -> tuple[list[str | None], str]:
     return [*paths, "fsspec"], "" if paths else "obstore not installed: fsspec only"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def before_tree(ref: str, where: Path) -> tuple[dict[str, str], list[str | None]]:
+    """A worktree of ``ref`` at ``where``: the environment that makes a child import its
+    packages instead of this checkout's, and the data paths it has (fsspec alone before
+    issue 17, which ``CHECKPOINT_IO_DATA_PATH`` then does not reach)."""
+    done = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where),
+                           ref], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"--before {ref}: git worktree add failed: {done.stderr.strip()}")
+    sources = sorted(str(src) for src in where.glob("packages/*/src"))
+    env = {"PYTHONPATH": os.pathsep.join([*sources, os.environ.get("PYTHONPATH", "")])}
+    has_obstore = (where / "packages/checkpoint-io/src/checkpoint_io/_obstore.py").exists()
+    ours, _ = data_paths()
+    paths = [p for p in ours if p == "fsspec" or (p == "obstore" and has_obstore)]
+    print(f"before: {ref} at {where}, data paths {', '.join(map(str, paths))}", flush=True)
+    return env, paths
+
+
 def wide_env(width: int) -> dict[str, str]:
     """Every thread-count setting (``CHECKPOINT_*_THREADS``), the requests in flight
     (``CHECKPOINT_IO_CONCURRENCY``, ``CHECKPOINT_IO_READ_CONCURRENCY``) and obstore's
@@ -435,11 +460,15 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
             for path in paths:
                 label = f" ({path})" if path else ""
                 path_env = {**env, "CHECKPOINT_IO_DATA_PATH": path} if path else env
-                run(scheme, f"ours load_sync{label}", "load", sys.executable,
-                    {"op": "load", "dest": f"s3://bench/x{n}/_ckpt", "src": src}, path_env)
-                run(scheme, f"ours save_sync{label}", "save", sys.executable,
-                    {"op": "save", "dest": f"s3://bench/ours{n}/_ckpt", "data": str(data)},
-                    path_env)
+                for who, who_env in (("ours", {}), ("before", args.before_env)):
+                    if who_env is None or (who == "before" and path not in args.before_paths):
+                        continue
+                    run(scheme, f"{who} load_sync{label}", "load", sys.executable,
+                        {"op": "load", "dest": f"s3://bench/x{n}/_ckpt", "src": src},
+                        {**path_env, **who_env})
+                    run(scheme, f"{who} save_sync{label}", "save", sys.executable,
+                        {"op": "save", "dest": f"s3://bench/ours{n}/_ckpt",
+                         "data": str(data)}, {**path_env, **who_env})
             if not paths:
                 run(scheme, "ours load_sync", "load", None, {}, env, paths_note)
             elif paths == ["fsspec"] or paths == [None]:
@@ -463,10 +492,14 @@ def loopback(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
         if "tls" in args.schemes and paths:
             env = {**server.env(), **wide_env(args.wide)}
             part = f"tls pools {args.wide}"
-            run(part, "ours load_sync", "load", sys.executable,
-                {"op": "load", "dest": "s3://bench/w/_ckpt", "src": src}, env)
-            run(part, "ours save_sync", "save", sys.executable,
-                {"op": "save", "dest": "s3://bench/wide/_ckpt", "data": str(data)}, env)
+            for who, who_env in (("ours", {}), ("before", args.before_env)):
+                if who_env is None:
+                    continue
+                run(part, f"{who} load_sync", "load", sys.executable,
+                    {"op": "load", "dest": "s3://bench/w/_ckpt", "src": src}, {**env, **who_env})
+                run(part, f"{who} save_sync", "save", sys.executable,
+                    {"op": "save", "dest": "s3://bench/wide/_ckpt", "data": str(data)},
+                    {**env, **who_env})
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(upstream_data, ignore_errors=True)
 
@@ -723,14 +756,18 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[Target]:
         what = f"fallback {op} (fsspec), TLS: process CPU within 15% of before"
         if row is None and not (args.wants(f"ours {op}_sync") and "tls" in args.schemes):
             continue
-        if row is None or BEFORE[op] is None:
-            found.append(Target(what, "-" if row is None else
-                                f"{row.per_gib(row.result['cpu']):.2f} (no before figure)",
-                                None))
+        before = _find(rows, "tls", f"before {op}_sync (fsspec)") or _find(
+            rows, "tls", f"before {op}_sync")
+        if before is not None:  # --before: the same run
+            base, source = before.per_gib(before.result["cpu"]), f"{args.before}, this run"
+        else:
+            base, source = BEFORE[op], "8edd1db, recorded on another VM"
+        if row is None:
+            found.append(Target(what, "-", None))
         else:
             cpu = row.per_gib(row.result["cpu"])
-            found.append(Target(what, f"{cpu:.2f} vs {BEFORE[op]:.2f}",
-                                cpu <= TOLERANCE * BEFORE[op]))
+            found.append(Target(what, f"{cpu:.2f} vs {base:.2f} ({source})",
+                                cpu <= TOLERANCE * base))
     for part in ("s3 shaped", "s3 shaped (moto)", "gcs shaped", "az shaped"):
         ran = {row.what for row in rows if row.part == part}
         plain_get = _find(rows, part, "plain GET, one connection")
@@ -830,6 +867,7 @@ def _key(what: str, part: str) -> str:
     if part.endswith("shaped"):
         return "shaped"
     for prefix, key in (("ours load", "ours-load"), ("ours save", "ours-save"),
+                        ("before load", "ours-load"), ("before save", "ours-save"),
                         ("upstream load", "upstream-load"), ("upstream save", "upstream-save"),
                         ("raw obstore", "obstore"), ("raw botocore", "botocore")):
         if what.startswith(prefix):
@@ -866,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true",
                         help="print the README's rows (markdown tables) at the end")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--before", metavar="REF",
+                        help="also run our loopback rows from a git worktree of REF (a"
+                             " commit, branch or tag of this repository), for A/B figures")
     parser.add_argument("--workdir", default=None,
                         help="where the data and restores go (default /dev/shm when it has"
                              " room, else the temporary directory)")
@@ -898,12 +939,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data and restores in {work}", flush=True)
     rows: list[Row] = []
     started = time.perf_counter()
+    args.before_env, args.before_paths = None, []
     try:
+        if args.before:
+            args.before_env, args.before_paths = before_tree(args.before, work / "before")
         if args.schemes and wanted - {"shaped"}:
             loopback(args, work, rows)
         if args.shaped:
             shaped(args, work, rows)
     finally:
+        if args.before:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                            str(work / "before")], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n({time.perf_counter() - started:.0f} s in all)")
     found = targets(rows, args)
