@@ -129,8 +129,9 @@ def compress_stream(
     tar_bytes = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-gzip") as pool:
         emitter = _Emitter(sink, depth=workers)  # bounds memory: slices in flight
+        pieces = _slices(tar_pieces(pool), chunk_size)
         try:
-            for piece in _slices(tar_pieces(pool), chunk_size):
+            for piece in pieces:
                 if isinstance(piece, FileSlice):
                     tar_bytes += piece.length
                     emitter.put(piece.submit(pool, level))
@@ -140,6 +141,7 @@ def compress_stream(
             return tar_bytes, emitter.finish()
         except BaseException:
             emitter.abort()
+            pieces.close()  # the tar stream's open files: closed once their reads are done
             raise
 
 
