@@ -10,7 +10,7 @@ import os
 import tarfile
 
 import pytest
-from checkpoint_format import PREFIX_SIZE, detect, sniff
+from checkpoint_format import PREFIX_SIZE, detect, sniff, validate
 from checkpoint_format._tarheader import build_header, is_header_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,16 +100,55 @@ def test_signed_checksum_header_is_a_tar_header() -> None:
         assert is_header_block(bytes(header))
 
 
+def _only_fields_refused_by_tarfile(block: bytes) -> bool:
+    """tarfile refuses the block for a field other than its checksum."""
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        return str(exc) != "bad checksum"
+    return False
+
+
+# Found by hypothesis in CI: the checksum field starts with a NUL (value 0), the block's
+# signed sum is -256, and the mode field holds bytes that are not octal.
+_CHECKSUM_HOLDS_FIELDS_DO_NOT = bytes.fromhex(
+    "0000020303030b0b0c0c0c0d0e0f14151a1a1b1e1e1f202225272c2c2e2e313237393a3c3c3e4040464c4c4d"
+    "50525454575858595d60606163676a6c6c6d6e6f6f707577797c7d7e828287878d919599999a9b9c9ca5a7ac"
+    "b0b2b4b5b7b7b8bdbdbdbfc0c0c1c2c3c3c3c6c7c7cbcbcdcdcdced0d1d2d7d8d8dbdbdcdcdddddedfe0e2e2"
+    "e3e6e8e9eaeaebf0f1f6f7f8fafafbff00112536485d79a100010102020203030404050506060609090a0b0b"
+    "0b0d0d0d0d0d0e0f101010101011111213141516171719191c1f20202021212225262626262627292a2b2b2c"
+    "2d2e2e2f31313132333335353738383838393a3a3b3d3d3d3d3e3e3e3f3f4040414242434444444545484949"
+    "4a4b4c4c4c4d4d4e4f50505153535454565858585c5d5d5d5d60616161616262636464656667676768696a6a"
+    "6a6c6c707373757577777878797a7b7b7c7c7d7e7f8081838386868687898a8a8b8c8e8f9091919191929393"
+    "94949697999b9d9d9ea0a2a3a4a5a6a6a7a8a8a8a9aaaaababacacadaeafb0b0b0b1b1b1b2b4b5b6b6b7b7b7"
+    "b7b8b8b9bababbbcbfc0c1c1c1c1c2c2c3c5c5c6c6c6c7c7c8c8c9cacbcccccdcdcdcfcfd0d0d0d1d1d2d3d3"
+    "d4d4d4d5d6d8d9d9d9d9dadbdbdedfe1e1e1e2e2e3e3e3e4e5e6e6e6e7e7e8e8e8e9ebebebebebecececedee"
+    "eeefeff0f0f0f1f1f2f2f2f3f3f3f4f4f4f4f5f6f8f9fbfdfdfdfefe"
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=512, max_size=2048))
 def test_random_blocks_agree_with_tarfile(data: bytes) -> None:
-    """Uncompressed classification matches tarfile.is_tarfile, except the zero-block rule."""
+    """Uncompressed classification matches tarfile.is_tarfile, except the zero-block rule and
+    a block whose checksum holds but whose other fields do not parse: CF-DETECT-03 judges the
+    checksum alone, so that is a corrupt tarball (an error, CF-INTEG-02), where tarfile
+    calls it no tar at all (and upstream would restore it as a raw payload)."""
     ours = _kind(data) == "tarball"
     theirs = tarfile.is_tarfile(io.BytesIO(data))
     if data[:512] == bytes(512):
         assert (ours, theirs) == (False, True)  # CF-DETECT-04: v1 keeps the payload
+    elif ours and not theirs and _only_fields_refused_by_tarfile(data[:512]):
+        assert any(v.rule == "CF-INTEG-02" for v in validate(io.BytesIO(data)).violations)
     else:
         assert ours == theirs
+
+
+def test_a_block_whose_checksum_holds_and_whose_fields_do_not_is_a_corrupt_tarball() -> None:
+    data = _CHECKSUM_HOLDS_FIELDS_DO_NOT
+    assert is_header_block(data) and _kind(data) == "tarball"
+    assert not tarfile.is_tarfile(io.BytesIO(data)) and _only_fields_refused_by_tarfile(data)
+    assert any(v.rule == "CF-INTEG-02" for v in validate(io.BytesIO(data)).violations)
 
 
 @settings(max_examples=200, deadline=None)
