@@ -140,3 +140,24 @@ def test_a_large_files_data_is_read_by_the_workers_straight_into_its_members(
     with tarfile.open(fileobj=io.BytesIO(sink.getvalue())) as tar:
         member = tar.extractfile("big.bin")
         assert member is not None and member.read() == data
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_member_that_cannot_be_laid_out_closes_its_file(tmp_path: Path, monkeypatch) -> None:
+    """A worker failing before its read (no memory for the member) still lets go of the
+    file: the save fails with that error and no descriptor stays open."""
+    from checkpoint_format import _writer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(9 << 20))
+
+    def no_memory(length):
+        raise MemoryError("no room for the member")
+
+    monkeypatch.setattr(_writer, "stored_member", no_memory)
+    before = _open_descriptors()
+    with pytest.raises(MemoryError, match="no room"):
+        write_tarball(src, io.BytesIO(), chunk_size=1 << 20, workers=2)
+    assert _open_descriptors() == before
+    assert _helper_threads() == []

@@ -212,19 +212,24 @@ def _slices(pieces: Iterator[bytes | FileSlice], chunk_size: int) -> Iterator[by
     slices through (each is handed on before the next piece is asked for, which
     :class:`FileData` counts on)."""
     buffer = bytearray()
-    for piece in pieces:
-        if isinstance(piece, FileSlice) or len(piece) >= chunk_size:
-            if buffer:
+    try:
+        for piece in pieces:
+            if isinstance(piece, FileSlice) or len(piece) >= chunk_size:
+                if buffer:
+                    yield bytes(buffer)
+                    buffer.clear()
+                yield piece
+                continue
+            buffer += piece
+            if len(buffer) >= chunk_size:
                 yield bytes(buffer)
                 buffer.clear()
-            yield piece
-            continue
-        buffer += piece
-        if len(buffer) >= chunk_size:
+        if buffer:
             yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
+    finally:  # closed early (a failed write): so is the tar stream, and its open files
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------- the tar stream
@@ -452,15 +457,27 @@ class FileSlice:
     def submit(self, pool: ThreadPoolExecutor, level: int | str) -> Future[bytes | bytearray]:
         """Read and seal this slice's member on ``pool``."""
         self.data._hold()
-        future = pool.submit(self._member, level)
-        # A read cancelled before it ran lets go here (callbacks run on cancel too).
-        future.add_done_callback(lambda done: done.cancelled() and self.data._release(ok=False))
+        ran = False
+
+        def member() -> bytes | bytearray:
+            nonlocal ran
+            ran = True
+            return self._member(level)
+
+        try:
+            future = pool.submit(member)
+        except BaseException:  # a pool shut down: this read never holds the file
+            self.data._release(ok=False)
+            raise
+        # A read that never ran (cancelled) lets go here: callbacks run then too. One that
+        # ran let go itself, before its future was done.
+        future.add_done_callback(lambda _: ran or self.data._release(ok=False))
         return future
 
     def _member(self, level: int | str) -> bytes | bytearray:
-        member, slots = stored_member(self.length)
         read = False
         try:
+            member, slots = stored_member(self.length)
             _preadv_exactly(self.data.fd, slots, self.offset, self.data.name)
             read = True
         finally:
