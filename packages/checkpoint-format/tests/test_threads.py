@@ -59,20 +59,27 @@ def test_large_member_with_the_right_digest_restores(tmp_path: Path) -> None:
     assert _helper_threads() == []
 
 
+class _FailingSink(io.BytesIO):
+    """A sink whose upload fails once it holds more than ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def write(self, data):
+        if self.tell() > self._limit:
+            raise OSError("upload failed")
+        return super().write(data)
+
+
 def test_no_helper_thread_outlives_a_write_or_a_failed_write(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.bin").write_bytes(os.urandom(9 << 20))
     write_tarball(tmp_path / "src", io.BytesIO(), chunk_size=1 << 20)
     assert _helper_threads() == []
 
-    class Failing(io.BytesIO):
-        def write(self, data):
-            if self.tell() > (2 << 20):
-                raise OSError("upload failed")
-            return super().write(data)
-
     with pytest.raises(OSError, match="upload failed"):
-        write_tarball(tmp_path / "src", Failing(), chunk_size=1 << 20)
+        write_tarball(tmp_path / "src", _FailingSink(2 << 20), chunk_size=1 << 20)
     assert _helper_threads() == []
 
 
@@ -92,14 +99,8 @@ def test_no_file_stays_open_after_a_write_or_a_failed_write(tmp_path: Path) -> N
     write_tarball(src, io.BytesIO(), chunk_size=1 << 20)
     assert _open_descriptors() == before
 
-    class Failing(io.BytesIO):
-        def write(self, data):
-            if self.tell() > (3 << 20):
-                raise OSError("upload failed")
-            return super().write(data)
-
     with pytest.raises(OSError, match="upload failed"):
-        write_tarball(src, Failing(), chunk_size=1 << 20, workers=2)
+        write_tarball(src, _FailingSink(3 << 20), chunk_size=1 << 20, workers=2)
     assert _open_descriptors() == before
 
     class Shrinking(io.BytesIO):
