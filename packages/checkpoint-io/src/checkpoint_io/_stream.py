@@ -308,7 +308,10 @@ class StreamWriter:
             if not self._buffer:
                 self._buffer = bytearray(part_size)  # filled once, sent as it is
             room = min(part_size - self._filled, view.nbytes)
-            self._buffer[self._filled:self._filled + room] = view[:room]
+            # Through a view of the part: a bytearray's own slice assignment copies any
+            # other buffer into a temporary bytearray first, a second pass over every byte.
+            with memoryview(self._buffer) as part:
+                part[self._filled:self._filled + room] = view[:room]
             self._filled += room
             view = view[room:]
         self._written += size
